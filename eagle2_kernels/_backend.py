@@ -1,0 +1,62 @@
+"""Backend selection for the ops: by tensor device, overridable by environment.
+
+``EAGLE2_KERNELS_BACKEND=reference|triton|ext`` forces one backend for every op call.
+Without it, CUDA tensors go to the Triton kernels and CPU tensors to the native
+extension when it is built, else to the pure-torch reference. Nothing here touches a
+GPU driver: the choice is made from ``tensor.device`` at call time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "ext")
+ENV_VAR = "EAGLE2_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=1)
+def ext_available() -> bool:
+    """True when the native extension (``eagle2_kernels._C``) imports."""
+    try:
+        from eagle2_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``EAGLE2_KERNELS_BACKEND``, or None when unset."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def select_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
+    """Pick the backend that runs an op whose main input is ``tensor``.
+
+    Args:
+        tensor: the op's main input; its device decides the default.
+        backend: an explicit choice (``reference``, ``triton`` or ``ext``); wins over the
+            environment variable.
+    """
+    name = backend or forced_backend()
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+        if name == "ext" and not ext_available():
+            raise RuntimeError(
+                "backend 'ext' was requested but the native extension eagle2_kernels._C is not "
+                "built; reinstall with EAGLE2_KERNELS_BUILD_EXT=1 and a C++ compiler"
+            )
+        return name
+    if tensor.device.type == "cuda":
+        return "triton"
+    if tensor.device.type == "cpu" and ext_available():
+        return "ext"
+    return "reference"

@@ -1,0 +1,24 @@
+"""The EAGLE-2 ops: each a public function with a pure-torch reference, a Triton kernel
+and (when built) a native CPU kernel, dispatched by tensor device.
+
+``EAGLE2_KERNELS_BACKEND=reference|triton|ext`` forces a backend. Every function also
+takes ``backend=`` for an explicit per-call choice.
+"""
+
+from eagle2_kernels.ops.tree import DraftTree
+from eagle2_kernels.ops.tree_expand import tree_expand
+from eagle2_kernels.ops.tree_build import tree_build
+from eagle2_kernels.ops.tree_attention import tree_attention
+from eagle2_kernels.ops.verify_greedy import verify_greedy
+from eagle2_kernels.ops.verify_sample import verify_sample
+from eagle2_kernels.ops.kv_compact import kv_compact
+
+__all__ = [
+    "DraftTree",
+    "tree_expand",
+    "tree_build",
+    "tree_attention",
+    "verify_greedy",
+    "verify_sample",
+    "kv_compact",
+]
