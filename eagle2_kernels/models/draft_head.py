@@ -1,0 +1,546 @@
+"""The EAGLE-1/2 draft head and its loader for the released checkpoint format.
+
+The head predicts the target's next feature from (feature, next token) pairs:
+
+    h = fc(cat(embed(x_{t+1}), f_t))                       Linear 2H -> H
+    h = h + o_proj(attn(rope(q_proj h), rope(k_proj h), v_proj h))   no input RMSNorm
+    h = h + mlp(post_attention_layernorm(h))                SwiGLU, no final norm
+
+Its token logits are the target's ``lm_head`` applied to h. The target's embedding and
+lm_head are shared by reference (attached with ``attach_target``): they are not parameters of
+the head, never saved, never trained. An optional reduced draft vocabulary ``draft_to_target``
+([Vd] int64, absolute target ids) makes ``logits`` cheaper: it uses only those rows of lm_head.
+
+Released layout (EAGLE-1/2): a directory with ``config.json`` (a Llama config with
+``num_hidden_layers: 1``, optional ``"bias": false``, optional ``qkv_bias`` / ``attention_bias``)
+and ``model.safetensors`` or ``pytorch_model.bin`` holding ``fc.weight``, ``fc.bias`` (unless
+bias is false), ``layers.0.self_attn.{q,k,v,o}_proj.weight`` (+ q/k/v biases when the config
+says so), ``layers.0.mlp.{gate,up,down}_proj.weight``, ``layers.0.post_attention_layernorm.weight``
+and optionally ``embed_tokens.weight`` and ``draft_to_target``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
+
+# Keys of the config that describe the head itself and are not LlamaConfig fields.
+_HEAD_ONLY_KEYS = ("bias", "qkv_bias")
+
+
+def _llama_config(values: dict[str, Any]):
+    from transformers import LlamaConfig
+
+    values = {k: v for k, v in values.items() if k not in _HEAD_ONLY_KEYS}
+    values["num_hidden_layers"] = 1
+    # The released files say "architectures"/"model_type" of the target family; the head is
+    # always a Llama-style layer.
+    values.pop("model_type", None)
+    return LlamaConfig(**values)
+
+
+class _RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in float32, scale in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, config, qkv_bias: bool):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or h // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Layer(nn.Module):
+    """One Llama decoder layer without its input RMSNorm (the EAGLE head's layer 0)."""
+
+    def __init__(self, config, qkv_bias: bool):
+        super().__init__()
+        self.self_attn = _Attention(config, qkv_bias)
+        self.mlp = _MLP(config)
+        self.post_attention_layernorm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class EagleDraftHead(nn.Module):
+    """EAGLE-1/2 draft head: ``fc`` + one Llama decoder layer (no input norm, no final norm).
+
+    Args:
+        config: a ``transformers.LlamaConfig``-like object for the head (hidden_size,
+            intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
+            rms_norm_eps, rope_parameters, vocab_size, max_position_embeddings, hidden_act;
+            ``qkv_bias`` or ``attention_bias`` true gives q/k/v biases).
+        bias: whether ``fc`` has a bias (the released config's ``"bias"``; default True).
+        draft_to_target: optional [Vd] int64 tensor, the absolute target id of each draft id
+            of a reduced draft vocabulary; saved with the head under ``draft_to_target``.
+
+    The target's embedding and lm_head are attached with :meth:`attach_target` (shared by
+    reference, frozen, never saved); ``from_target`` and ``from_pretrained(..., target=)``
+    attach for you. Example::
+
+        head = EagleDraftHead.from_target(model)              # random weights, attached
+        feats = model(ids, output_hidden_states=True).hidden_states[-1]
+        pred = head(feats[:, :-1], ids[:, 1:])                # [B, L-1, H] predicted features
+        logits = head.logits(pred)                            # [B, L-1, V] (or Vd)
+    """
+
+    def __init__(self, config, bias: bool = True, draft_to_target: torch.Tensor | None = None):
+        super().__init__()
+        if getattr(config, "num_hidden_layers", 1) != 1:
+            raise ValueError(
+                f"EagleDraftHead: the head has exactly one decoder layer, config says "
+                f"num_hidden_layers={config.num_hidden_layers}"
+            )
+        self.config = config
+        self.bias = bool(bias)
+        self.qkv_bias = bool(getattr(config, "qkv_bias", False) or getattr(config, "attention_bias", False))
+        h = config.hidden_size
+        self.hidden_size = h
+        self.fc = nn.Linear(2 * h, h, bias=self.bias)
+        self.layers = nn.ModuleList([_Layer(config, self.qkv_bias)])
+        attn = self.layers[0].self_attn
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.embed_tokens: nn.Embedding | None = None
+        if draft_to_target is not None:
+            d2t = torch.as_tensor(draft_to_target)
+            if d2t.dim() != 1 or d2t.dtype not in (torch.int32, torch.int64) or d2t.numel() == 0:
+                raise ValueError(
+                    f"EagleDraftHead: draft_to_target must be a non-empty 1-D integer tensor, got "
+                    f"shape {tuple(d2t.shape)} dtype {d2t.dtype}"
+                )
+            if int(d2t.min()) < 0 or int(d2t.max()) >= config.vocab_size:
+                raise ValueError(
+                    f"EagleDraftHead: draft_to_target ids must lie in [0, {config.vocab_size}), got "
+                    f"[{int(d2t.min())}, {int(d2t.max())}]"
+                )
+            self.register_buffer("draft_to_target", d2t.to(torch.int64).clone())
+        else:
+            self.draft_to_target = None
+        # RoPE inverse frequencies: kept in float32 whatever the head's dtype (see _apply).
+        self.attention_scaling = 1.0
+        self.register_buffer("inv_freq", self._rope_inv_freq(), persistent=False)
+        # Shared target pieces (plain attributes, so they are neither parameters nor saved).
+        self._shared: dict[str, nn.Module] = {}  # a dict, so the module is not registered
+        self._lm_weight: torch.Tensor | None = None
+        self._lm_bias: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _rope_inv_freq(self) -> torch.Tensor:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(self.config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            base = float(params.get("rope_theta", getattr(self.config, "rope_theta", 10000.0)))
+            dim = self.head_dim
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+        return inv_freq.float()
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast inv_freq; the target keeps it in float32, so must we.
+        super()._apply(fn, recurse)
+        self.inv_freq = self._rope_inv_freq().to(self.fc.weight.device)
+        return self
+
+    @staticmethod
+    def _config_from_target(target_config):
+        from transformers import LlamaConfig
+
+        tc = target_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        rope = getattr(tc, "rope_parameters", None)
+        if rope is None:
+            rope = {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 10000.0)}
+        return LlamaConfig(
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            num_attention_heads=tc.num_attention_heads,
+            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+            rope_parameters=dict(rope),
+            vocab_size=tc.vocab_size,
+            max_position_embeddings=tc.max_position_embeddings,
+            hidden_act=getattr(tc, "hidden_act", "silu"),
+            num_hidden_layers=1,
+            attention_bias=False,
+            tie_word_embeddings=False,
+        )
+
+    @classmethod
+    def from_target(
+        cls,
+        target_model,
+        bias: bool = True,
+        draft_to_target: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "EagleDraftHead":
+        """A randomly initialised head shaped for ``target_model`` (a transformers causal LM),
+        attached to it, on its device, in ``dtype`` (default: the target's dtype)."""
+        head = cls(cls._config_from_target(target_model.config), bias=bias, draft_to_target=draft_to_target)
+        head._init_weights(getattr(target_model.config, "initializer_range", 0.02))
+        ref = target_model.get_output_embeddings().weight
+        head.to(device=ref.device, dtype=dtype or ref.dtype)
+        head.attach_target(target_model)
+        return head
+
+    def _init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def attach_target(self, target_model) -> "EagleDraftHead":
+        """Share ``target_model``'s input embedding and lm_head (by reference, frozen).
+
+        Checks that hidden size and vocabulary match; precomputes the lm_head rows of the
+        draft vocabulary when ``draft_to_target`` is set. Returns self.
+        """
+        embed = target_model.get_input_embeddings()
+        lm_head = target_model.get_output_embeddings()
+        if embed is None or lm_head is None:
+            raise ValueError("EagleDraftHead.attach_target: the target has no input embedding or lm_head")
+        t_hidden = lm_head.weight.shape[1]
+        t_vocab = lm_head.weight.shape[0]
+        if t_hidden != self.hidden_size:
+            raise ValueError(
+                f"EagleDraftHead: head hidden size {self.hidden_size} does not match the target's "
+                f"hidden size {t_hidden}"
+            )
+        if t_vocab != self.config.vocab_size:
+            raise ValueError(
+                f"EagleDraftHead: head vocab size {self.config.vocab_size} does not match the "
+                f"target's vocab size {t_vocab}"
+            )
+        if self.embed_tokens is not None and self.embed_tokens.weight.shape[0] != t_vocab:
+            raise ValueError(
+                f"EagleDraftHead: the head's own embed_tokens has {self.embed_tokens.weight.shape[0]} "
+                f"rows, the target's vocab has {t_vocab}"
+            )
+        self._shared["embed"] = embed
+        w = lm_head.weight.detach()
+        b = getattr(lm_head, "bias", None)
+        b = None if b is None else b.detach()
+        if self.draft_to_target is not None:
+            idx = self.draft_to_target.to(w.device)
+            w = w.index_select(0, idx).contiguous()
+            b = None if b is None else b.index_select(0, idx)
+        self._lm_weight, self._lm_bias = w, b
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return self._lm_weight is not None
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """Vd: rows of the draft logits (the target's V without a reduced vocabulary)."""
+        return self.config.vocab_size if self.draft_to_target is None else self.draft_to_target.numel()
+
+    def _require_attached(self):
+        if self._lm_weight is None:
+            raise RuntimeError(
+                "EagleDraftHead: no target attached; call head.attach_target(model) first (or use "
+                "from_target / from_pretrained(path, target=model))"
+            )
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, N, H] of ``input_ids`` [B, N] (own table if the head has one)."""
+        if self.embed_tokens is not None:
+            return self.embed_tokens(input_ids)
+        self._require_attached()
+        return self._shared["embed"](input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits [..., Vd] of predicted features ``hidden`` [..., H] (target lm_head rows)."""
+        self._require_attached()
+        return F.linear(hidden, self._lm_weight, self._lm_bias)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, N, Dh] for ``position_ids`` [B, N], computed in float32 like Llama's."""
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    def _qkv(self, hidden_states, input_ids, position_ids):
+        """Input projection and rotated q, k, v: h [B,N,H], q [B,Hq,N,Dh], k/v [B,Hkv,N,Dh]."""
+        x = self.embed(input_ids).to(hidden_states.dtype)
+        h = self.fc(torch.cat((x, hidden_states), dim=-1))
+        attn = self.layers[0].self_attn
+        b, n, _ = h.shape
+        q = attn.q_proj(h).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope(position_ids, h.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return h, q, k, v
+
+    def _finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residuals and MLP; attn_out [B, Hq, N, Dh] -> [B, N, H]."""
+        layer = self.layers[0]
+        b, _, n, _ = attn_out.shape
+        o = attn_out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        h = h + layer.self_attn.o_proj(o)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _causal_attention(self, q, k, v):
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.layers[0].self_attn.scaling)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced causal forward over whole sequences (no cache).
+
+        Args:
+            hidden_states: [B, L, H] target features f_1..f_L (post-norm last hidden state).
+            input_ids: [B, L] int64, the tokens shifted by one: x_2..x_{L+1}, so that the
+                input at t is the pair (f_t, x_{t+1}).
+            position_ids: [B, L] or [L] int64, default arange(L).
+
+        Returns:
+            [B, L, H] predicted features f^_2..f^_{L+1} (apply ``logits`` for token logits).
+        """
+        if hidden_states.dim() != 3 or input_ids.dim() != 2 or hidden_states.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"EagleDraftHead.forward: expected hidden_states [B, L, H] and input_ids [B, L], got "
+                f"{tuple(hidden_states.shape)} and {tuple(input_ids.shape)}"
+            )
+        b, n = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(n, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(b, n)
+        h, q, k, v = self._qkv(hidden_states, input_ids, position_ids)
+        return self._finish(h, self._causal_attention(q, k, v))
+
+    # ------------------------------------------------------------------ cached decoding
+    def prefill(self, hidden_states, input_ids, cache, start: int = 0) -> torch.Tensor:
+        """Causal forward over N pairs written at cache slots start.. (empty prefix, start=0).
+
+        Args:
+            hidden_states: [B, N, H]; input_ids: [B, N]; cache: a one-layer StaticKVCache.
+        Returns:
+            [B, N, H] predicted features. Positions are the slot indices.
+        """
+        if start != 0:
+            raise ValueError("EagleDraftHead.prefill: only an empty cache (start=0) is supported")
+        n = input_ids.shape[1]
+        pos = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], n)
+        h, q, k, v = self._qkv(hidden_states, input_ids, pos)
+        cache.write(0, 0, k, v)
+        return self._finish(h, self._causal_attention(q, k, v))
+
+    def tree_step(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        slot: int,
+        tree_mask: torch.Tensor,
+        tree_len: int,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """Forward of N new nodes with tree attention over the head's cache.
+
+        The N nodes' k/v are written at slots ``slot .. slot+N-1``; each query sees every slot
+        below ``cache.lengths`` (the stable prefix) and tree slot ``lengths + j`` (j < tree_len)
+        iff bit j of its row of ``tree_mask`` is set.
+
+        Args:
+            hidden_states: [B, N, H] parent features; input_ids: [B, N] tokens;
+            position_ids: [B, N] draft positions; cache: one-layer StaticKVCache;
+            slot: first slot to write (lengths + offset in the tree region);
+            tree_mask: [B, N, W] int32 packed mask; tree_len: tree slots in use after the write.
+        Returns:
+            [B, N, H] predicted features.
+        """
+        from eagle2_kernels.ops import tree_attention
+
+        h, q, k, v = self._qkv(hidden_states, input_ids, position_ids)
+        cache.write(0, slot, k, v)
+        kwargs = {} if backend is None else {"backend": backend}
+        out = tree_attention(
+            q, cache.keys(0), cache.values(0), cache.lengths, tree_mask, tree_len,
+            scale=self.layers[0].self_attn.scaling, **kwargs,
+        )
+        return self._finish(h, out)
+
+    # ------------------------------------------------------------------ save / load
+    def _config_dict(self) -> dict[str, Any]:
+        d = self.config.to_dict()
+        d["num_hidden_layers"] = 1
+        d["bias"] = self.bias
+        if self.qkv_bias:
+            d["qkv_bias"] = True
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]  # also the released (pre-v5) spelling
+        d.pop("dtype", None)
+        d["torch_dtype"] = str(self.fc.weight.dtype).replace("torch.", "")
+        return d
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (released layout) into directory ``path``.
+
+        Only the head's own tensors are saved (plus ``draft_to_target`` when set, and
+        ``embed_tokens.weight`` only when the head owns an embedding).
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(self._config_dict(), f, indent=2, sort_keys=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        target=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "EagleDraftHead":
+        """Load a head in the released EAGLE-1/2 layout.
+
+        Args:
+            path: a directory holding ``config.json`` and ``model.safetensors`` (preferred) or
+                ``pytorch_model.bin``; or the path of one of those files.
+            target: optional transformers causal LM to attach (its dtype and device are used
+                unless ``dtype`` / ``device`` say otherwise).
+            dtype: dtype of the head (default: the target's, else the file's).
+            device: device of the head (default: the target's, else CPU).
+
+        Raises:
+            FileNotFoundError: no config.json or no weights file.
+            ValueError: keys that do not match the format (missing / unexpected named), a
+                shape mismatch, or a head that does not fit the target.
+        """
+        path = os.fspath(path)
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        cfg_path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"EagleDraftHead.from_pretrained: no {CONFIG_NAME} in {folder!r}")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        if int(raw.get("num_hidden_layers", 1)) != 1:
+            raise ValueError(
+                f"EagleDraftHead.from_pretrained: {cfg_path} has num_hidden_layers="
+                f"{raw['num_hidden_layers']}; an EAGLE-1/2 head has exactly 1"
+            )
+        st_path, bin_path = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
+        if os.path.isfile(st_path):
+            from safetensors.torch import load_file
+
+            state = load_file(st_path)
+        elif os.path.isfile(bin_path):
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(
+                f"EagleDraftHead.from_pretrained: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {folder!r}"
+            )
+        config = _llama_config(raw)
+        if raw.get("qkv_bias"):
+            config.qkv_bias = True
+        head = cls(config, bias=bool(raw.get("bias", True)), draft_to_target=state.get("draft_to_target"))
+        if "embed_tokens.weight" in state:
+            w = state["embed_tokens.weight"]
+            head.embed_tokens = nn.Embedding(w.shape[0], w.shape[1])
+        expected = set(head.state_dict().keys())
+        found = set(state.keys())
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"EagleDraftHead.from_pretrained: the weights in {folder!r} do not match the EAGLE "
+                f"head format (config bias={head.bias}, qkv_bias={head.qkv_bias}): missing keys "
+                f"{missing}, unexpected keys {unexpected}"
+            )
+        own = head.state_dict()
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(
+                    f"EagleDraftHead.from_pretrained: {k} has shape {tuple(v.shape)}, the config "
+                    f"implies {tuple(own[k].shape)}"
+                )
+        head.load_state_dict(state, strict=True)
+        if target is not None:
+            ref = target.get_output_embeddings().weight
+            dtype = dtype or ref.dtype
+            device = device or ref.device
+        float_dtype = dtype or next(iter(v.dtype for v in state.values() if v.is_floating_point()))
+        head.to(device=device or "cpu", dtype=float_dtype)
+        head.eval()
+        if target is not None:
+            head.attach_target(target)
+        return head
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, heads={self.num_heads}/{self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, bias={self.bias}, qkv_bias={self.qkv_bias}, "
+            f"draft_vocab={self.draft_vocab_size}"
+        )
