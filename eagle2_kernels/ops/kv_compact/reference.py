@@ -43,6 +43,6 @@ def kv_compact(
         src = prefix + nodes
         dst = prefix + torch.arange(accepted, device=cache.device)
         seq = cache[:, b]  # [N, Hkv, Lmax, Dh], a view
-        rows = seq[:, :, src]  # advanced indexing copies: every source is read first
-        seq[:, :, dst] = rows
+        rows = seq.index_select(2, src)  # a copy: every source is read before any write
+        seq.index_copy_(2, dst, rows)
     return cache

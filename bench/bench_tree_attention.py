@@ -1,0 +1,132 @@
+"""Microbenchmark: tree_attention vs the plain way (dense float mask + SDPA, GQA heads expanded).
+
+Llama-3-8B attention heads (Hq 32, Hkv 8, Dh 128), the verify forward of a T = 60 tree over
+prefixes of 1k to 32k slots, plus one draft-expansion shape (Tq = 10 frontier nodes over a
+40-node partial tree). The plain way slices the cache to prefix + T, repeats the kv heads
+(as HF's repeat_kv does) and calls SDPA with a prebuilt additive float mask [Tq, prefix + T]
+(building the mask is not timed). Each row is checked against the plain way first; a mismatch
+prints no speedup.
+
+On a GPU (bfloat16): median / p20 / p80 ms via do_bench, CUDA-graph replay ms, and the share
+of the HBM bound (K and V of prefix + T read once) reached. On CPU (float32) it says so and
+times the CPU path of the op (the reference, or the native extension when built).
+
+    python -m bench.bench_tree_attention [--json PATH] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import bench, write_results
+from eagle2_kernels._backend import select_backend
+from eagle2_kernels.ops import tree_attention
+
+HQ, HKV, DH, T = 32, 8, 128, 60
+# Peak HBM bandwidth in bytes/s by device name (vendor figures), for the bandwidth bound.
+PEAK_BW = {"H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12, "A100": 2.0e12}
+
+
+def tree_rows(num_nodes: int, rng: random.Random) -> torch.Tensor:
+    """Ancestor-or-self packed mask [num_nodes, W] of a random parents-first tree."""
+    parents = [-1] + [rng.randrange(max(0, i - 12), i) for i in range(1, num_nodes)]
+    words = (num_nodes + 31) // 32
+    rows = torch.zeros(num_nodes, words, dtype=torch.int64)
+    for i in range(num_nodes):
+        n = i
+        while n >= 0:
+            rows[i, n // 32] |= 1 << (n % 32)
+            n = parents[n]
+    return torch.where(rows >= 2**31, rows - 2**32, rows).to(torch.int32)
+
+
+def dense_mask(packed: torch.Tensor, prefix: int, tree_len: int, dtype) -> torch.Tensor:
+    """The plain way's additive mask [Tq, prefix + tree_len]: 0 visible, -inf hidden."""
+    j = torch.arange(tree_len, device=packed.device)
+    bits = ((packed[:, j // 32].long() >> (j % 32)) & 1).bool()
+    vis = torch.cat([torch.ones(packed.shape[0], prefix, dtype=torch.bool, device=packed.device),
+                     bits], dim=1)
+    zero = torch.zeros((), dtype=dtype, device=packed.device)
+    return torch.where(vis, zero, torch.tensor(float("-inf"), dtype=dtype, device=packed.device))
+
+
+def peak_bw() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in PEAK_BW.items() if key in name), None)
+
+
+def run_case(mode: str, prefix: int, tq: int, tree_len: int, device: str, dtype) -> dict:
+    rng = random.Random(prefix + tq)
+    lmax = prefix + tree_len + 64
+    g = torch.Generator(device="cpu").manual_seed(prefix)
+    q = torch.randn(1, HQ, tq, DH, generator=g).to(device, dtype)
+    cache = torch.randn(2, 1, HKV, lmax, DH, generator=g).to(device, dtype)
+    k, v = cache[0], cache[1]
+    packed = tree_rows(tree_len, rng)[tree_len - tq:].to(device)  # the last tq nodes query
+    prefix_len = torch.tensor([prefix], dtype=torch.int32, device=device)
+    mask = dense_mask(packed, prefix, tree_len, dtype)
+    group = HQ // HKV
+
+    def ours():
+        return tree_attention(q, k, v, prefix_len, packed[None], tree_len)
+
+    def plain():
+        kk = k[:, :, : prefix + tree_len].repeat_interleave(group, dim=1)
+        vv = v[:, :, : prefix + tree_len].repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+    row = {"mode": mode, "prefix": prefix, "Tq": tq, "tree_len": tree_len,
+           "dtype": str(dtype).split(".")[-1], "backend": select_backend(q)}
+    a, b = ours().float(), plain().float()
+    err = (a - b).abs().max().item()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    row["max_abs_diff"] = err
+    if not math.isfinite(err) or err > tol:
+        row["status"] = f"MISMATCH (tol {tol})"
+        return row
+    row["status"] = "ok"
+    t_ours, t_plain = bench(ours, device), bench(plain, device)
+    row["ours_ms"] = t_ours["median_ms"]
+    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
+    row["plain_ms"] = t_plain["median_ms"]
+    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
+    if device == "cuda":
+        row["ours_graph_ms"] = t_ours.get("graph_ms")
+        row["plain_graph_ms"] = t_plain.get("graph_ms")
+        bw = peak_bw()
+        moved = 2 * HKV * (prefix + tree_len) * DH * cache.element_size()
+        moved += 2 * q.numel() * q.element_size()  # q in, out back
+        row["GB/s"] = moved / (t_ours["median_ms"] * 1e-3) / 1e9
+        if bw is not None:
+            row["hbm_bound_frac"] = moved / bw / (t_ours["median_ms"] * 1e-3)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="small sizes (the CPU default)")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    quick = args.quick or device == "cpu"
+    prefixes = [1024, 4096] if quick else [1024, 4096, 8192, 32768]
+    if device == "cpu":
+        print("# no GPU: timing the CPU path of the op (reference or native extension), float32, "
+              f"{'quick sizes' if quick else 'full sizes'}; the Triton kernel is not timed")
+    rows = [run_case("verify", p, T, T, device, dtype) for p in prefixes]
+    rows.append(run_case("draft", prefixes[1], 10, 40, device, dtype))
+    write_results(args.json, "tree_attention (Hq 32, Hkv 8, Dh 128, B 1)", rows)
+    if any(r["status"] != "ok" for r in rows):
+        raise SystemExit("tree_attention benchmark: output mismatch, no speedup reported")
+
+
+if __name__ == "__main__":
+    main()
