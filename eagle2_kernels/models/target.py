@@ -1,0 +1,231 @@
+"""Hugging Face target adapter: tree attention through transformers' public attention interface.
+
+We register one attention function (and a mask function that returns None, so transformers
+builds no dense mask) under a name unique to this package. A decoder switches the model to it
+only around its own forwards (:meth:`TargetAdapter.forward` restores the previous
+implementation before returning), so the user's ``model(...)`` / ``model.generate(...)``
+behave exactly as before, even between two rounds of a ``stream``.
+
+During our forward the model is called with explicit ``position_ids``, ``use_cache=False`` and
+one extra keyword, ``eagle2_ctx``, that transformers passes through to every attention call.
+The attention function writes the layer's rotated k/v into our static cache
+(:class:`eagle2_kernels.cache.StaticKVCache`) at ``ctx.slot`` and runs ``ops.tree_attention``
+over the cache prefix plus the tree region (or a plain causal attention for the prefill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eagle2_kernels.cache import StaticKVCache
+
+ATTN_NAME = "eagle2_kernels_tree"
+CTX_KWARG = "eagle2_ctx"
+
+
+@dataclass
+class DecodeContext:
+    """What one of our forwards tells the attention function.
+
+    Attributes:
+        cache: the target's StaticKVCache; ``cache.lengths`` is the committed prefix.
+        slot: first cache slot written by this forward (the prefix length, same for the batch).
+        tree_mask: [B, N, W] int32 packed visibility of the N new tokens among themselves;
+            None for a causal prefill (empty prefix).
+        tree_len: number of new tokens (the tree region's size).
+        backend: optional forced ops backend.
+    """
+
+    cache: StaticKVCache
+    slot: int
+    tree_mask: torch.Tensor | None
+    tree_len: int
+    backend: str | None = None
+
+
+def _tree_attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Called by transformers per layer: q [B,Hq,N,Dh], k/v [B,Hkv,N,Dh] already rotated.
+
+    Returns (out [B, N, Hq, Dh], None) as transformers expects.
+    """
+    ctx: DecodeContext | None = kwargs.get(CTX_KWARG)
+    if ctx is None:
+        raise RuntimeError(
+            f"the {ATTN_NAME!r} attention implementation only runs inside a TreeSpecDecoder "
+            f"forward (it needs the {CTX_KWARG} keyword)"
+        )
+    layer = module.layer_idx
+    cache = ctx.cache
+    cache.write(layer, ctx.slot, key, value)
+    if ctx.tree_mask is None:
+        # Prefill over an empty prefix: ordinary causal attention over the new tokens.
+        hq, hkv = query.shape[1], key.shape[1]
+        if hq != hkv:
+            key = key.repeat_interleave(hq // hkv, dim=1)
+            value = value.repeat_interleave(hq // hkv, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    else:
+        from eagle2_kernels.ops import tree_attention
+
+        extra = {} if ctx.backend is None else {"backend": ctx.backend}
+        out = tree_attention(
+            query, cache.keys(layer), cache.values(layer), cache.lengths, ctx.tree_mask, ctx.tree_len,
+            scale=scaling, **extra,
+        )
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args, **kwargs):
+    # Our attention function reads visibility from the decode context, not from a mask.
+    return None
+
+
+_registered = False
+
+
+def register_attention() -> str:
+    """Register the tree attention (and its mask function) with transformers; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_NAME, _tree_attention_function)
+        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        _registered = True
+    return ATTN_NAME
+
+
+def _text_config(model):
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+class TargetAdapter:
+    """Drives a transformers causal LM with our static cache and tree attention.
+
+    Args:
+        model: a transformers causal LM (``PreTrainedModel`` with ``get_output_embeddings``)
+            whose attention goes through transformers' attention interface.
+        backend: optional forced ops backend for tree attention.
+
+    The model is never modified outside :meth:`forward`; its attention implementation is
+    switched to ours for the duration of one forward and then restored.
+    """
+
+    def __init__(self, model, backend: str | None = None):
+        if not hasattr(model, "set_attn_implementation") or not hasattr(model, "get_output_embeddings"):
+            raise TypeError(
+                f"the target must be a transformers causal LM (a PreTrainedModel with an lm_head), "
+                f"got {type(model).__name__}"
+            )
+        if model.get_output_embeddings() is None:
+            raise TypeError(f"the target {type(model).__name__} has no lm_head (get_output_embeddings())")
+        can_set = getattr(model, "_can_set_attn_implementation", None)
+        if callable(can_set) and not can_set():
+            raise TypeError(
+                f"{type(model).__name__} does not route attention through transformers' "
+                f"AttentionInterface, so tree attention cannot be plugged in"
+            )
+        self.model = model
+        self.backend = backend
+        cfg = _text_config(model)
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        window = getattr(cfg, "sliding_window", None)
+        if getattr(cfg, "use_sliding_window", True) is False:
+            window = None
+        self.sliding_window = window
+        register_attention()
+        # Validate once through the public API (raises if the model cannot take our attention),
+        # then put the previous implementation back: outside our forwards nothing changes.
+        self._configs = self._collect_configs()
+        saved = [(cfg, cfg._attn_implementation_internal) for cfg in self._configs]
+        model.set_attn_implementation(ATTN_NAME)
+        for cfg, previous in saved:
+            cfg._attn_implementation_internal = previous
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_output_embeddings().weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
+        """A StaticKVCache for all layers of the target: [2*layers, B, Hkv, capacity, Dh]."""
+        return StaticKVCache(
+            self.num_layers, batch_size, self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device
+        )
+
+    def _collect_configs(self) -> list:
+        """Every config object whose attention implementation a switch must cover."""
+        from transformers import PreTrainedModel
+
+        seen, todo = {}, [m.config for m in self.model.modules() if isinstance(m, PreTrainedModel)]
+        while todo:
+            cfg = todo.pop()
+            if id(cfg) in seen:
+                continue
+            seen[id(cfg)] = cfg
+            for key in getattr(cfg, "sub_configs", {}) or {}:
+                sub = getattr(cfg, key, None)
+                if sub is not None:
+                    todo.append(sub)
+        return list(seen.values())
+
+    @contextlib.contextmanager
+    def scoped(self):
+        """Switch the model to our attention for the body only; restore the previous one after.
+
+        ``set_attn_implementation`` walks every module (~0.5 ms even for a 2-layer model), too
+        slow for twice per round; it validated our implementation once in ``__init__``. Here we
+        save and restore the exact per-config values, which is all that switch changes.
+        """
+        saved = [(cfg, cfg._attn_implementation_internal) for cfg in self._configs]
+        for cfg, _ in saved:
+            cfg._attn_implementation_internal = ATTN_NAME
+        try:
+            yield
+        finally:
+            for cfg, previous in saved:
+                cfg._attn_implementation_internal = previous
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        ctx: DecodeContext,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward over N new tokens with our cache.
+
+        Args:
+            input_ids: [B, N] int64; position_ids: [B, N] int64 (explicit, e.g. prefix + depth).
+            ctx: the decode context (cache, write slot, tree mask).
+            logits_to_keep: 0 for logits at every position, else only the last ones.
+        Returns:
+            logits [B, N or logits_to_keep, V] and features [B, N, H] (the post-norm final
+            hidden state, the lm_head input).
+        """
+        with torch.no_grad(), self.scoped():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=True,
+                return_dict=True,
+                logits_to_keep=logits_to_keep,
+                **{CTX_KWARG: ctx},
+            )
+        return out.logits, out.hidden_states[-1]

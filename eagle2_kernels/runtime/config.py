@@ -1,0 +1,66 @@
+"""Decoding configuration: a frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+from eagle2_kernels._backend import BACKENDS
+
+
+def _positive_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"DecodeConfig: {name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"DecodeConfig: {name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Shape of the EAGLE-2 draft tree and of the decoder's static buffers.
+
+    Attributes:
+        total_tokens: T, tree nodes verified per round INCLUDING the root (>= 2). Paper default
+            60 for 7B models on a GPU; small models on a CPU want 8-16.
+        depth: D, draft expansion steps after the root expansion (>= 1); the deepest node is
+            at depth D + 1.
+        top_k: K, the tree's branching factor (>= 1): each expansion keeps the K best children
+            per frontier node and the K best of those as the next frontier. Not the sampling
+            filter (that is ``generate(top_k=...)``).
+        max_length: capacity of the KV caches in tokens (prompt + new tokens + T must fit);
+            None sizes the caches per call (grown when a call needs more, then reused).
+        backend: force the ops' backend ("reference", "triton" or "ext"); None picks by device.
+
+    Invariant: T - 1 <= K + D*K*K (the draft must supply enough candidates).
+
+    Example::
+
+        cfg = DecodeConfig(total_tokens=16, depth=4, top_k=8)
+    """
+
+    total_tokens: int = 60
+    depth: int = 5
+    top_k: int = 10
+    max_length: int | None = None
+    backend: str | None = None
+
+    def __post_init__(self):
+        _positive_int("total_tokens", self.total_tokens, 2)
+        _positive_int("depth", self.depth, 1)
+        _positive_int("top_k", self.top_k, 1)
+        candidates = self.top_k + self.depth * self.top_k * self.top_k
+        if self.total_tokens - 1 > candidates:
+            raise ValueError(
+                f"DecodeConfig: total_tokens={self.total_tokens} needs {self.total_tokens - 1} draft "
+                f"candidates but top_k={self.top_k}, depth={self.depth} supply only K + D*K*K = "
+                f"{candidates}; lower total_tokens to <= {candidates + 1} or raise top_k/depth"
+            )
+        if self.max_length is not None:
+            _positive_int("max_length", self.max_length, self.total_tokens + 2)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"DecodeConfig: backend {self.backend!r} is not one of {', '.join(BACKENDS)} or None")
+
+    @property
+    def num_candidates(self) -> int:
+        """C = K + D*K*K, the draft candidates the reranking chooses from."""
+        return self.top_k + self.depth * self.top_k * self.top_k

@@ -1,0 +1,550 @@
+"""TreeSpecDecoder: lossless EAGLE-2 speculative decoding of a transformers causal LM.
+
+One round (DESIGN.md section 1), with the ops doing the per-node work on device:
+
+    catch-up     draft head over the pairs committed last round        (head's own KV cache)
+    expand       root expansion + D steps: head.tree_step + ops.tree_expand
+    build        ops.tree_build: the T-1 best candidates -> DraftTree
+    verify       one target forward over the T tree tokens (ops.tree_attention inside
+                 transformers' attention interface), then ops.verify_greedy / verify_sample
+    commit       ops.kv_compact moves the accepted path's KV; one host read of
+                 (accept length, bonus, path tokens) for EOS / max_new_tokens / streaming
+
+The Python work per round is a fixed number of tensor calls (no loop over nodes).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import time
+from typing import Iterator
+
+import torch
+
+from eagle2_kernels import ops
+from eagle2_kernels.cache import StaticKVCache
+from eagle2_kernels.models.draft_head import EagleDraftHead
+from eagle2_kernels.models.target import DecodeContext, TargetAdapter
+from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
+from eagle2_kernels.runtime.config import DecodeConfig
+from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
+
+__all__ = ["TreeSpecDecoder", "GenerateOutput", "DecodeStats"]
+
+_CACHE_ROUND = 128  # caches sized per call grow in steps of this many slots
+
+
+def _check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number >= 0 (0 = greedy), got {temperature!r}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k (the sampling filter) must be an int >= 0 (0 = off), got {top_k!r}")
+    return temperature, float(top_p), int(top_k)
+
+
+class TreeSpecDecoder:
+    """EAGLE-2 decoding of ``target`` with draft head ``draft``: output identical to plain
+    decoding (greedy: token for token; sampling: in distribution), in fewer target forwards.
+
+    Args:
+        target: a transformers causal LM whose attention goes through transformers'
+            attention interface (Llama, Qwen2/3, Mistral, SmolLM, ...). It stays a normal
+            model: our attention is switched in only around the decoder's own forwards.
+        draft: an :class:`EagleDraftHead` for this target (attached to it if it is not yet).
+        total_tokens: T, tree nodes per round including the root (>= 2).
+        depth: D, expansion steps after the root expansion (>= 1).
+        top_k: K, the tree's branching factor (>= 1). Not the sampling filter: that is
+            ``generate(top_k=...)``.
+        max_length: KV cache capacity in tokens (prompt + max_new_tokens + T must fit); None
+            sizes the caches per call.
+        backend: force the ops' backend ("reference", "triton", "ext"); None = by device.
+        tokenizer: optional tokenizer kept as ``dec.tokenizer``.
+
+    Attributes:
+        target, draft, tokenizer, config (:class:`DecodeConfig`).
+
+    Example::
+
+        dec = TreeSpecDecoder(model, head, total_tokens=16, depth=4, top_k=8)
+        out = dec.generate(input_ids, max_new_tokens=64)      # greedy
+        out.sequences, out.stats.mean_accept_length
+    """
+
+    def __init__(
+        self,
+        target,
+        draft: EagleDraftHead,
+        total_tokens: int = 60,
+        depth: int = 5,
+        top_k: int = 10,
+        max_length: int | None = None,
+        backend: str | None = None,
+        tokenizer=None,
+    ):
+        self.config = DecodeConfig(
+            total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend
+        )
+        if not isinstance(draft, EagleDraftHead):
+            raise TypeError(f"draft must be an EagleDraftHead, got {type(draft).__name__}")
+        self._adapter = TargetAdapter(target, backend=backend)
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        lm = target.get_output_embeddings().weight
+        head_w = draft.fc.weight
+        if head_w.device != lm.device:
+            raise ValueError(
+                f"the draft head is on {head_w.device} but the target on {lm.device}; move both to one device"
+            )
+        if head_w.dtype != lm.dtype:
+            raise ValueError(
+                f"the draft head is {head_w.dtype} but the target {lm.dtype}; load the head with "
+                f"EagleDraftHead.from_pretrained(path, target=model) or call head.to(dtype)"
+            )
+        # (Re-)attach: checks hidden size / vocab against this target and shares its weights.
+        draft.attach_target(target)
+        if self.config.top_k > draft.draft_vocab_size:
+            raise ValueError(
+                f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
+            )
+        self._closed = False
+        self._tcache: StaticKVCache | None = None
+        self._dcache: StaticKVCache | None = None
+        if max_length is not None:
+            self._ensure_buffers(1, max_length)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(cls, target=None, draft=None, dtype: torch.dtype | None = None, device=None, **config):
+        """Build a decoder from names, paths or objects.
+
+        Args:
+            target: a transformers causal LM, or a local name/path loaded with
+                ``AutoModelForCausalLM.from_pretrained`` (its tokenizer becomes
+                ``dec.tokenizer``); None = the embedded default (SmolLM2-135M-Instruct).
+            draft: an :class:`EagleDraftHead` or a directory in the released EAGLE-1/2 layout;
+                None with target None = the default head shipped with the package.
+            dtype, device: used when loading a target by name (default: the file's dtype, CPU).
+            **config: DecodeConfig fields (total_tokens, depth, top_k, max_length, backend).
+        """
+        tokenizer = None
+        if target is None:
+            from eagle2_kernels.models import default as default_model
+
+            target, tokenizer = default_model.load_default()
+            if draft is None:
+                draft = default_model.default_head_path()
+        elif isinstance(target, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            name = os.fspath(target)
+            kwargs = {} if dtype is None else {"dtype": dtype}
+            target = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+            if device is not None:
+                target.to(device)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError):
+                tokenizer = None
+        if draft is None:
+            raise ValueError(
+                "TreeSpecDecoder.from_pretrained: a draft head is needed for this target (a directory "
+                "in the EAGLE-1/2 layout or an EagleDraftHead); only the default target has a default head"
+            )
+        if isinstance(draft, (str, os.PathLike)):
+            draft = EagleDraftHead.from_pretrained(draft, target=target)
+        return cls(target, draft, tokenizer=tokenizer, **config)
+
+    def close(self) -> None:
+        """Release the caches. The target was never left patched (our attention is only
+        switched in around our own forwards), so nothing else needs undoing."""
+        self._tcache = self._dcache = None
+        self._closed = True
+
+    def __enter__(self) -> "TreeSpecDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"TreeSpecDecoder(target={type(self.target).__name__}, total_tokens={c.total_tokens}, "
+            f"depth={c.depth}, top_k={c.top_k}, max_length={c.max_length})"
+        )
+
+    # ------------------------------------------------------------------ buffers
+    def _ensure_buffers(self, batch: int, need: int) -> None:
+        """Allocate (or reuse) the static caches and the per-round constant tensors."""
+        cfg = self.config
+        if cfg.max_length is not None:
+            capacity = cfg.max_length
+        else:
+            capacity = -(-need // _CACHE_ROUND) * _CACHE_ROUND
+            if self._tcache is not None and self._tcache.capacity >= capacity:
+                capacity = self._tcache.capacity
+        ad, head = self._adapter, self.draft
+        dev, dtype = ad.device, ad.dtype
+        if self._tcache is None or not self._tcache.matches(batch, capacity, dtype, dev):
+            self._tcache = ad.new_cache(batch, capacity)
+            d_cap = capacity + cfg.depth * cfg.top_k + cfg.depth + 2
+            self._dcache = StaticKVCache(1, batch, head.num_kv_heads, d_cap, head.head_dim, dtype, dev)
+            self._positions = torch.arange(d_cap, device=dev, dtype=torch.int64)
+        if getattr(self, "_consts_for", None) != (batch, dev):
+            self._make_constants(batch, dev)
+
+    def _make_constants(self, batch: int, dev) -> None:
+        K, D = self.config.top_k, self.config.depth
+        # Expansion step j (1-based) writes its K rows at tree slots (j-1)*K + r: own bits.
+        words = (D * K + 31) // 32
+        own = torch.zeros(D, K, words, dtype=torch.int64)
+        for j in range(D):
+            for r in range(K):
+                bit = j * K + r
+                own[j, r, bit // 32] |= 1 << (bit % 32)
+        self._own_bits = _as_int32_words(own).to(dev).unsqueeze(1).expand(D, batch, K, words).contiguous()
+        # Catch-up over n <= D + 2 committed pairs: causal chain masks.
+        n_max = D + 2
+        cwords = (n_max + 31) // 32
+        chain = torch.zeros(n_max, cwords, dtype=torch.int64)
+        for i in range(n_max):
+            for j in range(i + 1):
+                chain[i, j // 32] |= 1 << (j % 32)
+        self._chain = _as_int32_words(chain).to(dev)
+        self._zero_scores = torch.zeros(batch, 1, dtype=torch.float32, device=dev)
+        self._root_parent = torch.full((batch, K), -1, dtype=torch.int64, device=dev)
+        self._one_mask = torch.ones(batch, 1, 1, dtype=torch.int32, device=dev)
+        self._consts_for = (batch, dev)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_call(self, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree: bool):
+        if self._closed:
+            raise RuntimeError("this TreeSpecDecoder was closed; create a new one")
+        if not torch.is_tensor(input_ids):
+            raise ValueError(f"input_ids must be a torch.Tensor of token ids [B, L], got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor (int64 token ids), got dtype {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, L], got {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if batch < 1 or length < 1:
+            raise ValueError(f"input_ids must hold a non-empty prompt, got shape {tuple(input_ids.shape)}")
+        if batch > 1:
+            raise NotImplementedError(
+                f"batch size B={batch} > 1 is not supported yet; decode the sequences one at a time"
+            )
+        dev = self._adapter.device
+        if input_ids.device != dev:
+            raise ValueError(f"input_ids is on {input_ids.device} but the target model on {dev}; move it there")
+        vocab = self._adapter.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
+        temperature, top_p, top_k = _check_sampling(temperature, top_p, top_k)
+        if eos_token_id is None:
+            eos = frozenset()
+        else:
+            items = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
+            try:
+                items = list(items)
+            except TypeError:
+                raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}") from None
+            for e in items:
+                if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab:
+                    raise ValueError(f"eos_token_id entries must be ints in [0, {vocab}), got {eos_token_id!r}")
+            eos = frozenset(int(e) for e in items)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        extra = self.config.total_tokens if tree else 1
+        need = length + max_new_tokens + extra
+        limit = self._adapter.max_positions
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) + {extra} verify slots = {need} "
+                f"exceeds the model's max_position_embeddings={limit}"
+            )
+        cap = self.config.max_length
+        if cap is not None and need > cap:
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) + {extra} verify slots = {need} "
+                f"exceeds the decoder's max_length={cap}"
+            )
+        window = self._adapter.sliding_window
+        if window is not None and need > window:
+            raise NotImplementedError(
+                f"the target uses sliding-window attention (window {window}); sequences of {need} "
+                f"tokens would need it, and tree attention here attends to the whole prefix"
+            )
+        return input_ids, max_new_tokens, temperature, top_p, top_k, eos, need
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerateOutput:
+        """Speculative decoding: same output as plain decoding of the target.
+
+        Args:
+            input_ids: [B, L] int64 prompt (B = 1 for now), on the target's device.
+            max_new_tokens: at most this many tokens are generated.
+            temperature: 0 = greedy (token-for-token equal to plain greedy decoding); > 0 samples.
+            top_p: nucleus filter in (0, 1] (sampling only).
+            top_k: sampling filter, int >= 0 (0 = off); not the tree's branching factor.
+            eos_token_id: int or list of ints; generation stops right after the first one,
+                exactly where plain decoding stops.
+            generator: torch.Generator for the sampling draws (same generator state = same
+                output).
+
+        Returns:
+            GenerateOutput: ``sequences`` [B, L + n] int64, ``stats`` (DecodeStats).
+        """
+        return self._collect(True, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator)
+
+    def generate_plain(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GenerateOutput:
+        """Plain one-token-per-forward decoding over the same static cache and attention path
+        (the baseline; same arguments and output as :meth:`generate`)."""
+        return self._collect(False, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator)
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        plain: bool = False,
+    ) -> Iterator[list[int]]:
+        """Like :meth:`generate`, but yields the new token ids (a list of ints, B = 1) of each
+        round as it commits them. The arguments are checked before the first ``next()``
+        returns; ``self.last_stats`` holds the stats once the stream is exhausted."""
+        args = self._check_call(
+            input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree=not plain
+        )
+        return self._run(not plain, *args, generator)
+
+    # ------------------------------------------------------------------ loops
+    def _collect(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator):
+        args = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree)
+        ids = args[0]
+        new: list[int] = []
+        for chunk in self._run(tree, *args, generator):
+            new.extend(chunk)
+        t0 = time.perf_counter()
+        out = torch.tensor([new], dtype=ids.dtype, device=ids.device)
+        sequences = torch.cat([ids, out], dim=1)
+        stats = self.last_stats
+        stats.other_s += time.perf_counter() - t0
+        return GenerateOutput(sequences=sequences, stats=stats)
+
+    def _sync(self) -> None:
+        if self._adapter.device.type == "cuda":
+            torch.cuda.synchronize(self._adapter.device)
+
+    def _uniforms(self, shape, generator) -> torch.Tensor:
+        dev = self._adapter.device
+        if generator is None:
+            return torch.rand(shape, device=dev)
+        return torch.rand(shape, generator=generator, device=generator.device).to(dev)
+
+    def _pick(self, logits, temperature, top_p, top_k, generator) -> torch.Tensor:
+        """First token / plain step from [B, V] logits: argmax or processed sampling. [B] int64."""
+        if temperature == 0.0:
+            return logits.argmax(dim=-1)
+        probs = process_logits(logits, temperature, top_p, top_k)
+        return sample_from_probs(probs, self._uniforms(logits.shape[:1], generator))
+
+    @staticmethod
+    def _cut(tokens: list[int], budget: int, eos: frozenset) -> tuple[list[int], bool]:
+        """Truncate a round's tokens at the first EOS (kept) and at the token budget."""
+        done = False
+        if eos:
+            for i, t in enumerate(tokens):
+                if t in eos:
+                    tokens, done = tokens[: i + 1], True
+                    break
+        if len(tokens) >= budget:
+            tokens, done = tokens[:budget], True
+        return tokens, done
+
+    def _run(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos, need, generator):
+        stats = DecodeStats()
+        self.last_stats = stats
+        if max_new_tokens == 0:
+            return
+        t_start = time.perf_counter()
+        batch, length = input_ids.shape
+        self._ensure_buffers(batch, need)
+        tc, dc, ad = self._tcache, self._dcache, self._adapter
+        backend = self.config.backend
+
+        # ---- prefill: one target forward over the prompt commits the first token.
+        tc.set_length(0)
+        dc.set_length(0)
+        ctx = DecodeContext(tc, 0, None, length, backend)
+        logits, feats = ad.forward(input_ids, self._positions[:length].expand(batch, length), ctx, logits_to_keep=1)
+        tc.set_length(length)
+        root = self._pick(logits[:, -1], temperature, top_p, top_k, generator)  # [B]
+        first = root.tolist()
+        t_verify = time.perf_counter()
+        stats.verify_s += t_verify - t_start
+        budget = max_new_tokens
+        chunk, done = self._cut(first, budget, eos)
+        stats.record(len(chunk))
+        budget -= len(chunk)
+        if not tree:
+            yield from self._plain_loop(chunk, done, root, budget, temperature, top_p, top_k, eos, generator, stats)
+            return
+        # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L.
+        pend_feats = feats
+        pend_tokens = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)
+        stats.other_s += time.perf_counter() - t_verify
+        yield chunk
+        t_mark = time.perf_counter()
+        first_catchup = True
+        cfg = self.config
+        K, D, T = cfg.top_k, cfg.depth, cfg.total_tokens
+        head = self.draft
+        d2t = head.draft_to_target
+        pos = self._positions
+        while not done:
+            # ---------------- draft: catch-up, root expansion, D expansions, build
+            stable = dc.host_lengths[0]
+            n = pend_tokens.shape[1]
+            with torch.no_grad():
+                if first_catchup:
+                    hs = head.prefill(pend_feats, pend_tokens, dc)
+                    first_catchup = False
+                else:
+                    mask = self._chain[:n].unsqueeze(0).expand(batch, n, -1)
+                    hs = head.tree_step(
+                        pend_feats, pend_tokens, pos[stable : stable + n].expand(batch, n), dc, stable, mask, n, backend
+                    )
+                stable += n
+                dc.set_length(stable)
+                h_parent = hs[:, -1:]  # [B, 1, H]
+                ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
+                cand_tokens, cand_scores, cand_parents = [ct.view(batch, K)], [cs.view(batch, K)], [self._root_parent]
+                f_tokens = ct.view(batch, K).gather(1, ni)
+                f_index = ni  # candidate index of each frontier row
+                f_scores = ns
+                f_feats = h_parent.expand(batch, K, -1)
+                f_mask = self._own_bits[0]
+                base = K
+                for j in range(1, D + 1):
+                    hs = head.tree_step(
+                        f_feats, f_tokens, pos[stable + j - 1 : stable + j].expand(batch, K), dc,
+                        stable + (j - 1) * K, f_mask, j * K, backend,
+                    )
+                    ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
+                    cand_tokens.append(ct.view(batch, K * K))
+                    cand_scores.append(cs.view(batch, K * K))
+                    cand_parents.append(f_index.repeat_interleave(K, dim=1))
+                    if j < D:
+                        rows = ni // K  # frontier row that is each new frontier node's parent
+                        f_tokens = ct.view(batch, K * K).gather(1, ni)
+                        f_index = ni + base
+                        f_scores = ns
+                        f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hs.shape[-1]))
+                        f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
+                    base += K * K
+                draft_tree = ops.tree_build(
+                    torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), root, T,
+                    backend=backend,
+                )
+            self._sync()
+            t_draft = time.perf_counter()
+            stats.draft_s += t_draft - t_mark
+
+            # ---------------- verify: one target forward over the tree, then acceptance
+            prefix = tc.host_lengths[0]
+            ctx = DecodeContext(tc, prefix, draft_tree.mask, T, backend)
+            logits, feats = ad.forward(draft_tree.tokens, draft_tree.depth.to(torch.int64) + prefix, ctx)
+            if temperature == 0.0:
+                path, alen, bonus = ops.verify_greedy(draft_tree, logits, backend=backend)
+            else:
+                uniforms = self._uniforms((batch, T), generator)
+                path, alen, bonus = ops.verify_sample(
+                    draft_tree, logits, uniforms, temperature, top_p, top_k, backend=backend
+                )
+            self._sync()
+            t_verify = time.perf_counter()
+            stats.verify_s += t_verify - t_draft
+
+            # ---------------- commit: compact KV, one host read, EOS / budget
+            ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
+            path_tokens = draft_tree.tokens.gather(1, path.clamp(min=0))
+            packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens], dim=1)[0].tolist()
+            a = packed[0]
+            new = packed[3 : 2 + a] + [packed[1]]
+            tc.set_length(prefix + a)
+            chunk, done = self._cut(new, budget, eos)
+            stats.record(len(chunk))
+            budget -= len(chunk)
+            if not done:
+                sel = path[:, :a]
+                pend_feats = feats.gather(1, sel[:, :, None].expand(batch, a, feats.shape[-1]))
+                pend_tokens = torch.cat([path_tokens[:, 1:a], bonus.view(batch, 1)], dim=1)
+                root = bonus.view(batch)
+            t_mark = time.perf_counter()
+            stats.other_s += t_mark - t_verify
+            yield chunk
+            t_mark = time.perf_counter()
+
+    def _plain_loop(self, chunk, done, token, budget, temperature, top_p, top_k, eos, generator, stats):
+        """Plain decoding after the prefill: one target forward per token, same cache path."""
+        t_mark = time.perf_counter()
+        yield chunk
+        tc, ad = self._tcache, self._adapter
+        backend = self.config.backend
+        batch = token.shape[0]
+        while not done:
+            t0 = time.perf_counter()
+            stats.other_s += t0 - t_mark
+            prefix = tc.host_lengths[0]
+            ctx = DecodeContext(tc, prefix, self._one_mask, 1, backend)
+            logits, _ = ad.forward(token.view(batch, 1), self._positions[prefix : prefix + 1].expand(batch, 1), ctx)
+            tc.set_length(prefix + 1)
+            token = self._pick(logits[:, -1], temperature, top_p, top_k, generator)
+            new = token.tolist()
+            t_mark = time.perf_counter()
+            stats.verify_s += t_mark - t0
+            chunk, done = self._cut(new, budget, eos)
+            stats.record(len(chunk))
+            budget -= len(chunk)
+            yield chunk
+            t_mark = time.perf_counter()
+
+
+def _as_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> int32 with the same bits (bit 31 -> negative)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
