@@ -16,10 +16,13 @@ def topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     Returns (values, indices), both ``[..., k]``; indices int64.
     """
     kth = torch.topk(x, k, dim=-1).values[..., -1:]
-    above = x > kth
-    need = k - above.sum(-1, keepdim=True)
-    at_kth = x == kth
-    chosen = above | (at_kth & (torch.cumsum(at_kth, dim=-1) <= need))  # exactly k per row
+    chosen = x >= kth
+    if (chosen.sum(-1) > k).any():  # ties straddle the cut: keep the lowest-indexed ones
+        above = x > kth
+        need = k - above.sum(-1, keepdim=True)
+        at_kth = x == kth
+        chosen = above | (at_kth & (torch.cumsum(at_kth, dim=-1) <= need))
+    # now exactly k chosen per row
     index = chosen.nonzero()[:, -1].view(*x.shape[:-1], k)  # ascending within each row
     values = x.gather(-1, index)
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices
