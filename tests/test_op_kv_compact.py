@@ -231,3 +231,13 @@ def test_cuda_llama_cache_bf16_no_sync_and_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(bits(cache.cpu()), bits(want))
+
+
+@requires_triton
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors go to the interpreter only without a GPU test run")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.kv_compact(torch.zeros(2, 1, 1, 4, 2), torch.tensor([0]), torch.tensor([[0]]),
+                       torch.tensor([1]), backend="triton")

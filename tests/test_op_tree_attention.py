@@ -401,6 +401,16 @@ def test_triton_randomized():
         assert_contract(out, *case, T)
 
 
+@requires_triton
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors go to the interpreter only without a GPU test run")
+    case = make_case(1, 2, 1, 1, 16, [2], 1, [[[0]]])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.tree_attention(*case, 1, backend="triton")
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 

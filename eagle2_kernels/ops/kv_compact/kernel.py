@@ -10,6 +10,8 @@ dtype (NaN payloads included) and the interpreter's bf16 arithmetic is never inv
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +75,11 @@ def kv_compact(
     accept_len: torch.Tensor,
 ) -> torch.Tensor:
     """Triton launcher of ``kv_compact`` (see ``eagle2_kernels.ops.kv_compact``); in place."""
+    if cache.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"kv_compact (triton): cache is on {cache.device}; the Triton kernel needs CUDA "
+            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        )
     N, B, Hkv, Lmax, Dh = cache.shape
     T = path.shape[1]
     if cache.numel() == 0 or T == 0:

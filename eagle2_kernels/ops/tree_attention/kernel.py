@@ -310,11 +310,18 @@ def launch(
     """``tree_attention`` with the block sizes and split policy overridable (tests, tuning).
 
     Defaults: BLOCK_M = next power of two of G * Tq, in [16, 128]; BLOCK_N = 64 (32 for
-    Dh > 128; 128 under the interpreter, where large blocks are faster); the split cap
-    ``num_splits`` fills about two waves of the GPU's SMs for the capacity Lmax; each split
-    covers at least ``min_chunk`` = max(256, 8 * G * Tq) slots, so that the partial results
-    (G * Tq * Dh floats per split) stay small next to the K/V each split reads.
+    Dh > 128; 128 under the interpreter, where large blocks are faster). Each split covers at
+    least ``min_chunk`` = max(512, 4 * G * Tq) slots, so that its partial result (G * Tq * Dh
+    floats, written and read back once) stays small next to the K/V it reads. The split cap
+    ``num_splits`` is sized from the capacity Lmax (static, so CUDA graphs can be captured) and
+    keeps the grid within one wave of resident programs (1 per SM for 8-warp programs, 2 for
+    4-warp ones); the splits a sequence actually uses follow from its prefix_len on the device.
     """
+    if q.device.type != "cuda" and not _interpreted():
+        raise RuntimeError(
+            f"tree_attention (triton): tensors are on {q.device}; the Triton kernel needs CUDA "
+            "tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        )
     B, Hq, Tq, Dh = q.shape
     Hkv, Lmax = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -333,15 +340,16 @@ def launch(
     if block_n is None:
         block_n = 128 if interp else (64 if block_d <= 128 else 32)
     num_m = triton.cdiv(rows, block_m)
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
     if min_chunk is None:
-        min_chunk = max(256, 8 * rows)
+        min_chunk = max(512, 4 * rows)
     if num_splits is None:
         if interp:
             num_splits = 1
         else:
+            resident = _sm_count(q.device.index if q.device.index is not None else 0) * (1 if num_warps == 8 else 2)
             programs = num_m * B * Hkv
-            want = triton.cdiv(2 * _sm_count(q.device.index or 0), programs)
-            num_splits = max(1, min(want, triton.cdiv(Lmax, min_chunk), 64))
+            num_splits = max(1, min(resident // programs, triton.cdiv(Lmax, min_chunk), 64))
     min_chunk = max(int(min_chunk), 1)
 
     # fp16/bf16 go through the tensor cores with fp32 accumulation; fp32 inputs (and all
@@ -365,7 +373,7 @@ def launch(
         BLOCK_D=block_d,
         COMPUTE_FP32=compute_fp32,
         DOT_PRECISION=precision,
-        num_warps=8 if block_m * block_d >= 128 * 128 else 4,
+        num_warps=num_warps,
         num_stages=2,
     )
     if num_splits > 1:
