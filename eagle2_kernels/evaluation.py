@@ -256,27 +256,22 @@ def hf_generate_method(model, eos_token_id=None, pad_token_id: int | None = None
 
     eos = _eos_list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        use_cache=True,
-    )
-
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=True,
+        )
         attention_mask = torch.ones_like(input_ids)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(
-                input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                max_new_tokens=max_new_tokens,
-            )
+            out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
         seconds = time.perf_counter() - start
         new = out[0, input_ids.shape[1] :].tolist()
         # generate pads nothing for B=1, but stop at the first EOS to be safe
@@ -650,6 +645,26 @@ def format_report(summary: dict, speculative: str = SPEC, baselines: Sequence[st
                 f"{speculative} time split: draft {100 * spec['draft_s'] / total:.0f}%, verify "
                 f"{100 * spec['verify_s'] / total:.0f}%, other {100 * spec['other_s'] / total:.0f}%"
             )
+    return "\n".join(lines)
+
+
+def format_sweep(summary: dict, methods: Sequence[str], baselines: Sequence[str] = (HF, LOOP)) -> str:
+    """A markdown table comparing several speculative methods (say, tree shapes) of one run."""
+    overall = summary["overall"]
+    baselines = [b for b in baselines if b in overall["methods"]]
+    head = ["method", "tok/s", "tau"] + [f"speedup vs {b}" for b in baselines]
+    head += ["exact match", "mean common prefix", "draft / verify / other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in methods:
+        m = overall["methods"][name]
+        total = m["draft_s"] + m["verify_s"] + m["other_s"]
+        split = "-" if total <= 0 else "/".join(
+            f"{100 * m[p] / total:.0f}" for p in ("draft_s", "verify_s", "other_s")) + " %"
+        cells = [name, _f(m["tokens_per_s"], 1), _f(m["tau"])]
+        cells += [_f(overall["speedup"][name][b]) + "x" for b in baselines]
+        frac = m.get("match_fraction")
+        cells += ["-" if frac is None else f"{100 * frac:.0f}%", _f(m.get("mean_common_prefix"), 1), split]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

