@@ -9,6 +9,23 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Native CPU kernels of the eagle2_kernels ops (see eagle2_kernels._native).";
+  // c10 errors become the Python exceptions torch raises for them (ValueError, TypeError,
+  // ...), with the message only (no C++ backtrace).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::NotImplementedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("tree_expand", &eagle2::tree_expand, py::arg("logits"), py::arg("parent_scores"),
         py::arg("top_k"), py::arg("draft_to_target") = py::none(),
         "-> (child_tokens [B,R,K] i64, child_scores [B,R,K] f32, next_index [B,K] i64, "

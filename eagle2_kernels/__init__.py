@@ -21,6 +21,7 @@ never touches a GPU driver; the decoder classes are imported on first use.
 from __future__ import annotations
 
 from eagle2_kernels import ops
+from eagle2_kernels.ops import _library  # noqa: F401  (registers torch.ops.eagle2.*)
 
 __version__ = "0.1.0"
 
