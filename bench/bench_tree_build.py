@@ -59,7 +59,8 @@ def composite(tokens, scores, parents, roots, T, max_depth):
     cur = node_parents
     for _ in range(max_depth):
         up = cur >= 0
-        anc.scatter_(2, cur.clamp(min=0)[..., None], up[..., None] | anc.gather(2, cur.clamp(min=0)[..., None]))
+        col = cur.clamp(min=0)[..., None]
+        anc.scatter_(2, col, up[..., None] | anc.gather(2, col))
         depth += up.long()
         cur = torch.where(up, node_parents.gather(1, cur.clamp(min=0)), -1)
     W = mask_words(T)
@@ -80,7 +81,8 @@ def run_case(B: int, K: int, D: int, T: int, device: str) -> dict:
     ref = tree_build(tokens.cpu(), scores.cpu(), parents.cpu(), roots.cpu(), T, backend="reference")
     plain = composite(tokens, scores, parents, roots, T, D + 1)
     fields = (ref.tokens, ref.parents, ref.depth, ref.mask)
-    ok = all(torch.equal(a.cpu(), b) for a, b in zip((ours.tokens, ours.parents, ours.depth, ours.mask), fields))
+    got = (ours.tokens, ours.parents, ours.depth, ours.mask)
+    ok = all(torch.equal(a.cpu(), b) for a, b in zip(got, fields))
     ok = ok and all(torch.equal(a.cpu(), b) for a, b in zip(plain, fields))
     row["status"] = "ok" if ok else "MISMATCH"
     if not ok:

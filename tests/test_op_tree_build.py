@@ -48,7 +48,8 @@ def oracle(cand_tokens, cand_scores, cand_parents, root_tokens, T) -> DraftTree:
 
 
 def assert_tree_equal(got: DraftTree, want: DraftTree):
-    for name, dtype in (("tokens", torch.int64), ("parents", torch.int32), ("depth", torch.int32), ("mask", torch.int32)):
+    dtypes = {"tokens": torch.int64, "parents": torch.int32, "depth": torch.int32, "mask": torch.int32}
+    for name, dtype in dtypes.items():
         g, w = getattr(got, name), getattr(want, name)
         assert g.dtype == dtype, f"{name}: {g.dtype}"
         assert torch.equal(g.cpu(), w), f"{name}:\n{g}\n!=\n{w}"
@@ -78,9 +79,8 @@ def draft_candidates(B, K, D, seed, V=1000, ties=False):
         parents.append((offset + frontier).repeat_interleave(K, 1))
         offset += scores[-2].shape[1]
         # next frontier: the K best children (ties to the lower index), as tree_expand does
-        idx = torch.stack(
-            [torch.tensor(sorted(range(K * K), key=lambda i: (-float(child[b, i]), i))[:K]) for b in range(B)]
-        )
+        best = [sorted(range(K * K), key=lambda i: (-float(child[b, i]), i))[:K] for b in range(B)]
+        idx = torch.tensor(best)
         frontier_scores, frontier = child.gather(1, idx), idx
     return torch.cat(tokens, 1), torch.cat(scores, 1), torch.cat(parents, 1)
 
@@ -171,7 +171,8 @@ def test_reference_random_trees_seeded():
         for c in range(C):
             parents[:, c] = torch.randint(-1, c, (B,), generator=g)
             step = -0.5 * torch.randint(0, 3, (B,), generator=g).float()
-            base = torch.where(parents[:, c] >= 0, scores.gather(1, parents[:, c : c + 1].clamp(min=0))[:, 0], 0.0)
+            p = parents[:, c : c + 1]
+            base = torch.where(p >= 0, scores.gather(1, p.clamp(min=0)), 0.0)[:, 0]
             scores[:, c] = base + step
         tokens = torch.randint(0, 50, (B, C), generator=g)
         T = int(torch.randint(2, C + 2, (1,), generator=g))
@@ -186,12 +187,19 @@ def test_reference_dropped_parent_raises_and_sets_flag():
     parents = torch.tensor([[-1, -1, 1], [-1, -1, 0]])
     flag = torch.full((2,), 99, dtype=torch.int32)
     with pytest.raises(ValueError, match="parent was not kept"):
-        tree_build(tokens, scores, parents, torch.tensor([0, 0]), 3, backend="reference", error_flag=flag)
+        tree_build(
+            tokens, scores, parents, torch.tensor([0, 0]), 3, backend="reference", error_flag=flag
+        )
     assert flag.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize(
-    "bad_parent, c", [pytest.param(2, 2, id="self"), pytest.param(3, 2, id="later"), pytest.param(-2, 1, id="below-minus-1")]
+    "bad_parent, c",
+    [
+        pytest.param(2, 2, id="self"),
+        pytest.param(3, 2, id="later"),
+        pytest.param(-2, 1, id="below-minus-1"),
+    ],
 )
 def test_reference_invalid_parent_raises(bad_parent, c):
     parents = torch.tensor([[-1, -1, 0, 1]])
@@ -213,16 +221,41 @@ def test_reference_clean_run_clears_flag():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        pytest.param(dict(total_tokens=1), ValueError, r"total_tokens=1 must be in \[2, C \+ 1 = 5\]", id="T1"),
+        pytest.param(
+            dict(total_tokens=1), ValueError, r"total_tokens=1 must be in \[2, C \+ 1 = 5\]", id="T1"
+        ),
         pytest.param(dict(total_tokens=6), ValueError, r"total_tokens=6", id="T>C+1"),
         pytest.param(dict(total_tokens=3.0), TypeError, "total_tokens must be an int", id="T-float"),
-        pytest.param(dict(cand_tokens=torch.zeros(1, 3, dtype=torch.int64)), ValueError, "cand_tokens must have the shape", id="tokens-shape"),
-        pytest.param(dict(cand_tokens=torch.zeros(1, 4)), TypeError, "cand_tokens must have dtype", id="tokens-dtype"),
-        pytest.param(dict(cand_scores=torch.zeros(4)), ValueError, r"cand_scores must be a \[B, C\]", id="scores-rank"),
-        pytest.param(dict(cand_parents=torch.zeros(1, 4, dtype=torch.int16)), TypeError, "cand_parents", id="parents-dtype"),
-        pytest.param(dict(root_tokens=torch.zeros(2, dtype=torch.int64)), ValueError, r"root_tokens must have shape \[B\] = \[1\]", id="root-shape"),
-        pytest.param(dict(error_flag=torch.zeros(1, dtype=torch.int64)), TypeError, "error_flag must be int32", id="flag-dtype"),
-        pytest.param(dict(error_flag=torch.zeros(2, dtype=torch.int32)), ValueError, r"error_flag must have shape \[B\]", id="flag-shape"),
+        pytest.param(
+            dict(cand_tokens=torch.zeros(1, 3, dtype=torch.int64)),
+            ValueError,
+            "cand_tokens must have the shape",
+            id="tokens-shape",
+        ),
+        pytest.param(
+            dict(cand_tokens=torch.zeros(1, 4)), TypeError, "cand_tokens must have dtype", id="tokens-dtype"
+        ),
+        pytest.param(
+            dict(cand_scores=torch.zeros(4)), ValueError, r"cand_scores must be a \[B, C\]", id="scores-rank"
+        ),
+        pytest.param(
+            dict(cand_parents=torch.zeros(1, 4, dtype=torch.int16)), TypeError, "cand_parents", id="parents-dtype"
+        ),
+        pytest.param(
+            dict(root_tokens=torch.zeros(2, dtype=torch.int64)),
+            ValueError,
+            r"root_tokens must have shape \[B\] = \[1\]",
+            id="root-shape",
+        ),
+        pytest.param(
+            dict(error_flag=torch.zeros(1, dtype=torch.int64)), TypeError, "error_flag must be int32", id="flag-dtype"
+        ),
+        pytest.param(
+            dict(error_flag=torch.zeros(2, dtype=torch.int32)),
+            ValueError,
+            r"error_flag must have shape \[B\]",
+            id="flag-shape",
+        ),
     ],
 )
 def test_input_errors(kwargs, error, match):
@@ -259,7 +292,7 @@ def poisoned_empty(monkeypatch):
     "B, K, D, T, ties, score_dtype, int_dtype",
     [
         pytest.param(1, 10, 5, 60, False, torch.float32, torch.int64, id="B1-K10-D5-T60-C510"),
-        pytest.param(2, 4, 3, 33, True, torch.float32, torch.int32, id="B2-K4-D3-T33-W2-ties-int32"),
+        pytest.param(2, 4, 3, 33, True, torch.float32, torch.int32, id="B2-K4-D3-T33-W2-ties-i32"),
         pytest.param(3, 3, 2, 13, True, torch.float16, torch.int64, id="B3-K3-D2-T13-fp16"),
         pytest.param(1, 5, 4, 101, False, torch.float32, torch.int64, id="B1-K5-D4-T101-W4"),
         pytest.param(2, 2, 1, 2, False, torch.float32, torch.int64, id="B2-K2-D1-T2-one-node"),
@@ -295,7 +328,10 @@ def test_triton_chain_and_strided_inputs():
     scores = wide[..., 1]  # stride 2
     tokens = torch.arange(C).view(1, C)
     parents = (torch.arange(C) - 1).view(1, C)
-    got = tree_build(tokens.to(device), scores.to(device), parents.to(device), torch.tensor([9], device=device), 36, backend="triton")
+    root = torch.tensor([9], device=device)
+    got = tree_build(
+        tokens.to(device), scores.to(device), parents.to(device), root, 36, backend="triton"
+    )
     assert_tree_equal(got, oracle(tokens, scores, parents, torch.tensor([9]), 36))
 
 
@@ -303,7 +339,9 @@ def test_triton_chain_and_strided_inputs():
 def test_triton_errors_raise_and_set_flag():
     device = triton_device()
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], device=device)
-    scores = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -0.5], [-1.0, -2.0, -3.0]], device=device)
+    scores = torch.tensor(
+        [[-1.0, -2.0, -3.0], [-1.0, -2.0, -0.5], [-1.0, -2.0, -3.0]], device=device
+    )
     parents = torch.tensor([[-1, -1, 0], [-1, -1, 1], [-1, 2, 0]], device=device)
     flag = torch.full((3,), 99, dtype=torch.int32, device=device)
     # the message names the first failing sequence: b=1 keeps child 2 (-0.5) of the dropped
@@ -313,7 +351,8 @@ def test_triton_errors_raise_and_set_flag():
                    backend="triton", error_flag=flag)
     assert flag.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match=r"cand_parents\[0, 1\] = 2 is invalid"):
-        tree_build(tokens[2:], scores[2:], parents[2:], torch.zeros(1, dtype=torch.int64, device=device), 3, backend="triton")
+        root = torch.zeros(1, dtype=torch.int64, device=device)
+        tree_build(tokens[2:], scores[2:], parents[2:], root, 3, backend="triton")
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -329,7 +368,8 @@ def test_cuda_matches_reference(K, D, T):
     got = tree_build(tokens.cuda(), scores.cuda(), parents.cuda(), roots.cuda(), T)
     assert_tree_equal(got, want)
     got16 = tree_build(tokens.cuda(), scores.cuda().bfloat16(), parents.cuda(), roots.cuda(), T)
-    assert_tree_equal(got16, tree_build(tokens, scores.bfloat16(), parents, roots, T, backend="reference"))
+    want16 = tree_build(tokens, scores.bfloat16(), parents, roots, T, backend="reference")
+    assert_tree_equal(got16, want16)
 
 
 @pytest.mark.cuda
@@ -346,7 +386,9 @@ def test_cuda_graph_capture_reports_errors_through_the_flag():
     graph.replay()
     torch.cuda.synchronize()
     assert flag.tolist() == [0, 0]
-    want = tree_build(tokens.cpu(), scores.cpu(), parents.cpu(), roots.cpu(), T, backend="reference")
+    want = tree_build(
+        tokens.cpu(), scores.cpu(), parents.cpu(), roots.cpu(), T, backend="reference"
+    )
     assert_tree_equal(tree, want)
     # a child outscoring its (now dropped) parent: replay must not raise, the flag tells
     scores[1, -1] = 1.0

@@ -94,8 +94,8 @@ def tree_build(
             raise ValueError(f"error_flag must have shape [B] = [{B}], got {_shape(error_flag)}")
         if error_flag.dtype != torch.int32:
             raise TypeError(f"error_flag must be int32, got {error_flag.dtype}")
-    others = [cand_tokens, cand_parents, root_tokens] + ([error_flag] if error_flag is not None else [])
-    for x in others:
+    others = [cand_tokens, cand_parents, root_tokens, error_flag]
+    for x in (x for x in others if x is not None):
         if x.device != cand_scores.device:
             raise ValueError(
                 f"all tree_build tensors must be on one device: cand_scores is on "

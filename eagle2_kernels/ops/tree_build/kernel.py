@@ -161,7 +161,9 @@ def tree_build(
     parents = torch.empty(B, T, dtype=torch.int32, device=device)
     depth = torch.empty(B, T, dtype=torch.int32, device=device)
     mask = torch.empty(B, T, W, dtype=torch.int32, device=device)
-    flag = error_flag if error_flag is not None else torch.empty(B, dtype=torch.int32, device=device)
+    flag = error_flag
+    if flag is None:
+        flag = torch.empty(B, dtype=torch.int32, device=device)
     scratch = torch.empty(B, C + t_pad, dtype=torch.int32, device=device)
 
     _tree_build_kernel[(B,)](

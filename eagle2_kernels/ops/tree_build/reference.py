@@ -83,7 +83,8 @@ def tree_build(
         error_flag.copy_(codes)
     raise_for_error_codes(codes, cand_parents)
 
-    tokens = torch.cat([root_tokens.to(torch.int64)[:, None], cand_tokens.gather(1, kept).long()], 1)
+    root = root_tokens.to(torch.int64)[:, None]
+    tokens = torch.cat([root, cand_tokens.gather(1, kept).to(torch.int64)], 1)
     node_parents = torch.cat(
         [torch.full((B, 1), -1, dtype=torch.int64, device=device), par_node], 1
     )

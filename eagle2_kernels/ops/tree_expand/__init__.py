@@ -13,6 +13,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
 
 
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def tree_expand(
     logits: torch.Tensor,
     parent_scores: torch.Tensor,
@@ -51,18 +55,16 @@ def tree_expand(
         ([[[1, 3]]], [[0, 1]])
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(
-            f"logits must be a [B, R, V] tensor, got "
-            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
-        )
+        raise ValueError(f"logits must be a [B, R, V] tensor, got {_shape(logits)}")
     if logits.dtype not in _FLOATS:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     B, R, V = logits.shape
     if B < 1 or R < 1 or V < 1:
         raise ValueError(f"logits shape [B, R, V] = {list(logits.shape)} must have B, R, V >= 1")
     if not isinstance(parent_scores, torch.Tensor) or tuple(parent_scores.shape) != (B, R):
-        got = tuple(parent_scores.shape) if isinstance(parent_scores, torch.Tensor) else parent_scores
-        raise ValueError(f"parent_scores must have shape [B, R] = {[B, R]}, got {got}")
+        raise ValueError(
+            f"parent_scores must have shape [B, R] = {[B, R]}, got {_shape(parent_scores)}"
+        )
     if parent_scores.dtype != torch.float32:
         raise TypeError(f"parent_scores must be float32, got {parent_scores.dtype}")
     if parent_scores.device != logits.device:
@@ -75,12 +77,9 @@ def tree_expand(
         raise ValueError(f"top_k={top_k} must be in [1, V={V}]")
     if draft_to_target is not None:
         if not isinstance(draft_to_target, torch.Tensor) or tuple(draft_to_target.shape) != (V,):
-            got = (
-                tuple(draft_to_target.shape)
-                if isinstance(draft_to_target, torch.Tensor)
-                else type(draft_to_target).__name__
+            raise ValueError(
+                f"draft_to_target must have shape [V] = [{V}], got {_shape(draft_to_target)}"
             )
-            raise ValueError(f"draft_to_target must have shape [V] = [{V}], got {got}")
         if draft_to_target.dtype not in _INTS:
             raise TypeError(f"draft_to_target must be int32 or int64, got {draft_to_target.dtype}")
         if draft_to_target.device != logits.device:

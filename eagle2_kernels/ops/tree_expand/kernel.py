@@ -236,7 +236,9 @@ def launch(
     """Launch the three kernels with an explicit V split (``split_size`` a multiple of the
     power-of-two ``block_v``); exposed so that tests can exercise several splits."""
     if block_v & (block_v - 1) or split_size % block_v:
-        raise ValueError(f"block_v={block_v} must be a power of two dividing split_size={split_size}")
+        raise ValueError(
+            f"block_v={block_v} must be a power of two dividing split_size={split_size}"
+        )
     B, R, V = logits.shape
     K = top_k
     device = logits.device
