@@ -296,6 +296,7 @@ def poisoned_empty(monkeypatch):
         pytest.param(3, 3, 2, 13, True, torch.float16, torch.int64, id="B3-K3-D2-T13-fp16"),
         pytest.param(1, 5, 4, 101, False, torch.float32, torch.int64, id="B1-K5-D4-T101-W4"),
         pytest.param(2, 2, 1, 2, False, torch.float32, torch.int64, id="B2-K2-D1-T2-one-node"),
+        pytest.param(1, 10, 5, 300, True, torch.float32, torch.int64, id="B1-K10-D5-T300-W10"),
         pytest.param(1, 2, 2, 11, False, torch.float32, torch.int32, id="B1-K2-D2-T11-full"),
     ],
 )
@@ -359,7 +360,7 @@ def test_triton_errors_raise_and_set_flag():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("K, D, T", [(10, 5, 60), (16, 8, 128), (8, 6, 64)])
+@pytest.mark.parametrize("K, D, T", [(10, 5, 60), (16, 8, 128), (8, 6, 64), (10, 5, 400)])
 def test_cuda_matches_reference(K, D, T):
     B = 4
     tokens, scores, parents = draft_candidates(B, K, D, seed=K * D)

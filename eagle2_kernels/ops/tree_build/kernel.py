@@ -6,9 +6,9 @@ number of kept candidates before it (a running count plus a cumulative sum in th
 Kept tokens are scattered to their nodes; two small scratch rows record each candidate's
 node (-1 if dropped) and each node's parent candidate.
 Phase 2 (after a block barrier, nodes as one [T_PAD] vector): parent node = node of the
-parent candidate (0 for -1); the ancestor-or-self relation A (self + parent edges) is closed
-by squaring it LOG2_T times with tl.dot (0/1 entries, exact), giving depth = row sum - 1
-and the packed mask words.
+parent candidate (0 for -1), stored; after another barrier every node walks up to the root
+at once, one level per step (parents are read back from the output), setting one mask bit
+per node passed and counting the steps for its depth.
 Errors (a kept candidate whose parent was dropped, an invalid parent index) are written as
 a per-sequence code; the launcher reads it on the host unless a CUDA graph is capturing.
 """
@@ -51,7 +51,6 @@ def _tree_build_kernel(
     W,
     BLOCK_C: tl.constexpr,
     T_PAD: tl.constexpr,
-    LOG2_T: tl.constexpr,
     W_PAD: tl.constexpr,
     ERR_DROPPED: tl.constexpr,
     ERR_INVALID: tl.constexpr,
@@ -116,22 +115,33 @@ def _tree_build_kernel(
     tl.store(out_tokens, tl.load(root_ptr + b * stride_root_b).to(tl.int64))
     tl.store(flag_ptr + b, err)
 
-    # [T_PAD, T_PAD]: A[i, j] = 1 iff j == i or j == parent(i); after s squarings A covers
-    # chains of up to 2**s parent steps, and depth < T <= T_PAD = 2**LOG2_T.
-    anc = (offs_t[None, :] == par_node[:, None]) | (offs_t[None, :] == offs_t[:, None])
-    anc = anc.to(tl.float16)
-    for _ in tl.static_range(LOG2_T):
-        anc = (tl.dot(anc, anc, out_dtype=tl.float32) > 0.5).to(tl.float16)
-    bits = anc.to(tl.int64)
-    depth = tl.sum(bits, 1) - 1
+    # Every thread must see the parents stored above before walking them.
+    tl.debug_barrier()
+
+    # Walk every node up to the root at once, one level per step, setting the bit of each
+    # node passed (itself first). Parents precede children, so the walk ends within T steps
+    # (in practice depth + 1 steps, about 7 for the default tree).
+    offs_w = tl.arange(0, W_PAD)
     row_ok = offs_t < T
-    tl.store(out_depth_ptr + b * T + offs_t, depth.to(tl.int32), mask=row_ok)
+    cur = tl.where(row_ok, offs_t, -1)
+    words = tl.zeros([T_PAD, W_PAD], tl.int64)
+    steps = tl.zeros([T_PAD], tl.int32)
     one = tl.full([T_PAD], 1, tl.int64)
-    for w in tl.static_range(W_PAD):
-        weight = tl.where(offs_t // 32 == w, one << (offs_t % 32).to(tl.int64), 0)
-        word = tl.sum(bits * weight[None, :], 1)  # < 2**32: the int32 word's bit pattern
-        word = tl.where(word >= 2147483648, word - 4294967296, word).to(tl.int32)
-        tl.store(out_mask_ptr + (b * T + offs_t) * W + w, word, mask=row_ok & (offs_t * 0 + w < W))
+    while tl.max(cur, 0) >= 0:
+        on = cur >= 0
+        safe = tl.maximum(cur, 0)
+        bit = one << (safe % 32).to(tl.int64)
+        # [T_PAD, W_PAD]
+        hit = on[:, None] & ((safe // 32)[:, None] == offs_w[None, :])
+        words = words | tl.where(hit, bit[:, None], 0)
+        steps += on.to(tl.int32)
+        up = tl.load(out_parents_ptr + b * T + safe, mask=on, other=-1)
+        cur = tl.where(on, up, -1)
+    tl.store(out_depth_ptr + b * T + offs_t, steps - 1, mask=row_ok)
+    # words < 2**32 hold the int32 bit patterns; bit 31 set means a negative int32
+    words = tl.where(words >= 2147483648, words - 4294967296, words).to(tl.int32)
+    word_ok = row_ok[:, None] & (offs_w[None, :] < W)
+    tl.store(out_mask_ptr + (b * T + offs_t)[:, None] * W + offs_w[None, :], words, mask=word_ok)
 
 
 def tree_build(
@@ -151,7 +161,7 @@ def tree_build(
     T = total_tokens
     W = mask_words(T)
     device = cand_scores.device
-    t_pad = max(triton.next_power_of_2(T), 16)  # tl.dot needs tiles of at least 16
+    t_pad = triton.next_power_of_2(T)
     if device.type == "cuda":
         block_c = min(max(triton.next_power_of_2(C), 16), 128)
     else:  # the interpreter runs whole blocks as numpy ops: fewer, larger blocks
@@ -189,8 +199,7 @@ def tree_build(
         W=W,
         BLOCK_C=block_c,
         T_PAD=t_pad,
-        LOG2_T=t_pad.bit_length() - 1,
-        W_PAD=triton.cdiv(t_pad, 32),
+        W_PAD=triton.next_power_of_2(W),
         ERR_DROPPED=ERR_PARENT_DROPPED,
         ERR_INVALID=ERR_PARENT_INVALID,
         num_warps=4,

@@ -200,15 +200,18 @@ def _expand_frontier_kernel(
     tl.store(next_scores_ptr + b * K + offs_k, out_v, mask=k_ok)
 
 
-def _split_plan(rows: int, V: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_V, split_size, num_splits) for streaming V over `rows` rows."""
+def _split_plan(rows: int, V: int, K: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_V, split_size, num_splits) for streaming V over `rows` rows with top-K."""
     if interpret:
         # The interpreter runs whole blocks as numpy ops: few, large blocks are fastest.
         block = min(triton.next_power_of_2(V), 4096)
         return block, triton.cdiv(V, block) * block, 1
     block = 1024
     chunks = triton.cdiv(V, block)
-    splits = max(1, min(chunks, _TARGET_PROGRAMS // max(rows, 1)))
+    # Enough programs to fill the GPU, but the row merge holds splits * K candidates in
+    # registers: keep that product bounded (it only binds for unusually large K).
+    max_splits = max(1, 4096 // triton.next_power_of_2(K))
+    splits = max(1, min(chunks, _TARGET_PROGRAMS // max(rows, 1), max_splits))
     split_size = triton.cdiv(chunks, splits) * block
     return block, split_size, triton.cdiv(V, split_size)
 
@@ -221,7 +224,7 @@ def tree_expand(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher of ``tree_expand`` (see ``eagle2_kernels.ops.tree_expand``)."""
     B, R, V = logits.shape
-    block_v, split_size, _ = _split_plan(B * R, V, logits.device.type != "cuda")
+    block_v, split_size, _ = _split_plan(B * R, V, top_k, logits.device.type != "cuda")
     return launch(logits, parent_scores, top_k, draft_to_target, block_v, split_size)
 
 
