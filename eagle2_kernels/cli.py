@@ -240,6 +240,13 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
     if args.target is None:
         from eagle2_kernels.models import default as default_model
 
+        head_path = Path(args.draft) if args.draft else default_model.default_head_path()
+        if not (head_path / "config.json").is_file() and not head_path.is_file():
+            raise CLIError(
+                f"no draft head at {head_path}" + ("" if args.draft else
+                " (the head shipped for the default model is missing; train one with "
+                "`eagle2 train run` or pass --draft DIR)")
+            )
         try:
             model, tokenizer = default_model.load_default(dtype=dtype, device=device)
         except FileNotFoundError as exc:
@@ -250,13 +257,6 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
                 f"{INSTALL_DEFAULT}"
             ) from None
         name = default_model.DEFAULT_MODEL_NAME
-        head_path = Path(args.draft) if args.draft else default_model.default_head_path()
-        if not (head_path / "config.json").is_file() and not head_path.is_file():
-            raise CLIError(
-                f"no draft head at {head_path}" + ("" if args.draft else
-                " (the head shipped for the default model is missing; train one with "
-                "`eagle2 train run` or pass --draft DIR)")
-            )
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

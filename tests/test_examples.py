@@ -67,8 +67,10 @@ def test_batched_engine_runs_as_a_script():
     )
     assert proc.returncode == 0, proc.stderr
     assert "equals plain greedy: True" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, str(EXAMPLES / "batched_engine.py"), "--tree", "10,3"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert bad.returncode == 2 and "--tree must be three integers" in bad.stderr
+
+
+def test_batched_engine_rejects_a_bad_tree(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load("batched_engine").main(["--tree", "10,3"])
+    assert exc.value.code == 2
+    assert "--tree must be three integers T,D,K, got '10,3'" in capsys.readouterr().err
