@@ -1,0 +1,327 @@
+"""TreeSpecDecoder, greedy: token-for-token equal to transformers' greedy generate (fp32,
+tiny random Llama / Qwen2 / Mistral), with a random head (short acceptances) and with a head
+trained on the target's own features (long acceptances: compaction and deep paths), EOS and
+max_new_tokens inside a round, stats, streaming, bad input, and the user's model untouched."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from eagle2_kernels import DecodeConfig, EagleDraftHead, TreeSpecDecoder  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread start-up and contention cost more than the matmuls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# Real sizes: Llama-3-8B hidden 4096, 32 layers, vocab 128256; Qwen2-7B hidden 3584, vocab 152064;
+# Mistral-7B hidden 4096, vocab 32000. Shrunk to 2 layers, hidden 64, GQA 4/2 heads.
+_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    num_hidden_layers=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None,
+)
+ARCHS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, 320),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, 500),
+    "mistral": (MistralForCausalLM, MistralConfig, 1000),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_target(arch: str, peaked: bool = False):
+    cls, cfg_cls, vocab = ARCHS[arch]
+    torch.manual_seed(1234)
+    model = cls(cfg_cls(vocab_size=vocab, **_COMMON)).eval()
+    if peaked:
+        # A random lm_head gives near-uniform next-token distributions; scaled up, the
+        # target becomes confident, and a head that matches its features becomes confident too.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def random_head(arch: str):
+    torch.manual_seed(99)
+    return EagleDraftHead.from_target(tiny_target(arch))
+
+
+def hf_greedy(model, ids, n, eos=None):
+    pad = eos[0] if isinstance(eos, list) else eos
+    kwargs = {} if eos is None else {"eos_token_id": eos, "pad_token_id": pad}
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+def prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, length), generator=g)
+
+
+def check_stats(out, prompt_len):
+    s = out.stats
+    n = out.sequences.shape[1] - prompt_len
+    assert s.new_tokens == n == sum(s.accept_lengths)
+    assert s.rounds == len(s.accept_lengths)
+    assert all(a >= 1 for a in s.accept_lengths)
+    assert s.mean_accept_length == pytest.approx(sum(s.accept_lengths) / len(s.accept_lengths))
+    assert min(s.draft_s, s.verify_s, s.other_s) >= 0.0
+
+
+TREES = [
+    pytest.param(2, 1, 1, id="T2-D1-K1"),
+    pytest.param(5, 3, 4, id="T5-D3-K4"),
+    pytest.param(16, 1, 10, id="T16-D1-K10"),
+    pytest.param(16, 5, 4, id="T16-D5-K4"),
+    pytest.param(60, 5, 10, id="T60-D5-K10"),
+]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("T,D,K", TREES)
+def test_greedy_lossless_random_head(arch, T, D, K):
+    model = tiny_target(arch)
+    vocab = model.config.vocab_size
+    dec = TreeSpecDecoder(model, random_head(arch), total_tokens=T, depth=D, top_k=K)
+    for seed, (length, n) in enumerate([(7, 24), (1, 9)]):
+        ids = prompt(vocab, length, seed)
+        out = dec.generate(ids, max_new_tokens=n)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, n)), (arch, T, D, K, seed)
+        check_stats(out, length)
+
+
+# ---------------------------------------------------------------------- a head that predicts well
+@functools.lru_cache(maxsize=None)
+def trained_setup():
+    """A peaked tiny Llama and a head trained for a few seconds on its own greedy continuations."""
+    model = tiny_target("llama", peaked=True)
+    vocab = model.config.vocab_size
+    torch.manual_seed(7)
+    prompts = torch.randint(0, vocab, (8, 6))
+    with torch.no_grad():
+        seqs = model.generate(prompts, max_new_tokens=48, do_sample=False)
+        out = model(seqs, output_hidden_states=True)
+    feats, target_tok = out.hidden_states[-1], out.logits.argmax(-1)
+    torch.manual_seed(0)
+    head = EagleDraftHead.from_target(model)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        pred = head(feats[:, :-1], seqs[:, 1:])
+        loss = torch.nn.functional.cross_entropy(
+            head.logits(pred).reshape(-1, vocab), target_tok[:, 1:].reshape(-1)
+        ) + 10.0 * torch.nn.functional.smooth_l1_loss(pred, feats[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return model, head, prompts
+
+
+@pytest.mark.parametrize(
+    "T,D,K",
+    [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),
+     pytest.param(60, 5, 10, id="T60-D5-K10")],
+)
+def test_greedy_lossless_trained_head_long_paths(T, D, K):
+    model, head, prompts = trained_setup()
+    dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K)
+    taus = []
+    for i in range(3):
+        ids = prompts[i : i + 1]
+        out = dec.generate(ids, max_new_tokens=40)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, 40))
+        check_stats(out, ids.shape[1])
+        taus.append(out.stats.mean_accept_length)
+        # Paths of several nodes were accepted and compacted.
+        assert max(out.stats.accept_lengths) >= 4
+    assert sum(taus) / len(taus) > 2.5, taus
+    # A fresh prompt (not trained on) is still decoded losslessly.
+    ids = prompt(model.config.vocab_size, 5, 123)
+    assert torch.equal(dec.generate(ids, 30).sequences, hf_greedy(model, ids, 30))
+
+
+def _inner_cut(accept_lengths, lo):
+    """A token count that ends strictly inside a round of >= 3 tokens (after index lo)."""
+    total = 0
+    for a in accept_lengths:
+        if a >= 3 and total + 1 > lo:
+            return total + 1  # one token into this round
+        total += a
+    raise AssertionError(f"no long round to cut in {accept_lengths}")
+
+
+def test_eos_and_max_new_tokens_inside_a_round():
+    model, head, prompts = trained_setup()
+    dec = TreeSpecDecoder(model, head, total_tokens=16, depth=5, top_k=4)
+    ids = prompts[:1]
+    full = dec.generate(ids, max_new_tokens=40)
+    new = full.sequences[0, ids.shape[1]:].tolist()
+    # max_new_tokens ending inside a round.
+    cut = _inner_cut(full.stats.accept_lengths, 2)
+    out = dec.generate(ids, max_new_tokens=cut)
+    assert out.sequences[0, ids.shape[1]:].tolist() == new[:cut]
+    check_stats(out, ids.shape[1])
+    # EOS inside a round: a token whose first occurrence is in the middle of a long round.
+    total, pick = 0, None
+    for a in full.stats.accept_lengths:
+        for j in range(total, total + a - 1):  # not the last token of the round
+            if new.index(new[j]) == j and j > 0:
+                pick = j
+                break
+        if pick is not None and a >= 3:
+            break
+        total += a
+        pick = None
+    assert pick is not None
+    eos = new[pick]
+    out = dec.generate(ids, max_new_tokens=40, eos_token_id=eos)
+    ref = hf_greedy(model, ids, 40, eos=eos)
+    assert torch.equal(out.sequences, ref)
+    assert out.sequences[0, -1].item() == eos and out.sequences.shape[1] == ids.shape[1] + pick + 1
+    check_stats(out, ids.shape[1])
+    # A list of EOS ids: the earliest one wins, as in plain decoding.
+    other = new[pick + 1]
+    out2 = dec.generate(ids, max_new_tokens=40, eos_token_id=[other, eos])
+    ref2 = hf_greedy(model, ids, 40, eos=[other, eos])
+    assert torch.equal(out2.sequences, ref2)
+    # Plain decoding over our cache stops at the same place.
+    plain = dec.generate_plain(ids, max_new_tokens=40, eos_token_id=eos)
+    assert torch.equal(plain.sequences, ref)
+    assert plain.stats.accept_lengths == [1] * plain.stats.new_tokens
+
+
+def test_stream_matches_generate_and_plain():
+    model, head, prompts = trained_setup()
+    dec = TreeSpecDecoder(model, head, total_tokens=12, depth=4, top_k=3)
+    ids = prompts[1:2]
+    out = dec.generate(ids, max_new_tokens=33)
+    chunks = list(dec.stream(ids, max_new_tokens=33))
+    assert [len(c) for c in chunks] == out.stats.accept_lengths
+    assert sum(chunks, []) == out.sequences[0, ids.shape[1]:].tolist()
+    assert dec.last_stats.accept_lengths == out.stats.accept_lengths
+    plain = dec.generate_plain(ids, max_new_tokens=33)
+    assert torch.equal(plain.sequences, out.sequences)
+    assert plain.stats.rounds == 33 and plain.stats.mean_accept_length == 1.0
+    # max_new_tokens = 0 returns the prompt.
+    assert torch.equal(dec.generate(ids, 0).sequences, ids)
+
+
+def test_user_model_unchanged_while_decoder_exists():
+    model = tiny_target("qwen2")
+    ids = prompt(model.config.vocab_size, 6, 5)
+    before_impl = model.config._attn_implementation
+    with torch.no_grad():
+        before_logits = model(ids).logits
+    before_gen = hf_greedy(model, ids, 12)
+    with TreeSpecDecoder(model, random_head("qwen2"), total_tokens=8, depth=3, top_k=3) as dec:
+        assert model.config._attn_implementation == before_impl
+        dec.generate(ids, 10)
+        assert model.config._attn_implementation == before_impl
+        # In the middle of a stream (between two rounds) the user's model is itself.
+        stream = dec.stream(ids, max_new_tokens=20)
+        next(stream)
+        next(stream)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, before_logits)
+        assert torch.equal(hf_greedy(model, ids, 12), before_gen)
+        rest = list(stream)
+        assert len(rest) >= 1
+    assert model.config._attn_implementation == before_impl
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before_logits)
+    assert torch.equal(hf_greedy(model, ids, 12), before_gen)
+
+
+def test_bad_input_errors_and_reuse():
+    model = tiny_target("llama")
+    head = random_head("llama")
+    vocab = model.config.vocab_size
+    dec = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3, max_length=64)
+    ids = prompt(vocab, 5, 3)
+    ref = hf_greedy(model, ids, 10)
+    bad_calls = [
+        (dict(input_ids=ids.float()), ValueError, "integer"),
+        (dict(input_ids=ids[:, :0]), ValueError, "non-empty"),
+        (dict(input_ids=ids.tolist()), ValueError, "torch.Tensor"),
+        (dict(input_ids=ids + vocab), ValueError, r"\[0, 320\)"),
+        (dict(temperature=-0.5), ValueError, "temperature"),
+        (dict(temperature=1.0, top_p=0.0), ValueError, "top_p"),
+        (dict(temperature=1.0, top_p=1.5), ValueError, "top_p"),
+        (dict(top_k=-1), ValueError, "top_k"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+        (dict(max_new_tokens=60), ValueError, "max_length=64"),
+        (dict(eos_token_id="x"), ValueError, "eos_token_id"),
+        (dict(eos_token_id=[vocab]), ValueError, "eos_token_id"),
+        (dict(input_ids=ids.expand(2, -1)), NotImplementedError, "B=2"),
+        (dict(input_ids=ids.to("meta")), ValueError, "device|on meta"),
+    ]
+    for kwargs, exc, match in bad_calls:
+        call = dict(input_ids=ids, max_new_tokens=10)
+        call.update(kwargs)
+        with pytest.raises(exc, match=match):
+            dec.generate(**call)
+        with pytest.raises(exc, match=match):
+            dec.stream(**call)
+        # Still usable, same output.
+        assert torch.equal(dec.generate(ids, 10).sequences, ref)
+    # Beyond the model's positions (no max_length): 512 positions.
+    free = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3)
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        free.generate(ids, max_new_tokens=505)
+    assert torch.equal(free.generate(ids, 10).sequences, ref)
+    # Decode configuration errors.
+    for kwargs, match in [
+        (dict(total_tokens=1), "total_tokens must be >= 2"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(depth=0), "depth must be >= 1"),
+        (dict(total_tokens=20, depth=1, top_k=3), "supply only K \\+ D\\*K\\*K = 12"),
+        (dict(total_tokens=2.5), "int"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TreeSpecDecoder(model, head, **{**dict(total_tokens=6, depth=2, top_k=3), **kwargs})
+    with pytest.raises(ValueError, match="hidden size"):
+        TreeSpecDecoder(model, EagleDraftHead.from_target(LlamaForCausalLM(LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+            vocab_size=vocab))), total_tokens=4, depth=1, top_k=3)
+    with pytest.raises(ValueError, match="float16"):
+        TreeSpecDecoder(model, EagleDraftHead.from_target(model, dtype=torch.float16), total_tokens=4, depth=1, top_k=3)
+    cfg = DecodeConfig(total_tokens=8, depth=2, top_k=2)
+    assert cfg.num_candidates == 10
+    with pytest.raises(Exception):
+        cfg.depth = 3  # frozen
+
+
+def test_from_pretrained_with_objects_and_paths(tmp_path):
+    model = tiny_target("mistral")
+    head = random_head("mistral")
+    head.save_pretrained(tmp_path / "head")
+    dec = TreeSpecDecoder.from_pretrained(model, str(tmp_path / "head"), total_tokens=10, depth=3, top_k=4)
+    assert dec.target is model and dec.tokenizer is None and dec.config.total_tokens == 10
+    ids = prompt(model.config.vocab_size, 4, 8)
+    assert torch.equal(dec.generate(ids, 12).sequences, hf_greedy(model, ids, 12))
+    with pytest.raises(ValueError, match="draft head is needed"):
+        TreeSpecDecoder.from_pretrained(model)
+    dec.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        dec.generate(ids, 3)
