@@ -1,0 +1,5 @@
+import sys
+
+from eagle2_kernels.train import main
+
+sys.exit(main())

@@ -1,0 +1,261 @@
+"""Training pipeline: ShareGPT stream parsing, loss masks, resumable features, the multi-step
+rollout, and a tiny end-to-end train on a random Llama (real target: SmolLM2-135M, H=576,
+30 layers, V=49152; here H=32, 2 layers, a ~100-token word-level vocabulary)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from eagle2_kernels.train.data import (  # noqa: E402
+    iter_json_array,
+    render_with_spans,
+    sharegpt_messages,
+    tokenize_conversation,
+)
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: one thread avoids thread hand-off costs (large on a busy 2-core machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+WORDS = ("the a cat dog sat on mat ran to park is big small red blue one two three four five "
+         "what where why how yes no please thanks hello world and or not it this that").split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with ChatML special tokens and a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["\n", " ", "user", "assistant", "system"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| |\w+"),
+                                             behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_target(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=vocab_size,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def synthetic_conversations(n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        a = rng.sample(WORDS, 4)
+        # A predictable reply: a fixed pattern the draft can learn.
+        reply = " ".join(["yes", a[0], "is", a[1], "and", a[2], "is", a[3], "thanks"] * 2)
+        convs.append([{"role": "user", "content": " ".join(a + ["please"])},
+                      {"role": "assistant", "content": reply},
+                      {"role": "user", "content": "why"},
+                      {"role": "assistant", "content": "because " + " ".join(a)}])
+    return convs
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def _pieces(text: str, size: int):
+    return (text[i:i + size] for i in range(0, len(text), size))
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000], ids=lambda p: f"piece{p}")
+def test_json_stream_truncated_tail(piece):
+    records = [{"id": "a", "conversations": [{"from": "human", "value": "hi, [there]"}]},
+               {"id": "b", "n": [1, 2.5, -3e2], "t": True},
+               {"id": "c", "s": "quote \" and ] inside"}]
+    full = json.dumps(records, indent=1)
+    cut = full[: full.rindex('"quote') + 4]  # third record cut mid-string
+    assert list(iter_json_array(_pieces(cut, piece))) == records[:2]
+    assert list(iter_json_array(_pieces(full, piece))) == records
+    # Cut right after a complete element's comma, and inside a number.
+    assert list(iter_json_array(_pieces('[{"x": 1}, ', piece))) == [{"x": 1}]
+    assert list(iter_json_array(_pieces('[{"x": 1}, {"y": 12', piece))) == [{"x": 1}]
+    assert list(iter_json_array(_pieces("[]", piece))) == []
+
+
+def test_json_stream_rejects_non_array():
+    with pytest.raises(ValueError, match="expected a JSON array"):
+        list(iter_json_array(['{"a": 1}']))
+
+
+def test_sharegpt_messages_roles():
+    rec = {"conversations": [{"from": "gpt", "value": "orphan"},
+                             {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                             {"from": "human", "value": "q2"}]}
+    assert sharegpt_messages(rec) == [{"role": "user", "content": "q1"},
+                                      {"role": "assistant", "content": "a1"}]
+    # An unknown speaker or a repeated role ends the record; no reply at all -> None.
+    rec2 = {"conversations": [{"from": "human", "value": "q"}, {"from": "bing", "value": "x"}]}
+    assert sharegpt_messages(rec2) is None
+    rec3 = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                              {"from": "gpt", "value": "b"}]}
+    assert sharegpt_messages(rec3) == [{"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "a"}]
+    assert sharegpt_messages({"conversations": []}) is None
+    assert sharegpt_messages("not a dict") is None
+
+
+def test_loss_mask_covers_exactly_the_replies():
+    tok = tiny_tokenizer()
+    msgs = [{"role": "system", "content": "hello"},
+            {"role": "user", "content": "what is the cat"},
+            {"role": "assistant", "content": "the cat is big"},
+            {"role": "user", "content": "why"},
+            {"role": "assistant", "content": "it is red"}]
+    text, spans = render_with_spans(tok, msgs)
+    assert [text[a:b] for a, b in spans] == ["the cat is big<|im_end|>", "it is red<|im_end|>"]
+    ex = tokenize_conversation(tok, msgs)
+    assert ex.input_ids.dtype == torch.int64 and ex.loss_mask.dtype == torch.bool
+    assert ex.input_ids.shape == ex.loss_mask.shape
+    masked = tok.convert_ids_to_tokens(ex.input_ids[ex.loss_mask].tolist())
+    assert masked == ["the", " ", "cat", " ", "is", " ", "big", "<|im_end|>",
+                      "it", " ", "is", " ", "red", "<|im_end|>"]
+    # The prompt side (roles, user text, template glue) is never in the mask.
+    unmasked = tok.convert_ids_to_tokens(ex.input_ids[~ex.loss_mask].tolist())
+    assert "what" in unmasked and "why" in unmasked and "assistant" in unmasked
+    assert "big" not in unmasked
+    cut = tokenize_conversation(tok, msgs, max_len=5)
+    assert len(cut.input_ids) == 5 and torch.equal(cut.loss_mask, ex.loss_mask[:5])
+
+
+# ---------------------------------------------------------------------------- features
+
+def test_features_resume_matches_straight_run(tmp_path):
+    from eagle2_kernels.train.features import feature_chunks, generate_features, load_chunk
+
+    tok = tiny_tokenizer()
+    model = tiny_target(len(tok))  # fp32 compute; features are stored as bf16 either way
+    convs = synthetic_conversations(5)
+    straight = generate_features(model, tok, convs, tmp_path / "a", chunk_size=2,
+                                 progress=False)
+    assert straight["complete"]
+    part = generate_features(model, tok, convs, tmp_path / "b", chunk_size=2, progress=False,
+                             stop_after_chunks=1)
+    assert not part["complete"] and len(feature_chunks(tmp_path / "b")) == 1
+    resumed = generate_features(model, tok, convs, tmp_path / "b", chunk_size=2,
+                                progress=False)
+    assert resumed["complete"] and resumed["tokens"] == straight["tokens"]
+    files_a, files_b = feature_chunks(tmp_path / "a"), feature_chunks(tmp_path / "b")
+    assert len(files_a) == len(files_b) == 3
+    for fa, fb in zip(files_a, files_b):
+        ca, cb = load_chunk(fa), load_chunk(fb)
+        for name in ("input_ids", "loss_mask", "features", "offsets"):
+            assert torch.equal(getattr(ca, name), getattr(cb, name)), name
+    first = load_chunk(files_a[0])
+    assert first.features.dtype == torch.bfloat16 and first.features.shape[-1] == 32
+    # Features are the post-norm last hidden states (what lm_head consumes).
+    ids, _, feats = next(first.sequences())
+    with torch.no_grad():
+        ref = model(ids[None], output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(feats, ref.to(torch.bfloat16), atol=0, rtol=0)
+    # Resuming with other settings is refused.
+    with pytest.raises(ValueError, match="other settings"):
+        generate_features(model, tok, convs, tmp_path / "a", chunk_size=3, progress=False)
+
+
+# ---------------------------------------------------------------------------- rollout
+
+def test_rollout_matches_causal_forward_on_constructed_sequences():
+    """Step j at index i must equal the plain causal forward over the true pairs 0..i
+    followed by the j-1 rolled pairs (what a depth-(j-1) tree node sees at decode time)."""
+    from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.train.rollout import rollout
+
+    target = tiny_target(64).float()
+    head = EagleDraftHead.from_target(target, dtype=torch.float32).eval()
+    n = 9
+    feats = torch.randn(2, n, 32)
+    ids = torch.randint(0, 64, (2, n))
+    with torch.no_grad():
+        outs = rollout(head, feats, ids, steps=3)
+        assert len(outs) == 3 and all(o.shape == (2, n - 1, 32) for o in outs)
+        torch.testing.assert_close(outs[0], head(feats[:, :-1], ids[:, 1:]))
+        for i in (0, 3, n - 4):
+            seq_f = [feats[:, : i + 1]]
+            seq_x = [ids[:, 1: i + 2]]
+            for j in (2, 3):
+                seq_f.append(outs[j - 2][:, i:i + 1])
+                seq_x.append(ids[:, i + j:i + j + 1])
+                ref = head(torch.cat(seq_f, 1), torch.cat(seq_x, 1))[:, -1]
+                torch.testing.assert_close(outs[j - 1][:, i], ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="steps"):
+        rollout(head, feats, ids, steps=0)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def test_tiny_train_end_to_end(tmp_path):
+    from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.train.evaluate import evaluate_head
+    from eagle2_kernels.train.features import generate_features
+    from eagle2_kernels.train.fit import FitConfig, choose_draft_vocab, fit
+
+    tok = tiny_tokenizer()
+    target = tiny_target(len(tok))
+    convs = synthetic_conversations(40)
+    generate_features(target, tok, convs[:32], tmp_path / "train", chunk_size=8, progress=False)
+    generate_features(target, tok, convs[32:], tmp_path / "heldout", chunk_size=8,
+                      progress=False)
+    cfg = FitConfig(epochs=1000, max_steps=120, lr=3e-3, warmup_steps=10, batch_tokens=512,
+                    ttt_steps=2, draft_vocab=24, eval_every=60, log_every=20)
+    summary = fit([tmp_path / "train"], tmp_path / "head", cfg,
+                  eval_dirs=[tmp_path / "heldout"], target=target, progress=False)
+    assert summary["steps"] == 120
+    assert summary["last_train_loss"] < 0.75 * summary["first_train_loss"], summary
+    assert 0.0 <= summary["vocab_miss_train"] < 1.0
+
+    head = EagleDraftHead.from_pretrained(tmp_path / "head", target=target,
+                                          dtype=torch.float32)
+    assert head.fc.weight.dtype == torch.float32
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "head" / "model.safetensors"))
+    assert "embed_tokens.weight" not in state and state["fc.weight"].dtype == torch.bfloat16
+    assert state["draft_to_target"].dtype == torch.int64 and state["draft_to_target"].numel() == 24
+
+    result = evaluate_head(tmp_path / "head", [tmp_path / "heldout"], steps=3, target=target)
+    assert result["positions"] > 0 and len(result["acc"]) == 3
+    assert all(c <= a + 1e-9 for c, a in zip(result["chain"], result["acc"]))
+    assert all(x >= y for x, y in zip(result["chain"], result["chain"][1:]))
+    # The synthetic replies are predictable: a trained head beats chance (1/24) by far.
+    assert result["acc"][0] > 0.3, result
+
+    with pytest.raises(ValueError, match="draft vocabulary size"):
+        choose_draft_vocab([], 0, 10)
+
+
+def test_cli_rejects_bad_slice(tmp_path):
+    from eagle2_kernels.train import main
+
+    src = tmp_path / "chats.jsonl"
+    src.write_text(json.dumps({"messages": synthetic_conversations(1)[0]}) + "\n")
+    with pytest.raises(SystemExit, match="--start 5"):
+        main(["features", "--out", str(tmp_path / "f"), "--source", str(src), "--start", "5"])
