@@ -16,6 +16,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from eagle2_kernels.models.draft_head import EagleDraftHead  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread start-up and contention cost more than the matmuls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(rope_scaling=None, vocab=101):
     # Real Llama-3-8B: hidden 4096, 32 heads / 8 KV heads, vocab 128256; shrunk here.
     kwargs = dict(
@@ -183,3 +192,30 @@ def test_bad_files_and_targets(tmp_path):
     fresh = EagleDraftHead(head.config)
     with pytest.raises(RuntimeError, match="no target attached"):
         fresh.logits(torch.randn(1, 64))
+
+
+def test_cached_steps_equal_the_teacher_forced_forward():
+    from eagle2_kernels.cache import StaticKVCache
+
+    model = tiny_llama()
+    head = EagleDraftHead.from_target(model)
+    b, n = 1, 10
+    feats, ids = torch.randn(b, n + 3, 64), torch.randint(0, 101, (b, n + 3))
+    full = head(feats, ids)
+    cache = StaticKVCache(1, b, head.num_kv_heads, 32, head.head_dim, torch.float32, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(head.prefill(feats[:, :n], ids[:, :n], cache), full[:, :n], rtol=1e-5, atol=1e-5)
+        cache.set_length(n)
+        # Catch-up of 3 more pairs with a causal chain mask over the tree region.
+        chain = torch.tensor([[[1], [3], [7]]], dtype=torch.int32)
+        out = head.tree_step(feats[:, n:], ids[:, n:], torch.arange(n, n + 3)[None], cache, n, chain, 3)
+        torch.testing.assert_close(out, full[:, n:], rtol=1e-5, atol=1e-5)
+        # Two sibling branches at the same position see only the prefix and themselves.
+        cache.set_length(n)
+        sib = torch.tensor([[[1], [2]]], dtype=torch.int32)
+        pair_ids = torch.stack([ids[:, n], ids[:, n + 1]], 1)
+        pair_feats = torch.stack([feats[:, n], feats[:, n + 1]], 1)
+        out = head.tree_step(pair_feats, pair_ids, torch.full((1, 2), n), cache, n, sib, 2)
+        alt = head(torch.cat([feats[:, :n], feats[:, n + 1 : n + 2]], 1), torch.cat([ids[:, :n], ids[:, n + 1 : n + 2]], 1))
+        torch.testing.assert_close(out[:, 0], full[:, n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 1], alt[:, n], rtol=1e-5, atol=1e-5)
