@@ -92,6 +92,35 @@ inline float exp_approx(float x) {
   return y;
 }
 
+// Reductions written lane-wise (kLanes independent partial results, combined at the end)
+// so that they vectorise without -ffast-math; inline them into EAGLE2_SIMD_CLONES functions.
+constexpr int kLanes = 16;
+
+__attribute__((always_inline)) inline float max_of(const float* __restrict x, int64_t n) {
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  for (; i < n; ++i) acc[0] = x[i] > acc[0] ? x[i] : acc[0];
+  float m = acc[0];
+  for (int j = 1; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+// sum_i exp(x[i] - shift), float32 partial sums per lane.
+__attribute__((always_inline)) inline float sum_exp_of(const float* __restrict x, int64_t n,
+                                                       float shift) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += exp_approx(x[i + j] - shift);
+  for (; i < n; ++i) acc[0] += exp_approx(x[i] - shift);
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 // Reads element i of a 1-D/flattened int32 or int64 CPU tensor as int64 (the ops accept both).
 struct IntReader {
   const void* ptr = nullptr;

@@ -1,11 +1,19 @@
 // tree_attention: attention of Tq query rows over the committed cache prefix (all visible)
-// and a tree region (visible per the packed mask), with GQA. One task per (sequence, query
-// head); keys are visited in blocks with an online softmax, first the prefix, then the tree.
+// and a tree region (visible per the packed mask), with GQA. Keys are visited in blocks with
+// an online softmax, first the prefix, then the tree region.
+//
+// Two kernels compute the same thing:
+// - "lanes" (x86-64 with AVX2+FMA or AVX-512): one task per (sequence, kv head, chunk of L
+//   query rows of the heads sharing that kv head); the L rows are the lanes of a vector, so
+//   scores come out as [key][row] vectors from broadcast key elements (no key transpose),
+//   the online softmax is elementwise over rows, and P.V accumulates register tiles.
+// - "portable": one task per (sequence, query head), one row at a time, auto-vectorised.
 #include "eagle2.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -15,7 +23,38 @@ namespace {
 constexpr int64_t kBlock = 64;  // keys per block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Online-softmax update of one query row with one block of kBlock keys.
+template <typename scalar_t>
+inline float to_float(scalar_t x) {
+  return static_cast<float>(x);
+}
+
+// Strided views of the inputs shared by both kernels.
+template <typename scalar_t>
+struct Args {
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  const int32_t* mask;
+  int64_t B, Hq, Tq, Dh, Hkv, group, tree_len;
+  int64_t qs[4], os[4], ks[4], vs[4], ms[3];
+  const int64_t* prefix;
+  float scale;
+  int64_t grain_work;  // multiply-adds per parallel chunk
+};
+
+// Writes one finished row: o / l, or zeros for a row that saw no key (l == 0), not NaN.
+template <typename scalar_t>
+inline void write_row(const Args<scalar_t>& a, int64_t b, int64_t h, int64_t t, const float* o,
+                      int64_t o_stride, float l) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  scalar_t* dst = a.out + b * a.os[0] + h * a.os[1] + t * a.os[2];
+  for (int64_t d = 0; d < a.Dh; ++d) dst[d * a.os[3]] = static_cast<scalar_t>(o[d * o_stride] * inv);
+}
+
+inline bool tree_bit(const int32_t* mrow, int64_t ms2, int64_t j) {
+  return (static_cast<uint32_t>(mrow[(j / 32) * ms2]) >> (j % 32)) & 1u;
+}
+
+// Online-softmax update of one query row with one block of kBlock keys (portable path).
 //   q [Dh] (already scaled), kt [Dh, kBlock] (keys transposed), vb [kBlock, Dh],
 //   visible [kBlock] (0 = masked; padding keys past the end are masked too),
 //   m, l: running max and sum of exp; o [Dh]: running unnormalised output.
@@ -53,90 +92,290 @@ void update_row(const float* __restrict q, const float* __restrict kt,
   }
 }
 
+// Portable kernel: one task per (sequence, query head).
 template <typename scalar_t>
-inline float to_float(scalar_t x) {
-  return static_cast<float>(x);
-}
-
-template <typename scalar_t>
-void attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& tree_mask,
-            const Tensor& out, const std::vector<int64_t>& prefix, int64_t tree_len, float scale) {
-  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Dh = q.size(3);
-  const int64_t Hkv = kc.size(1), group = Hq / Hkv;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = kc.data_ptr<scalar_t>();
-  const scalar_t* vp = vc.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int32_t* mp = tree_mask.data_ptr<int32_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2), qs3 = q.stride(3);
-  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2),
-                os3 = out.stride(3);
-  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2), ks3 = kc.stride(3);
-  const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2), vs3 = vc.stride(3);
-  const int64_t ms0 = tree_mask.stride(0), ms1 = tree_mask.stride(1),
-                ms2 = tree_mask.stride(2);
-
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+void attend_portable(const Args<scalar_t>& a) {
+  const int64_t Tq = a.Tq, Dh = a.Dh;
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < a.B; ++b) max_total = std::max(max_total, a.prefix[b] + a.tree_len);
+  const int64_t grain = std::max<int64_t>(1, a.grain_work / std::max<int64_t>(1, 2 * Tq * max_total * Dh));
+  at::parallel_for(0, a.B * a.Hq, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(Tq * Dh), o(Tq * Dh), m(Tq), l(Tq);
     std::vector<float> kt(Dh * kBlock), vb(kBlock * Dh);
     std::vector<uint8_t> vis(Tq * kBlock);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hq, h = task % Hq, hk = h / group;
-      const int64_t P = prefix[b], total = P + tree_len;
-      for (int64_t t = 0; t < Tq; ++t) {
+      const int64_t b = task / a.Hq, h = task % a.Hq, hk = h / a.group;
+      const int64_t P = a.prefix[b], total = P + a.tree_len;
+      for (int64_t t = 0; t < Tq; ++t)
         for (int64_t d = 0; d < Dh; ++d)
-          qf[t * Dh + d] = to_float(qp[b * qs0 + h * qs1 + t * qs2 + d * qs3]) * scale;
-        m[t] = kNegInf;
-        l[t] = 0.0f;
-      }
+          qf[t * Dh + d] = to_float(a.q[b * a.qs[0] + h * a.qs[1] + t * a.qs[2] + d * a.qs[3]]) * a.scale;
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.0f);
       std::fill(o.begin(), o.end(), 0.0f);
-      const scalar_t* kbase = kp + b * ks0 + hk * ks1;
-      const scalar_t* vbase = vp + b * vs0 + hk * vs1;
+      const scalar_t* kbase = a.k + b * a.ks[0] + hk * a.ks[1];
+      const scalar_t* vbase = a.v + b * a.vs[0] + hk * a.vs[1];
       for (int64_t k0 = 0; k0 < total; k0 += kBlock) {
         const int64_t n = std::min(kBlock, total - k0);
         // [Dh, kBlock] keys transposed and [kBlock, Dh] values, float32, zero-padded.
-        for (int64_t k = 0; k < n; ++k) {
-          const scalar_t* kr = kbase + (k0 + k) * ks2;
-          const scalar_t* vr = vbase + (k0 + k) * vs2;
+        for (int64_t k = 0; k < kBlock; ++k) {
           for (int64_t d = 0; d < Dh; ++d) {
-            kt[d * kBlock + k] = to_float(kr[d * ks3]);
-            vb[k * Dh + d] = to_float(vr[d * vs3]);
-          }
-        }
-        for (int64_t k = n; k < kBlock; ++k) {
-          for (int64_t d = 0; d < Dh; ++d) {
-            kt[d * kBlock + k] = 0.0f;
-            vb[k * Dh + d] = 0.0f;
+            kt[d * kBlock + k] = k < n ? to_float(kbase[(k0 + k) * a.ks[2] + d * a.ks[3]]) : 0.0f;
+            vb[k * Dh + d] = k < n ? to_float(vbase[(k0 + k) * a.vs[2] + d * a.vs[3]]) : 0.0f;
           }
         }
         // Visibility: prefix keys for every row; tree key j per bit j of the row's mask.
         for (int64_t t = 0; t < Tq; ++t) {
-          uint8_t* vr = vis.data() + t * kBlock;
-          const int32_t* mrow = mp + b * ms0 + t * ms1;
+          const int32_t* mrow = a.mask + b * a.ms[0] + t * a.ms[1];
           for (int64_t k = 0; k < kBlock; ++k) {
             const int64_t s = k0 + k;
-            if (k >= n) {
-              vr[k] = 0;
-            } else if (s < P) {
-              vr[k] = 1;
-            } else {
-              const int64_t j = s - P;
-              vr[k] = (static_cast<uint32_t>(mrow[(j / 32) * ms2]) >> (j % 32)) & 1u;
-            }
+            vis[t * kBlock + k] = k < n && (s < P || tree_bit(mrow, a.ms[2], s - P));
           }
         }
         for (int64_t t = 0; t < Tq; ++t)
           update_row(qf.data() + t * Dh, kt.data(), vb.data(), vis.data() + t * kBlock, Dh,
                      &m[t], &l[t], o.data() + t * Dh);
       }
-      // A row that saw no key at all is zeros (l == 0), not NaN.
-      for (int64_t t = 0; t < Tq; ++t) {
-        const float inv = l[t] > 0.0f ? 1.0f / l[t] : 0.0f;
-        for (int64_t d = 0; d < Dh; ++d)
-          op[b * os0 + h * os1 + t * os2 + d * os3] = static_cast<scalar_t>(o[t * Dh + d] * inv);
-      }
+      for (int64_t t = 0; t < Tq; ++t) write_row(a, b, h, t, o.data() + t * Dh, 1, l[t]);
     }
   });
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EAGLE2_LANES_KERNEL 1
+
+// Vectors of L floats (GCC/Clang vector extensions), lowered to the ISA of the function
+// they are inlined into (always_inline helpers, called from the target-specific entries).
+template <int L>
+struct Vec {
+  typedef float type __attribute__((vector_size(L * 4)));
+};
+
+template <typename V>
+__attribute__((always_inline)) inline V vload(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void vstore(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Per-thread state of one task: L query rows as lanes.
+//   qt [Dh, L] scaled queries, transposed; o [L, Dh]; m, l [L]; st [kBlock, L] scores;
+//   bias [kBlock, L] 0 / -inf for the tree block being processed.
+struct LaneState {
+  float *qt, *o, *m, *l, *st, *bias;
+};
+
+// One block of nk <= kBlock keys: krow(k) = kb + k * kstride, vrow(k) = vb + k * vstride
+// (rows contiguous over Dh, float32). With `masked`, bias [nk, L] is added to the scores.
+template <typename V, int L, int NK, int R, int NV>
+__attribute__((always_inline)) inline void lanes_block(const LaneState& s, int64_t Dh,
+                                                       const float* kb, int64_t kstride,
+                                                       const float* vb, int64_t vstride,
+                                                       int64_t nk, bool masked) {
+  // Scores, transposed: st[k, :] = sum_d K[k, d] * qt[d, :]; NK keys per register tile.
+  int64_t k0 = 0;
+  for (; k0 + NK <= nk; k0 += NK) {
+    V acc[NK];
+    for (int j = 0; j < NK; ++j) acc[j] = V{};
+    for (int64_t d = 0; d < Dh; ++d) {
+      const V qv = vload<V>(s.qt + d * L);
+      for (int j = 0; j < NK; ++j) acc[j] += kb[(k0 + j) * kstride + d] * qv;
+    }
+    for (int j = 0; j < NK; ++j) vstore(s.st + (k0 + j) * L, acc[j]);
+  }
+  for (; k0 < nk; ++k0) {
+    V acc = V{};
+    for (int64_t d = 0; d < Dh; ++d) acc += kb[k0 * kstride + d] * vload<V>(s.qt + d * L);
+    vstore(s.st + k0 * L, acc);
+  }
+  if (masked) {
+    for (int64_t k = 0; k < nk; ++k)
+      for (int i = 0; i < L; ++i) s.st[k * L + i] += s.bias[k * L + i];
+  }
+  // Online softmax, elementwise over the L rows.
+  float mb[L], base[L], corr[L], sum[L];
+  for (int i = 0; i < L; ++i) mb[i] = kNegInf;
+  for (int64_t k = 0; k < nk; ++k)
+    for (int i = 0; i < L; ++i) mb[i] = s.st[k * L + i] > mb[i] ? s.st[k * L + i] : mb[i];
+  for (int i = 0; i < L; ++i) {
+    const float m_new = mb[i] > s.m[i] ? mb[i] : s.m[i];
+    base[i] = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing visible yet stays at 0
+    corr[i] = detail::exp_approx(s.m[i] - base[i]);
+    s.m[i] = m_new;
+    sum[i] = 0.0f;
+  }
+  for (int64_t k = 0; k < nk; ++k)
+    for (int i = 0; i < L; ++i) {
+      const float p = detail::exp_approx(s.st[k * L + i] - base[i]);
+      s.st[k * L + i] = p;
+      sum[i] += p;
+    }
+  for (int i = 0; i < L; ++i) s.l[i] = s.l[i] * corr[i] + sum[i];
+  // o[r, :] = o[r, :] * corr[r] + sum_k p[k, r] V[k, :]; R rows x NV vectors per tile.
+  for (int r0 = 0; r0 < L; r0 += R) {
+    int64_t d0 = 0;
+    for (; d0 + NV * L <= Dh; d0 += NV * L) {
+      V acc[R][NV];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) acc[r][j] = vload<V>(s.o + (r0 + r) * Dh + d0 + j * L) * corr[r0 + r];
+      for (int64_t k = 0; k < nk; ++k) {
+        V vv[NV];
+        for (int j = 0; j < NV; ++j) vv[j] = vload<V>(vb + k * vstride + d0 + j * L);
+        for (int r = 0; r < R; ++r) {
+          const float p = s.st[k * L + r0 + r];
+          for (int j = 0; j < NV; ++j) acc[r][j] += p * vv[j];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NV; ++j) vstore(s.o + (r0 + r) * Dh + d0 + j * L, acc[r][j]);
+    }
+    for (; d0 < Dh; ++d0) {  // Dh not a multiple of NV * L: scalar tail
+      for (int r = r0; r < r0 + R; ++r) {
+        float acc = s.o[r * Dh + d0] * corr[r];
+        for (int64_t k = 0; k < nk; ++k) acc += s.st[k * L + r] * vb[k * vstride + d0];
+        s.o[r * Dh + d0] = acc;
+      }
+    }
+  }
+}
+
+// AVX-512: 16 rows per task; score tiles of 8 keys, output tiles of 4 rows x 64 floats.
+__attribute__((target("arch=x86-64-v4"))) void lanes_block_avx512(
+    const LaneState& s, int64_t Dh, const float* kb, int64_t kstride, const float* vb,
+    int64_t vstride, int64_t nk, bool masked) {
+  lanes_block<Vec<16>::type, 16, 8, 4, 4>(s, Dh, kb, kstride, vb, vstride, nk, masked);
+}
+
+// AVX2 + FMA: 8 rows per task; score tiles of 8 keys, output tiles of 2 rows x 32 floats.
+__attribute__((target("arch=x86-64-v3"))) void lanes_block_avx2(
+    const LaneState& s, int64_t Dh, const float* kb, int64_t kstride, const float* vb,
+    int64_t vstride, int64_t nk, bool masked) {
+  lanes_block<Vec<8>::type, 8, 8, 2, 4>(s, Dh, kb, kstride, vb, vstride, nk, masked);
+}
+
+using LanesFn = void (*)(const LaneState&, int64_t, const float*, int64_t, const float*,
+                         int64_t, int64_t, bool);
+
+// The lanes kernel this CPU runs (lanes = 0: none, use the portable kernel).
+std::pair<LanesFn, int> pick_lanes() {
+  static const std::pair<LanesFn, int> pick = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return std::pair<LanesFn, int>{lanes_block_avx512, 16};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return std::pair<LanesFn, int>{lanes_block_avx2, 8};
+    return std::pair<LanesFn, int>{nullptr, 0};
+  }();
+  return pick;
+}
+
+// Rows of kv head hk: row i is query head hk * group + i / Tq, position i % Tq.
+template <typename scalar_t>
+void attend_lanes(const Args<scalar_t>& a, LanesFn fn, int L) {
+  const int64_t Tq = a.Tq, Dh = a.Dh, rows = a.group * Tq;
+  const int64_t chunks = (rows + L - 1) / L;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  // float32 caches with contiguous rows are read in place; others are converted per block.
+  const bool direct = kFloat && a.ks[3] == 1 && a.vs[3] == 1;
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < a.B; ++b) max_total = std::max(max_total, a.prefix[b] + a.tree_len);
+  const int64_t grain = std::max<int64_t>(1, a.grain_work / std::max<int64_t>(1, 2 * L * max_total * Dh));
+
+  at::parallel_for(0, a.B * a.Hkv * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(Dh * L), o(L * Dh), m(L), l(L), st(kBlock * L), bias(kBlock * L);
+    std::vector<float> kbuf(direct ? 0 : kBlock * Dh), vbuf(direct ? 0 : kBlock * Dh);
+    const LaneState s{qt.data(), o.data(), m.data(), l.data(), st.data(), bias.data()};
+    int64_t head[64], pos[64];  // L <= 64
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, hk = (task / chunks) % a.Hkv, b = task / (chunks * a.Hkv);
+      const int64_t r0 = c * L, nr = std::min<int64_t>(L, rows - r0);
+      for (int i = 0; i < L; ++i) {
+        head[i] = i < nr ? hk * a.group + (r0 + i) / Tq : -1;
+        pos[i] = i < nr ? (r0 + i) % Tq : -1;
+        for (int64_t d = 0; d < Dh; ++d)
+          qt[d * L + i] = i < nr ? to_float(a.q[b * a.qs[0] + head[i] * a.qs[1] + pos[i] * a.qs[2] +
+                                              d * a.qs[3]]) * a.scale
+                                 : 0.0f;
+        m[i] = kNegInf;
+        l[i] = 0.0f;
+      }
+      std::fill(o.begin(), o.end(), 0.0f);
+      const int64_t P = a.prefix[b];
+      const scalar_t* kbase = a.k + b * a.ks[0] + hk * a.ks[1];
+      const scalar_t* vbase = a.v + b * a.vs[0] + hk * a.vs[1];
+      auto run_block = [&](int64_t k0, int64_t nk, bool masked) {
+        if constexpr (kFloat) {
+          if (direct) {
+            fn(s, Dh, kbase + k0 * a.ks[2], a.ks[2], vbase + k0 * a.vs[2], a.vs[2], nk, masked);
+            return;
+          }
+        }
+        for (int64_t k = 0; k < nk; ++k)
+          for (int64_t d = 0; d < Dh; ++d) {
+            kbuf[k * Dh + d] = to_float(kbase[(k0 + k) * a.ks[2] + d * a.ks[3]]);
+            vbuf[k * Dh + d] = to_float(vbase[(k0 + k) * a.vs[2] + d * a.vs[3]]);
+          }
+        fn(s, Dh, kbuf.data(), Dh, vbuf.data(), Dh, nk, masked);
+      };
+      // The prefix: every key visible to every row.
+      for (int64_t k0 = 0; k0 < P; k0 += kBlock) run_block(k0, std::min(kBlock, P - k0), false);
+      // The tree region: key j visible to row i iff bit j of its mask row is set.
+      for (int64_t j0 = 0; j0 < a.tree_len; j0 += kBlock) {
+        const int64_t nk = std::min(kBlock, a.tree_len - j0);
+        for (int i = 0; i < L; ++i) {
+          const int32_t* mrow = i < nr ? a.mask + b * a.ms[0] + pos[i] * a.ms[1] : nullptr;
+          for (int64_t k = 0; k < nk; ++k)
+            bias[k * L + i] = mrow != nullptr && tree_bit(mrow, a.ms[2], j0 + k) ? 0.0f : kNegInf;
+        }
+        run_block(P + j0, nk, true);
+      }
+      for (int i = 0; i < nr; ++i) write_row(a, b, head[i], pos[i], o.data() + i * Dh, 1, l[i]);
+    }
+  });
+}
+#endif
+
+template <typename scalar_t>
+void attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& tree_mask,
+            const Tensor& out, const std::vector<int64_t>& prefix, int64_t tree_len, float scale) {
+  Args<scalar_t> a;
+  a.q = q.data_ptr<scalar_t>();
+  a.k = kc.data_ptr<scalar_t>();
+  a.v = vc.data_ptr<scalar_t>();
+  a.out = out.data_ptr<scalar_t>();
+  a.mask = tree_mask.data_ptr<int32_t>();
+  a.B = q.size(0);
+  a.Hq = q.size(1);
+  a.Tq = q.size(2);
+  a.Dh = q.size(3);
+  a.Hkv = kc.size(1);
+  a.group = a.Hq / a.Hkv;
+  a.tree_len = tree_len;
+  for (int i = 0; i < 4; ++i) {
+    a.qs[i] = q.stride(i);
+    a.os[i] = out.stride(i);
+    a.ks[i] = kc.stride(i);
+    a.vs[i] = vc.stride(i);
+  }
+  for (int i = 0; i < 3; ++i) a.ms[i] = tree_mask.stride(i);
+  a.prefix = prefix.data();
+  a.scale = scale;
+  // Threads only pay off for enough work (a parallel region costs microseconds, and much
+  // more on a loaded machine): about 256k multiply-adds per parallel chunk.
+  a.grain_work = int64_t{1} << 18;
+#ifdef EAGLE2_LANES_KERNEL
+  const auto [fn, lanes] = pick_lanes();
+  if (fn != nullptr) {
+    attend_lanes(a, fn, lanes);
+    return;
+  }
+#endif
+  attend_portable(a);
 }
 
 }  // namespace

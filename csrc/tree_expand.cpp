@@ -14,19 +14,14 @@ namespace eagle2 {
 namespace {
 
 constexpr int64_t kChunk = 1024;  // vocabulary elements per chunk: 4 KiB of float32, in L1
+constexpr int64_t kSub = 64;      // top-k candidates are searched in sub-blocks of a chunk
 
 EAGLE2_SIMD_CLONES
-float chunk_max(const float* __restrict x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
+float chunk_max(const float* __restrict x, int64_t n) { return detail::max_of(x, n); }
 
 EAGLE2_SIMD_CLONES
 float chunk_sum_exp(const float* __restrict x, int64_t n, float shift) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += detail::exp_approx(x[i] - shift);
-  return s;
+  return detail::sum_exp_of(x, n, shift);
 }
 
 EAGLE2_SIMD_CLONES
@@ -92,10 +87,15 @@ void expand_row(const scalar_t* row, int64_t V, TopK& top, float* buf, float& ma
       m = cm;
     }
     if (m > -std::numeric_limits<float>::infinity()) s += chunk_sum_exp(x, n, m);
-    // Most chunks hold nothing above the current k-th value: skip them after one compare.
+    // Most chunks hold nothing above the current k-th value: skip them after one compare,
+    // and within a chunk skip the sub-blocks whose max is not above it either.
     if (cm > top.threshold() || top.size < top.k) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (x[i] > top.threshold() || top.size < top.k) top.push(x[i], c0 + i);
+      for (int64_t s0 = 0; s0 < n; s0 += kSub) {
+        const int64_t ns = std::min(kSub, n - s0);
+        if (top.size == top.k && !(chunk_max(x + s0, ns) > top.threshold())) continue;
+        for (int64_t i = s0; i < s0 + ns; ++i) {
+          if (x[i] > top.threshold() || top.size < top.k) top.push(x[i], c0 + i);
+        }
       }
     }
   }

@@ -16,14 +16,15 @@ constexpr int64_t kChunk = 512;
 // Max of x[0:n] and whether a NaN occurs (torch.argmax treats NaN as the maximum).
 EAGLE2_SIMD_CLONES
 float chunk_max_nan(const float* __restrict x, int64_t n, bool* has_nan) {
-  float m = -std::numeric_limits<float>::infinity();
-  int nan = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    m = x[i] > m ? x[i] : m;
-    nan |= x[i] != x[i];
-  }
-  *has_nan = nan != 0;
-  return m;
+  int nan[detail::kLanes] = {};
+  int64_t i = 0;
+  for (; i + detail::kLanes <= n; i += detail::kLanes)
+    for (int j = 0; j < detail::kLanes; ++j) nan[j] |= x[i + j] != x[i + j];
+  for (; i < n; ++i) nan[0] |= x[i] != x[i];
+  int any = 0;
+  for (int j = 0; j < detail::kLanes; ++j) any |= nan[j];
+  *has_nan = any != 0;
+  return detail::max_of(x, n);
 }
 
 // First index of the maximum (the first NaN if any), like torch.argmax.
