@@ -14,7 +14,9 @@
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace eagle2 {
@@ -260,18 +262,22 @@ __attribute__((target("arch=x86-64-v3"))) void lanes_block_avx2(
 using LanesFn = void (*)(const LaneState&, int64_t, const float*, int64_t, const float*,
                          int64_t, int64_t, bool);
 
-// The lanes kernel this CPU runs (lanes = 0: none, use the portable kernel).
+// The lanes kernel to run (lanes = 0: none, use the portable kernel): the widest this CPU
+// supports, or a narrower one named by EAGLE2_KERNELS_NATIVE_SIMD=portable|avx2|avx512 (read
+// at each call, so tests can cover every kernel on one machine).
 std::pair<LanesFn, int> pick_lanes() {
-  static const std::pair<LanesFn, int> pick = [] {
+  static const bool has512 = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return std::pair<LanesFn, int>{lanes_block_avx512, 16};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return std::pair<LanesFn, int>{lanes_block_avx2, 8};
-    return std::pair<LanesFn, int>{nullptr, 0};
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   }();
-  return pick;
+  static const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("EAGLE2_KERNELS_NATIVE_SIMD");
+  const std::string want = env != nullptr ? env : "";
+  if (want == "portable") return {nullptr, 0};
+  if (has512 && want != "avx2") return {lanes_block_avx512, 16};
+  if (has2) return {lanes_block_avx2, 8};
+  return {nullptr, 0};
 }
 
 // Rows of kv head hk: row i is query head hk * group + i / Tq, position i % Tq.

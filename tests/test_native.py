@@ -226,13 +226,26 @@ ATTN_CASES = [
     pytest.param(2, 4, 4, 8, 32, 70, 40, torch.float32, id="B2-MHA-Tq8-tree40-W2"),
     pytest.param(2, 8, 2, 5, 16, 33, 5, torch.float32, id="B2-GQA4-Tq5-odd"),
     pytest.param(1, 2, 1, 3, 64, 130, 1, torch.float32, id="B1-tree1"),
+    pytest.param(1, 3, 1, 7, 40, 150, 9, torch.float32, id="B1-Dh40-rows21"),
+    pytest.param(1, 2, 2, 20, 64, 64, 64, torch.float32, id="prefill-P0-tree64"),
     pytest.param(2, 4, 2, 16, 64, 90, 16, torch.float16, id="B2-T16-fp16"),
     pytest.param(2, 4, 2, 16, 64, 90, 16, torch.bfloat16, id="B2-T16-bf16"),
 ]
 
 
+@pytest.fixture(params=["best", "avx2", "portable"])
+def simd(request, monkeypatch):
+    """Each tree_attention kernel of the extension (on a CPU without AVX-512 / AVX2 the
+    request falls back to the next one the CPU has)."""
+    if request.param == "best":
+        monkeypatch.delenv("EAGLE2_KERNELS_NATIVE_SIMD", raising=False)
+    else:
+        monkeypatch.setenv("EAGLE2_KERNELS_NATIVE_SIMD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,Tq,Dh,Lmax,tree_len,dtype", ATTN_CASES)
-def test_tree_attention_contract(B, Hq, Hkv, Tq, Dh, Lmax, tree_len, dtype):
+def test_tree_attention_contract(B, Hq, Hkv, Tq, Dh, Lmax, tree_len, dtype, simd):
     g = torch.Generator().manual_seed(Tq * Dh + tree_len)
     q = torch.randn(B, Hq, Tq, Dh, generator=g).to(dtype)
     # caches as views of a whole-model cache [2 * layers, B, Hkv, Lmax, Dh]
@@ -249,7 +262,7 @@ def test_tree_attention_contract(B, Hq, Hkv, Tq, Dh, Lmax, tree_len, dtype):
     assert out.dtype == dtype and out.shape == q.shape
 
 
-def test_tree_attention_empty_rows_are_zero_and_scale_is_used():
+def test_tree_attention_empty_rows_are_zero_and_scale_is_used(simd):
     q = torch.randn(2, 2, 3, 8)
     k, v = torch.randn(2, 1, 10, 8), torch.randn(2, 1, 10, 8)
     prefix = torch.tensor([0, 4])
@@ -263,7 +276,7 @@ def test_tree_attention_empty_rows_are_zero_and_scale_is_used():
     torch.testing.assert_close(got0, ref_tree_attention(q, k, v, prefix, mask, 0), rtol=1e-5, atol=1e-5)
 
 
-def test_tree_attention_keeps_layout_of_q():
+def test_tree_attention_keeps_layout_of_q(simd):
     q = torch.randn(1, 5, 4, 16).transpose(1, 2)  # [B, Hq=4, Tq=5, Dh] over [B, Tq, Hq, Dh] storage
     k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     mask = torch.full((1, 5, 1), -1, dtype=torch.int32)
@@ -271,6 +284,18 @@ def test_tree_attention_keeps_layout_of_q():
     want = ref_tree_attention(q, k, v, torch.tensor([10]), mask, 5)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_attention_strided_float_caches(simd):
+    """Caches whose head dim is not contiguous (converted per block, not read in place)."""
+    q = torch.randn(2, 6, 5, 32)
+    storage = torch.randn(2, 2, 3, 90, 64)
+    k, v = storage[0, :, :, :, ::2], storage[1, :, :, :, ::2]
+    prefix = torch.tensor([70, 3])
+    mask = torch.randint(0, 2**20, (2, 5, 1), dtype=torch.int32)
+    err_ext = attention_error(_native.tree_attention, q, k, v, prefix, mask, 20)
+    err_ref = attention_error(ref_tree_attention, q, k, v, prefix, mask, 20)
+    assert err_ext <= 2 * err_ref + 1e-5, (err_ext, err_ref)
 
 
 def test_tree_attention_rejects_cache_overflow():
