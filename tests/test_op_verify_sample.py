@@ -1,0 +1,412 @@
+"""verify_sample: lossless multi-draft rejection sampling of a draft tree.
+
+Contract: deterministic given the uniforms (children tried in increasing node index, child i
+accepted iff uniforms[b, i] < residual p(tokens[i]), a rejected child zeroed and p
+renormalised, bonus by inverse CDF with uniforms[b, 0] over the residual in token-id order);
+the Triton kernel equals the reference exactly on tie-free random inputs; statistically, the
+emitted tokens follow the processed target distribution (chi-square, p-value > 1e-3 at fixed
+seeds, and the same test rejects a deliberately wrong scheme).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_triton, triton_device
+from eagle2_kernels.ops import DraftTree, verify_sample
+from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
+from eagle2_kernels.ops.tree import mask_words
+from eagle2_kernels.ops.verify_sample.reference import verify_sample as ref_verify_sample
+
+ALPHA = 1e-3  # significance of the chi-square tests
+
+
+def make_tree(parents, tokens, device="cpu", token_dtype=torch.int64, parent_dtype=torch.int32):
+    """A DraftTree from [B][T] (or [T]) parent and token lists; depth and mask derived."""
+    parents = torch.as_tensor(parents)
+    parents = parents.reshape(-1, parents.shape[-1])
+    tokens = torch.as_tensor(tokens).reshape(parents.shape)
+    B, T = parents.shape
+    depth = torch.zeros(B, T, dtype=torch.int32)
+    mask = torch.zeros(B, T, mask_words(T), dtype=torch.int64)
+    for b in range(B):
+        for i in range(T):
+            j = i
+            while j >= 0:
+                mask[b, i, j // 32] |= 1 << (j % 32)
+                j = int(parents[b, j])
+                depth[b, i] += j >= 0
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+    return DraftTree(
+        tokens.to(token_dtype).to(device), parents.to(parent_dtype).to(device), depth.to(device), mask.to(device)
+    )
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; tokens of probability 0 must never be drawn."""
+    counts, probs = counts.double(), probs.double()
+    zero = probs == 0
+    assert counts[zero].sum() == 0, "a token with probability 0 was emitted"
+    expected = probs[~zero] * counts.sum()
+    stat = ((counts[~zero] - expected) ** 2 / expected).sum()
+    dof = int((~zero).sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
+def run(tree, logits, u, temperature=1.0, top_p=1.0, top_k=0, backend="reference"):
+    return verify_sample(tree, logits, torch.as_tensor(u, dtype=torch.float32).reshape(tree.tokens.shape),
+                         temperature, top_p, top_k, backend=backend)
+
+
+# ---------------------------------------------------------------- hand-made cases (reference)
+
+
+def test_single_node_bonus_by_inverse_cdf():
+    tree = make_tree([[-1], [-1]], [[5], [5]])
+    logits = torch.zeros(2, 1, 4)  # uniform: cumulative 0.25, 0.5, 0.75, 1
+    path, n, bonus = run(tree, logits, [[0.6], [0.25]])
+    assert path.tolist() == [[0], [0]] and n.tolist() == [1, 1]
+    assert bonus.tolist() == [2, 1]  # the first cumulative value strictly above u
+
+
+def test_accept_then_leaf_bonus_from_leaf_distribution():
+    tree = make_tree([-1, 0], [7, 2])
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 1] = torch.tensor([0.0, 3.0, 0.0, 0.0])  # node 1 strongly predicts token 1
+    path, n, bonus = run(tree, logits, [0.5, 0.2])  # 0.2 < p(2) = 0.25: accepted
+    assert path.tolist() == [[0, 1]] and n.tolist() == [2]
+    assert bonus.tolist() == [int(sample_from_probs(logits[0, 1].softmax(-1), torch.tensor(0.5)))] == [1]
+
+
+def test_strict_less_than_and_renormalisation():
+    # root children: node 1 token 0, node 2 token 1, uniform p = 1/4 over V = 4
+    tree = make_tree([[-1, 0, 0]] * 3, [[9, 0, 1]] * 3)
+    logits = torch.zeros(3, 3, 4)
+    u = [
+        [0.0, 0.25, 0.3],  # 0.25 < 0.25 fails -> reject; residual 1/3: 0.3 < 1/3 -> accept node 2
+        [0.0, 0.0, 0.9],  # u = 0 < 0.25 -> accept node 1 (node 2 is never tried)
+        [0.0, 0.5, 0.34],  # reject node 1; 0.34 >= 1/3 -> reject node 2 too
+    ]
+    path, n, bonus = run(tree, logits, u)
+    assert path.tolist() == [[0, 2, -1], [0, 1, -1], [0, -1, -1]]
+    assert n.tolist() == [2, 2, 1]
+    # row 3: residual [0, 0, 1/2, 1/2]; u0 = 0 -> token 2 (zero-probability ids are skipped)
+    assert bonus[2].item() == 2
+
+
+def test_all_children_rejected_bonus_from_residual():
+    tree = make_tree([[-1, 0, 0]] * 4, [[0, 1, 3]] * 4)
+    logits = torch.zeros(4, 3, 4)
+    # rejecting 1 then 3 leaves [1/2, 0, 1/2, 0]
+    u = [[0.4, 0.9, 0.9], [0.6, 0.9, 0.9], [0.0, 0.9, 0.9], [0.99, 0.9, 0.9]]
+    path, n, bonus = run(tree, logits, u)
+    assert n.tolist() == [1, 1, 1, 1] and (path[:, 1:] == -1).all()
+    assert bonus.tolist() == [0, 2, 0, 2]
+
+
+def test_children_tried_in_node_order_not_token_order():
+    tree = make_tree([-1, 0, 0], [0, 3, 1])
+    logits = torch.zeros(1, 3, 4)
+    path, n, _ = run(tree, logits, [0.5, 0.1, 0.1])  # both acceptable: node 1 comes first
+    assert path.tolist() == [[0, 1, -1]] and n.tolist() == [2]
+
+
+def test_rejected_subtree_is_skipped():
+    #   0 -> 1 -> 3, 0 -> 2 -> 4 ; node 1 rejected, node 3 (u = 0) must not be accepted
+    tree = make_tree([-1, 0, 0, 1, 2], [0, 1, 2, 3, 0])
+    logits = torch.zeros(1, 5, 4)
+    path, n, bonus = run(tree, logits, [0.1, 0.99, 0.0, 0.0, 0.99])
+    assert path.tolist() == [[0, 2, -1, -1, -1]] and n.tolist() == [2]
+    # node 4 (token 0) rejected at node 2: residual [0, 1/3, 1/3, 1/3]; u0 = 0.1 -> token 1
+    assert bonus.tolist() == [1]
+
+
+def test_zero_probability_children_never_accepted_and_do_not_renormalise():
+    # top_k = 2 keeps tokens 2 and 3 (p = 1/(1+e), e/(1+e)); node 1 holds token 0 (removed)
+    tree = make_tree([[-1, 0, 0]] * 2, [[0, 0, 3]] * 2)
+    logits = torch.tensor([0.0, 0.0, 1.0, 2.0]).expand(2, 3, 4).clone()
+    p3 = float(process_logits(logits[0, 0], 1.0, top_k=2)[3])
+    u = [[0.0, 0.0, p3 - 1e-4], [0.0, 0.0, p3 + 1e-4]]
+    path, n, bonus = run(tree, logits, u, top_k=2)
+    # p3 is not renormalised by the zero-probability rejection: p3 + 1e-4 is rejected
+    assert path.tolist() == [[0, 2, -1], [0, -1, -1]] and n.tolist() == [2, 1]
+    assert bonus[1].item() == 2  # only token 2 remains
+
+
+def test_out_of_vocab_tokens_have_probability_zero():
+    tree = make_tree([[-1, 0, 0, 0]] * 2, [[0, 4, -3, 1]] * 2)
+    logits = torch.zeros(2, 4, 4)
+    path, n, _ = run(tree, logits, [[0.5, 0.0, 0.0, 0.2], [0.5, 0.0, 0.0, 0.3]])
+    assert path[:, :2].tolist() == [[0, 3], [0, -1]] and n.tolist() == [2, 1]
+
+
+def test_processing_applies_at_every_node_and_to_the_bonus():
+    # temperature / top-p / top-k reach the acceptance test and the residual bonus draw alike
+    gen = torch.Generator().manual_seed(5)
+    tree = make_tree([[-1, 0, 1]] * 64, [[0, 2, 5]] * 64)
+    logits = torch.randn(1, 3, 8, generator=gen).expand(64, -1, -1).contiguous()
+    u = torch.rand(64, 3, generator=gen)
+    args = (0.6, 0.8, 5)
+    path, n, bonus = verify_sample(tree, logits, u, *args, backend="reference")
+    probs = process_logits(logits[0], *args).double()
+    for b in range(64):
+        p = probs[0].clone()
+        node = 0
+        for child in (1, 2):
+            tok = int(tree.tokens[b, child])
+            if u[b, child] < p[tok]:
+                node, p = child, probs[child].clone()
+            else:
+                if p[tok] > 0:
+                    p[tok] = 0
+                    p /= p.sum()
+                break
+        assert int(n[b]) == node + 1 and int(bonus[b]) == int(sample_from_probs(p, u[b, 0]))
+
+
+@pytest.mark.parametrize("token_dtype", [torch.int32, torch.int64], ids=["tok32", "tok64"])
+@pytest.mark.parametrize("parent_dtype", [torch.int32, torch.int64], ids=["par32", "par64"])
+def test_integer_dtypes_and_batch_independence(token_dtype, parent_dtype):
+    gen = torch.Generator().manual_seed(2)
+    parents, tokens = random_tree(3, 9, 12, gen)
+    logits = torch.randn(3, 9, 12, generator=gen)
+    tokens = likely_tokens(parents, tokens, logits)
+    u = torch.rand(3, 9, generator=gen)
+    tree = make_tree(parents, tokens, token_dtype=token_dtype, parent_dtype=parent_dtype)
+    whole = verify_sample(tree, logits, u, 0.9, backend="reference")
+    for b in range(3):
+        one = make_tree(parents[b], tokens[b])
+        single = verify_sample(one, logits[b : b + 1], u[b : b + 1], 0.9, backend="reference")
+        for w, s in zip(whole, single):
+            assert torch.equal(w[b], s[0])
+    assert all(t.dtype == torch.int64 for t in whole)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        pytest.param(dict(temperature=0.0), ValueError, "verify_greedy", id="temp0"),
+        pytest.param(dict(top_p=0.0), ValueError, "top_p", id="topp0"),
+        pytest.param(dict(top_k=-2), ValueError, "top_k", id="topk-neg"),
+        pytest.param(dict(uniforms=torch.rand(1, 3, dtype=torch.float64)), ValueError, "float32", id="u-fp64"),
+        pytest.param(dict(uniforms=torch.rand(1, 2)), ValueError, r"\[B, T\]", id="u-shape"),
+        pytest.param(dict(uniforms=[[0.1, 0.2, 0.3]]), TypeError, "tensor", id="u-list"),
+        pytest.param(dict(logits=torch.zeros(1, 3)), ValueError, r"\[B, T, V\]", id="logits-rank"),
+        pytest.param(dict(logits=torch.zeros(2, 3, 4)), ValueError, r"\[B, T, V\]", id="logits-B"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(uniforms=torch.rand(1, 3), logits=torch.zeros(1, 3, 4), temperature=1.0, top_p=1.0, top_k=0)
+    args.update(kwargs)
+    tree = make_tree([-1, 0, 0], [0, 1, 2])
+    with pytest.raises(exc, match=match):
+        verify_sample(tree, args["logits"], args["uniforms"], args["temperature"], args["top_p"], args["top_k"],
+                      backend="reference")
+
+
+# ---------------------------------------------------------------- random trees, Triton vs reference
+
+
+def random_tree(B, T, V, gen):
+    """Random parents-first trees (parent of i uniform in [0, i), capped so siblings fit in V)."""
+    parents = torch.full((B, T), -1, dtype=torch.int64)
+    tokens = torch.zeros(B, T, dtype=torch.int64)
+    for b in range(B):
+        count: dict[int, int] = {}
+        for i in range(1, T):
+            p = int(torch.randint(0, i, (), generator=gen))
+            while count.get(p, 0) >= V:
+                p = (p + 1) % i
+            count[p] = count.get(p, 0) + 1
+            parents[b, i] = p
+            tokens[b, i] = int(torch.randint(0, V, (), generator=gen))
+    return parents, tokens
+
+
+def likely_tokens(parents, tokens, logits, keep_random=0.2, gen=None):
+    """Children of node p get p's most likely tokens in node order (distinct), some random ones."""
+    B, T = parents.shape
+    out = tokens.clone()
+    for b in range(B):
+        order = {}
+        for i in range(1, T):
+            p = int(parents[b, i])
+            ranked = order.setdefault(p, logits[b, p].float().argsort(descending=True, stable=True).tolist())
+            out[b, i] = ranked.pop(0) if len(ranked) > 1 else ranked[0]
+        # distinct siblings: re-check and fall back to unused tokens
+        for p in set(parents[b, 1:].tolist()):
+            kids = (parents[b] == p).nonzero().flatten().tolist()
+            used = set()
+            for k in kids:
+                t = int(out[b, k])
+                while t in used:
+                    t = (t + 1) % logits.shape[-1]
+                used.add(t)
+                out[b, k] = t
+    return out
+
+
+SAMPLE_CASES = [
+    pytest.param(1, 1, 7, torch.float32, (1.0, 1.0, 0), 8, id="B1-T1-V7-fp32"),
+    pytest.param(3, 2, 16, torch.float32, (0.8, 1.0, 0), 4, id="B3-T2-V16-depth1-fp32"),
+    pytest.param(4, 7, 33, torch.float32, (1.0, 0.9, 0), 16, id="B4-T7-V33-topp-fp32"),
+    pytest.param(4, 13, 50, torch.float16, (0.7, 1.0, 8), 16, id="B4-T13-V50-topk-fp16"),
+    pytest.param(3, 45, 40, torch.float32, (1.2, 0.95, 20), 64, id="B3-T45-V40-W2-fp32"),
+    pytest.param(2, 60, 100, torch.float16, (0.5, 0.9, 30), 32, id="B2-T60-V100-all-fp16"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("B,T,V,dtype,params,block_v", SAMPLE_CASES)
+def test_triton_matches_reference(B, T, V, dtype, params, block_v):
+    from eagle2_kernels.ops.verify_sample.kernel import verify_sample as triton_verify_sample
+
+    dev = triton_device()
+    gen = torch.Generator().manual_seed(B * 1000 + T * 10 + V)
+    parents, tokens = random_tree(B, T, V, gen)
+    logits = (torch.randn(B, T, V, generator=gen) * 2).to(dtype)
+    tokens = likely_tokens(parents, tokens, logits)
+    tree = make_tree(parents, tokens, device=dev)
+    logits = logits.to(dev)
+    for rep in range(3):
+        u = torch.rand(B, T, generator=gen).to(dev)
+        expected = ref_verify_sample(tree, logits, u, *params)
+        got = verify_sample(tree, logits, u, *params, backend="triton")
+        small = triton_verify_sample(tree, logits, u, *params, block_v=block_v)  # many V blocks
+        for name, e, g, s in zip(("path", "accept_len", "bonus"), expected, got, small):
+            assert g.dtype == torch.int64 and g.device == logits.device, name
+            assert torch.equal(g, e), f"{name}: {g.tolist()} != {e.tolist()}"
+            assert torch.equal(s, e), f"{name} (BLOCK_V={block_v}): {s.tolist()} != {e.tolist()}"
+
+
+@requires_triton
+def test_triton_hand_cases_match():
+    # the renormalisation / zero-probability / out-of-vocab cases, through the kernel
+    dev = triton_device()
+    tree = make_tree([[-1, 0, 0, 0, 1]] * 4, [[9, 0, 1, 7, 2]] * 4, device=dev, token_dtype=torch.int32)
+    logits = torch.zeros(4, 5, 4, device=dev)
+    u = torch.tensor(
+        [[0.1, 0.25, 0.3, 0.0, 0.9], [0.7, 0.0, 0.9, 0.0, 0.1], [0.2, 0.5, 0.34, 0.0, 0.0], [0.99, 0.9, 0.9, 0.0, 0.0]],
+        device=dev,
+    )
+    expected = ref_verify_sample(tree, logits, u, 1.0)
+    assert expected[0][:, :3].tolist() == [[0, 2, -1], [0, 1, 4], [0, -1, -1], [0, -1, -1]]
+    got = verify_sample(tree, logits, u, 1.0, backend="triton")
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+#            0
+#        /   |   \        node 3 holds a token removed by top-k (probability 0)
+#       1    2    3
+#      / \   |
+#     4   5  6
+#     |
+#     7
+STAT_PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4]
+STAT_PARAMS = (0.8, 0.95, 7)  # temperature, top_p, top_k
+STAT_V = 10
+N_SAMPLES = 20_000
+
+
+@pytest.fixture(scope="module")
+def stat_setup():
+    gen = torch.Generator().manual_seed(1234)
+    logits = torch.randn(len(STAT_PARENTS), STAT_V, generator=gen) * 1.2
+    probs = process_logits(logits, *STAT_PARAMS)
+    ranked = probs.argsort(dim=-1, descending=True, stable=True)
+    tokens = [0] * len(STAT_PARENTS)
+    tokens[1], tokens[2], tokens[3] = int(ranked[0, 0]), int(ranked[0, 1]), int(ranked[0, -1])
+    tokens[4], tokens[5] = int(ranked[1, 0]), int(ranked[1, 2])
+    tokens[6] = int(ranked[2, 1])
+    tokens[7] = int(ranked[4, 0])
+    assert probs[0, tokens[3]] == 0  # removed by top-k
+    one = make_tree(STAT_PARENTS, tokens)
+    tree = DraftTree(*(x.expand(N_SAMPLES, *x.shape[1:]) for x in (one.tokens, one.parents, one.depth, one.mask)))
+    u = torch.rand(N_SAMPLES, len(STAT_PARENTS), generator=gen)
+    batch_logits = logits.expand(N_SAMPLES, -1, -1)
+    path, n, bonus = verify_sample(tree, batch_logits, u, *STAT_PARAMS, backend="reference")
+    return dict(logits=logits, probs=probs, tokens=torch.tensor(tokens), tree=tree, u=u, path=path, n=n, bonus=bonus)
+
+
+def emitted(setup, k):
+    """The k-th emitted token (k = 1: first) and whether it exists (the round emits n tokens)."""
+    path, n, bonus, tokens = setup["path"], setup["n"], setup["bonus"], setup["tokens"]
+    node = path[:, k].clamp(min=0)
+    tok = torch.where(n > k, tokens[node], bonus)
+    return tok, n >= k
+
+
+def test_first_token_follows_processed_root_distribution(stat_setup):
+    first, _ = emitted(stat_setup, 1)
+    counts = torch.bincount(first, minlength=STAT_V)
+    assert chi2_pvalue(counts, stat_setup["probs"][0]) > ALPHA
+    # the acceptance path is exercised: some first tokens come from accepted children
+    assert (stat_setup["n"] >= 2).float().mean() > 0.3 and (stat_setup["n"] >= 4).any()
+    # and the same test rejects the distribution without temperature / top-k / top-p
+    wrong = stat_setup["logits"][0].softmax(-1)
+    assert chi2_pvalue(counts, wrong) < ALPHA
+
+
+@pytest.mark.parametrize("node", [1, 2, 4], ids=["after-node1", "after-node2", "after-node4"])
+def test_next_token_conditional_on_accepted_node(stat_setup, node):
+    # given that the path goes through `node`, the token after it follows p at `node`
+    path, tree = stat_setup["path"], stat_setup["tree"]
+    depth = int(tree.depth[0, node])
+    through = path[:, depth] == node
+    assert through.sum() > 1000
+    nxt, _ = emitted(stat_setup, depth + 1)
+    counts = torch.bincount(nxt[through], minlength=STAT_V)
+    assert chi2_pvalue(counts, stat_setup["probs"][node]) > ALPHA
+
+
+def test_wrong_scheme_is_detected(stat_setup):
+    # a classic bug: trying later siblings against p WITHOUT renormalising after a rejection
+    probs = stat_setup["probs"].double()
+    u = stat_setup["u"]
+    kids = [1, 2, 3]
+    p = probs[0].expand(N_SAMPLES, -1).clone()
+    first = torch.full((N_SAMPLES,), -1, dtype=torch.long)
+    for k in kids:
+        tok = int(stat_setup["tokens"][k])
+        take = (first < 0) & (u[:, k] < probs[0, tok])
+        first = torch.where(take, tok, first)
+        p[:, tok] = 0
+    p = p / p.sum(-1, keepdim=True)
+    first = torch.where(first < 0, sample_from_probs(p, u[:, 0]), first)
+    counts = torch.bincount(first, minlength=STAT_V)
+    assert chi2_pvalue(counts, stat_setup["probs"][0]) < ALPHA
+
+
+@requires_triton
+def test_triton_matches_reference_on_statistical_tree(stat_setup):
+    dev = triton_device()
+    m = 64  # a slice of the statistical batch: the kernel reproduces it draw for draw
+    t = stat_setup["tree"]
+    tree = DraftTree(*(x[:m].to(dev) for x in (t.tokens, t.parents, t.depth, t.mask)))
+    logits = stat_setup["logits"].expand(m, -1, -1).to(dev)
+    got = verify_sample(tree, logits, stat_setup["u"][:m].to(dev), *STAT_PARAMS, backend="triton")
+    for name, g in zip(("path", "n", "bonus"), got):
+        assert torch.equal(g.cpu(), stat_setup[name][:m]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V", [32000, 128256, 151936])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_large(V, dtype):
+    gen = torch.Generator().manual_seed(V)
+    parents, tokens = random_tree(4, 60, V, gen)
+    logits = (torch.randn(4, 60, V, generator=gen) * 3).to(dtype)
+    tokens = likely_tokens(parents, tokens, logits)
+    tree = make_tree(parents, tokens, device="cuda")
+    logits = logits.cuda()
+    for params in [(1.0, 1.0, 0), (0.7, 0.9, 50)]:
+        u = torch.rand(4, 60, generator=gen).cuda()
+        expected = ref_verify_sample(tree, logits, u, *params)
+        got = verify_sample(tree, logits, u, *params, backend="triton")
+        for e, g in zip(expected, got):
+            assert torch.equal(g, e)
