@@ -333,12 +333,16 @@ void attend_lanes(const Args<scalar_t>& a, LanesFn fn, int L) {
       // The tree region: key j visible to row i iff bit j of its mask row is set.
       for (int64_t j0 = 0; j0 < a.tree_len; j0 += kBlock) {
         const int64_t nk = std::min(kBlock, a.tree_len - j0);
+        bool any = false;
         for (int i = 0; i < L; ++i) {
           const int32_t* mrow = i < nr ? a.mask + b * a.ms[0] + pos[i] * a.ms[1] : nullptr;
-          for (int64_t k = 0; k < nk; ++k)
-            bias[k * L + i] = mrow != nullptr && tree_bit(mrow, a.ms[2], j0 + k) ? 0.0f : kNegInf;
+          for (int64_t k = 0; k < nk; ++k) {
+            const bool seen = mrow != nullptr && tree_bit(mrow, a.ms[2], j0 + k);
+            bias[k * L + i] = seen ? 0.0f : kNegInf;
+            any |= seen;
+          }
         }
-        run_block(P + j0, nk, true);
+        if (any) run_block(P + j0, nk, true);  // e.g. the upper triangle of a causal prefill
       }
       for (int i = 0; i < nr; ++i) write_row(a, b, head[i], pos[i], o.data() + i * Dh, 1, l[i]);
     }
