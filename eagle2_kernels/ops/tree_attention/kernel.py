@@ -49,22 +49,25 @@ def _attend_block(
     stride_v_l,
     stride_v_d,
     qk_scale,
+    EVEN_D: tl.constexpr,
     COMPUTE_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over a block of key slots; returns the updated (acc, m, l)."""
+    # The head-dim mask only when BLOCK_D > Dh: a loop-invariant [BLOCK_D, BLOCK_N] mask tile
+    # would be hoisted out of the loop and cost registers.
+    if EVEN_D:
+        k_mask = col_ok[None, :]
+        v_mask = col_ok[:, None]
+    else:
+        k_mask = d_ok[:, None] & col_ok[None, :]
+        v_mask = col_ok[:, None] & d_ok[None, :]
     # [BLOCK_D, BLOCK_N]: K transposed
-    kt = tl.load(
-        k_base + offs_n[None, :] * stride_k_l + offs_d[:, None] * stride_k_d,
-        mask=d_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
+    kt = tl.load(k_base + offs_n[None, :] * stride_k_l + offs_d[:, None] * stride_k_d,
+                 mask=k_mask, other=0.0)
     # [BLOCK_N, BLOCK_D]
-    v = tl.load(
-        v_base + offs_n[:, None] * stride_v_l + offs_d[None, :] * stride_v_d,
-        mask=col_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    v = tl.load(v_base + offs_n[:, None] * stride_v_l + offs_d[None, :] * stride_v_d,
+                mask=v_mask, other=0.0)
     if COMPUTE_FP32:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
@@ -122,10 +125,14 @@ def _tree_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_WORDS: tl.constexpr,
+    EVEN_D: tl.constexpr,
     COMPUTE_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
+    # Row offsets stay int32 (rows * strides within one sequence's q/out are small); the
+    # batch and kv-head offsets are int64.
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     b = pid_bh // HKV
@@ -174,22 +181,29 @@ def _tree_attention_kernel(
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, offs_n, col_ok, visible, offs_d, d_ok,
             stride_k_l, stride_k_d, stride_v_l, stride_v_d, qk_scale,
-            COMPUTE_FP32, DOT_PRECISION,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
         )
     # Tree slots: slot prefix + j is visible to row t iff bit j of tree_mask[b, t] is set.
+    # A block of BLOCK_N slots spans at most NUM_WORDS mask words; load each as a [BLOCK_M]
+    # vector and pick per column, instead of gathering a [BLOCK_M, BLOCK_N] tile of words.
+    num_words = tl.cdiv(TREE_LEN, 32)
     for start in range(tl.maximum(lo, prefix), hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < hi
-        j = offs_n - prefix
-        in_tile = row_ok[:, None] & col_ok[None, :]
-        # [BLOCK_M, BLOCK_N] the mask word holding bit j of each row
-        words = tl.load(mask_rows[:, None] + (j // 32)[None, :] * stride_mask_w, mask=in_tile,
-                        other=0)
-        visible = in_tile & (((words >> (j % 32)[None, :]) & 1) != 0)
+        j = offs_n - prefix  # tree slot index of each column
+        first = (start - prefix) // 32
+        words = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in tl.static_range(NUM_WORDS):
+            # [BLOCK_M]
+            word_ok = row_ok & (tl.full([BLOCK_M], w, tl.int32) + first < num_words)
+            word = tl.load(mask_rows + (first + w) * stride_mask_w, mask=word_ok, other=0)
+            words = tl.where((j // 32 - first == w)[None, :], word[:, None], words)
+        bits = (words >> (j % 32)[None, :]) & 1
+        visible = row_ok[:, None] & col_ok[None, :] & (bits != 0)
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_base, v_base, offs_n, col_ok, visible, offs_d, d_ok,
             stride_k_l, stride_k_d, stride_v_l, stride_v_d, qk_scale,
-            COMPUTE_FP32, DOT_PRECISION,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
         )
 
     if n_splits == 1:
@@ -371,6 +385,8 @@ def launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        NUM_WORDS=(block_n + 31) // 32 + 1,
+        EVEN_D=block_d == Dh,
         COMPUTE_FP32=compute_fp32,
         DOT_PRECISION=precision,
         num_warps=num_warps,
