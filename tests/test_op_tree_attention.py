@@ -361,6 +361,24 @@ def test_triton_empty_rows_zero_and_unread_slots():
 
 
 @requires_triton
+def test_triton_ignores_bits_past_tree_len_and_extra_words():
+    # tree_len 37 (2 words) in a mask of W = 4 words whose unused bits and words are all set.
+    T = 37
+    rng = random.Random(9)
+    rows = ancestor_rows(random_parents(T, rng))
+    dev = triton_device()
+    q, k, v, prefix_len, clean = make_case(2, 2, 1, T, 16, [3, 0], T, [rows, rows], words=4,
+                                           device=dev)
+    dirty = clean.clone()
+    dirty[..., 1] |= -(1 << (T - 32))  # bits 37.. of word 1
+    dirty[..., 2:] = -1
+    a = ops.tree_attention(q, k, v, prefix_len, clean, T, backend="triton")
+    b = ops.tree_attention(q, k, v, prefix_len, dirty, T, backend="triton")
+    assert torch.equal(a, b)
+    assert_contract(a, q, k, v, prefix_len, clean, T)
+
+
+@requires_triton
 def test_triton_views_int64_prefix_and_scale():
     # k/v are cache[2*l] / cache[2*l+1] views of a whole-model cache; q is a transposed view of
     # [B, Tq, Hq, Dh]; prefix_len is int64; a custom scale.
