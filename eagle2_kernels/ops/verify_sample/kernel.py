@@ -94,18 +94,21 @@ def _sample_walk_kernel(
     z = tl.where(rejected > 0.0, mass - rejected, 1.0)
     u0 = tl.load(uniforms_ptr + b * stride_uniforms_b).to(tl.float64)
     carry = z * 0.0
-    first = pid * 0 + _NO_INDEX
-    last_nonzero = pid * 0
+    # per-lane candidates, reduced once after the loop: one scan and one sum per block
+    first = tl.full([BLOCK_V], _NO_INDEX, tl.int32)
+    last_nonzero = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         # [BLOCK_V]
         q = tl.load(row + offs, mask=ok, other=0.0).to(tl.float64)
         cdf = carry + tl.cumsum(q / z, axis=0)
-        first = tl.minimum(first, tl.min(tl.where(ok & (cdf > u0), offs, _NO_INDEX), axis=0))
-        last_nonzero = tl.maximum(last_nonzero, tl.max(tl.where(q > 0.0, offs, 0), axis=0))
-        # the block's last cumulative value (exact, not a separate sum)
+        first = tl.minimum(first, tl.where(ok & (cdf > u0), offs, _NO_INDEX))
+        last_nonzero = tl.maximum(last_nonzero, tl.where(q > 0.0, offs, 0))
+        # the block's last cumulative value, so that the cdf stays monotone across blocks
         carry = tl.sum(tl.where(tl.arange(0, BLOCK_V) == BLOCK_V - 1, cdf, 0.0), axis=0)
+    first = tl.min(first, axis=0)
+    last_nonzero = tl.max(last_nonzero, axis=0)
     bonus = tl.where(first == _NO_INDEX, last_nonzero, first)
 
     tl.store(path_ptr + b * stride_path_b + offs_t, path, mask=offs_t < T)
@@ -126,7 +129,7 @@ def launch_on_probs(
     if probs.dtype != torch.float32 or probs.stride(-1) != 1:
         raise ValueError("probs must be float32 and contiguous in the vocabulary dim")
     if block_v is None:
-        block_v = min(triton.next_power_of_2(V), 4096 if probs.device.type == "cpu" else 1024)
+        block_v = min(triton.next_power_of_2(V), 4096 if probs.device.type == "cpu" else 2048)
     rowsum = probs.sum(dim=-1, dtype=torch.float64)  # [B, T], contiguous
     path = torch.empty((B, T), dtype=torch.int64, device=probs.device)
     accept_len = torch.empty((B,), dtype=torch.int64, device=probs.device)
@@ -156,7 +159,7 @@ def launch_on_probs(
         V=V,
         T_PAD=triton.next_power_of_2(T),
         BLOCK_V=block_v,
-        num_warps=4,
+        num_warps=8 if block_v >= 2048 else 4,
     )
     return path, accept_len, bonus
 
