@@ -268,10 +268,12 @@ def hf_generate_method(model, eos_token_id=None, pad_token_id: int | None = None
             top_k=None,
             use_cache=True,
         )
+        input_ids = input_ids.to(model.device)
         attention_mask = torch.ones_like(input_ids)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+        _sync(input_ids.device)
         seconds = time.perf_counter() - start
         new = out[0, input_ids.shape[1] :].tolist()
         # generate pads nothing for B=1, but stop at the first EOS to be safe
@@ -284,8 +286,10 @@ def plain_loop_method(decoder, eos_token_id=None) -> Method:
     """The decoder's own plain decoding loop (``decoder.generate_plain``), greedy."""
 
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        input_ids = input_ids.to(decoder.target.device)
         start = time.perf_counter()
         out = decoder.generate_plain(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        _sync(input_ids.device)
         seconds = time.perf_counter() - start
         return Generation(_sequences(out)[0, input_ids.shape[1] :].tolist(), seconds)
 
@@ -296,10 +300,12 @@ def speculative_method(decoder, eos_token_id=None) -> Method:
     """EAGLE-2 speculative decoding with ``decoder.generate(temperature=0.0)`` (greedy)."""
 
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        input_ids = input_ids.to(decoder.target.device)
         start = time.perf_counter()
         out = decoder.generate(
             input_ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos_token_id
         )
+        _sync(input_ids.device)
         seconds = time.perf_counter() - start
         stats = out.stats
         return Generation(
@@ -312,6 +318,11 @@ def speculative_method(decoder, eos_token_id=None) -> Method:
         )
 
     return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _sequences(out) -> torch.Tensor:
