@@ -1,9 +1,9 @@
 """Microbenchmark: verify_greedy / verify_sample on device vs the plain-torch way.
 
 A T = 60 draft tree (EAGLE-2 defaults: branching 10, depth up to 6) over target logits
-[B, 60, V] for V = 32000 (Llama-2), 128256 (Llama-3), 151936 (Qwen2). A node's first
-child usually (3 in 4) holds its parent's most likely token, so accepted paths are a few
-nodes long, as in real decoding.
+[B, 60, V] for V = 32000 (Llama-2), 128256 (Llama-3), 151936 (Qwen2). The root's first
+child, and usually (3 in 4) any node's first child, holds its parent's most likely token,
+so accepted paths are a few nodes long, as in real decoding.
 
 The plain-torch way a user would write:
 - greedy: ``logits.argmax(-1).tolist()`` (one device->host copy), a Python walk over the tree
@@ -60,7 +60,7 @@ def make_inputs(batch: int, vocab: int, device: str, dtype, seed: int):
             p = int(parents[b, i])
             if p not in seen:  # first child: usually the argmax, with a clear margin
                 seen.add(p)
-                if float(torch.rand((), generator=g)) < 0.75:
+                if p == 0 or float(torch.rand((), generator=g)) < 0.75:
                     logits[b, p, int(tokens[b, i])] = float(logits[b, p].max()) + 3.0
     tree = DraftTree(tokens, parents, depth, torch.zeros(batch, T, mask_words(T), dtype=torch.int32))
     return tree.to(device), logits.to(device=device, dtype=dtype)
