@@ -431,6 +431,9 @@ def _environment(info: dict) -> dict:
                "threads": torch.get_num_threads()}
     env.update({"machine": platform.machine(), "cpu_count": os.cpu_count()})
     env["processor"] = _cpu_name()
+    env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    if hasattr(os, "getloadavg"):  # other processes on a shared machine make timings noisy
+        env["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     env.update({k: v for k, v in info.items() if k not in env})
     return env
 
@@ -496,6 +499,8 @@ def cmd_bench(args) -> int:
     if not records:
         raise CLIError("no turns were run")
     summary = ev.summarize(records)
+    if hasattr(os, "getloadavg"):
+        env["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out / "mtbench.json"
