@@ -337,6 +337,33 @@ def test_triton_causal_prefill(split):
 
 
 @requires_triton
+def test_triton_long_causal_mask_many_words():
+    # The last 8 rows of a 1030-token causal mask: W = 33 words, every bit 31 in use, blocks
+    # that straddle words. Checked against the reference (itself pinned to the float64 truth
+    # above) and against SDPA with a boolean causal mask, to keep this fast.
+    T, rows = 1030, 8
+    i = torch.arange(T - rows, T)[:, None]  # query rows
+    j = torch.arange(33 * 32)[None, :]  # bit positions
+    bits = (j <= i).to(torch.int64).reshape(rows, 33, 32)
+    words = (bits << torch.arange(32)).sum(-1)
+    mask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)[None]
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, rows, 16, generator=g)
+    k = torch.randn(1, 1, T + 5, 16, generator=g)
+    v = torch.randn(1, 1, T + 5, 16, generator=g)
+    prefix_len = torch.zeros(1, dtype=torch.int32)
+    want = ref_tree_attention(q, k, v, prefix_len, mask, T)
+    causal = torch.arange(T)[None, :] <= i
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :T].expand(1, 2, T, 16), v[:, :, :T].expand(1, 2, T, 16), attn_mask=causal)
+    torch.testing.assert_close(want, sdpa, rtol=0, atol=1e-5)
+    dev = triton_device()
+    out = ops.tree_attention(*(x.to(dev) for x in (q, k, v, prefix_len, mask)), T,
+                             backend="triton")
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-5)
+
+
+@requires_triton
 def test_triton_empty_rows_zero_and_unread_slots():
     # Row 0 of sequence 0 sees nothing (prefix 0, empty mask): zeros. Slots past
     # prefix_len + tree_len are NaN-poisoned: never read. Invisible tree slots hold huge values.
