@@ -167,22 +167,36 @@ def _copy_tracked_tree(dest: Path) -> None:
             target.write_bytes(src.read_bytes())
 
 
-@pytest.mark.skipif(
+def _build_wheel(src: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    """Build a wheel of ``src`` with the PEP 517 backend (what pip --no-build-isolation runs)."""
+    out.mkdir(exist_ok=True)
+    env = dict(os.environ, **env)
+    env.pop("EAGLE2_KERNELS_BACKEND", None)
+    code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(out)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=src, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+requires_checkout = pytest.mark.skipif(
     subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0,
     reason="needs the git checkout",
 )
-def test_pure_python_install(tmp_path):
+
+
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("clone") / "src"
+    _copy_tracked_tree(src)
+    return src
+
+
+@requires_checkout
+def test_pure_python_install(tmp_path, source_tree):
     """EAGLE2_KERNELS_BUILD_EXT=0: a py3-none-any wheel without a compiled module, which
     installs and runs the ops on the reference backend."""
-    src = tmp_path / "src"
-    _copy_tracked_tree(src)
-    env = dict(os.environ, EAGLE2_KERNELS_BUILD_EXT="0")
-    env.pop("EAGLE2_KERNELS_BACKEND", None)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "dist"), str(src)],
-        check=True, env=env, timeout=300, capture_output=True,
-    )
+    src = source_tree
+    build = _build_wheel(src, tmp_path / "dist", EAGLE2_KERNELS_BUILD_EXT="0")
+    assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
@@ -203,7 +217,25 @@ def test_pure_python_install(tmp_path):
         "out = torch.ops.eagle2.tree_expand(torch.randn(1, 2, 30), torch.zeros(1, 2), 3)\n"
         "print(out[0].shape)\n" % str(site)
     )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.pop("EAGLE2_KERNELS_BACKEND", None)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(env, PYTHONPATH=str(site)), cwd=tmp_path)
+                         env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "torch.Size([1, 2, 3])"
+
+
+@requires_checkout
+def test_build_without_compiler_falls_back_unless_forced(tmp_path, source_tree):
+    """No C++ compiler: the default build warns and packages pure Python; with
+    EAGLE2_KERNELS_BUILD_EXT=1 the build fails."""
+    src = source_tree
+    auto = _build_wheel(src, tmp_path / "auto", CXX=str(tmp_path / "no-such-c++"))
+    assert auto.returncode == 0, auto.stderr
+    assert "the native extension was not built" in auto.stderr + auto.stdout
+    (wheel,) = (tmp_path / "auto").glob("*.whl")
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    forced = _build_wheel(src, tmp_path / "forced", CXX=str(tmp_path / "no-such-c++"),
+                          EAGLE2_KERNELS_BUILD_EXT="1")
+    assert forced.returncode != 0
+    assert not list((tmp_path / "forced").glob("*.whl"))
