@@ -35,7 +35,8 @@ def tree_attention(
     past ceil(tree_len / 32) are ignored. Query head h reads kv head h // (Hq // Hkv).
 
     Args:
-        q: [B, Hq, Tq, Dh] float16 / bfloat16 / float32, any strides.
+        q: [B, Hq, Tq, Dh] float16 / bfloat16 / float32, any strides. The Triton path takes
+            any Dh <= 256 (padded to a power of two >= 16 inside the kernel).
         k_cache: [B, Hkv, Lmax, Dh], same dtype and device as ``q``; any strides, e.g. the view
             ``cache[2 * layer]`` of a [2 * layers, B, Hkv, Lmax, Dh] tensor.
         v_cache: [B, Hkv, Lmax, Dh], like ``k_cache``.
@@ -80,7 +81,9 @@ def _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale) -> None:
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                     ("prefix_len", prefix_len), ("tree_mask", tree_mask)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
     if q.dim() != 4:
         raise ValueError(f"tree_attention: q must be [B, Hq, Tq, Dh], got shape {tuple(q.shape)}")
     if q.dtype not in _FLOAT_DTYPES:

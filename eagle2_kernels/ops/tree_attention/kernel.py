@@ -361,7 +361,8 @@ def launch(
         if interp:
             num_splits = 1
         else:
-            resident = _sm_count(q.device.index if q.device.index is not None else 0) * (1 if num_warps == 8 else 2)
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            resident = _sm_count(index) * (1 if num_warps == 8 else 2)
             programs = num_m * B * Hkv
             num_splits = max(1, min(resident // programs, triton.cdiv(Lmax, min_chunk), 64))
     min_chunk = max(int(min_chunk), 1)
