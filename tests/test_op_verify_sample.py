@@ -232,7 +232,9 @@ def likely_tokens(parents, tokens, logits, keep_random=0.2, gen=None):
         order = {}
         for i in range(1, T):
             p = int(parents[b, i])
-            ranked = order.setdefault(p, logits[b, p].float().argsort(descending=True, stable=True).tolist())
+            if p not in order:
+                order[p] = logits[b, p].float().argsort(descending=True, stable=True)[: T + 1].tolist()
+            ranked = order[p]
             out[b, i] = ranked.pop(0) if len(ranked) > 1 else ranked[0]
         # distinct siblings: re-check and fall back to unused tokens
         for p in set(parents[b, 1:].tolist()):

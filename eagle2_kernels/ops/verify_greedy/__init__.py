@@ -25,7 +25,8 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, backend: str | N
             ``parents`` [B, T] int32/int64 (-1 at the root, ``parents[b, i] < i``); ``depth``
             and ``mask`` are not used.
         target_logits: [B, T, V] float (fp32, fp16 or bf16); row i holds the target's
-            logits at node i (the next-token distribution after node i's token).
+            logits at node i (the next-token distribution after node i's token). Values may
+            be -inf; the argmax of a row containing NaN is unspecified.
         backend: ``"reference"``, ``"triton"`` or ``"ext"``; default by device (see
             ``eagle2_kernels._backend``).
 
