@@ -72,6 +72,18 @@ def test_process_logits_matches_transformers(shape, temperature, top_p, top_k):
     torch.testing.assert_close(ours.sum(-1), torch.ones(shape[:-1]), rtol=0, atol=1e-5)
 
 
+def test_process_logits_masked_vocabulary_matches_transformers():
+    # -inf logits (a masked vocabulary) stay at probability 0 through every step
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 30, generator=g)
+    logits[:, ::3] = float("-inf")
+    for args in [(1.0, 0.9, 0), (0.7, 0.8, 5), (1.5, 1.0, 25)]:
+        ours = process_logits(logits, *args)
+        assert (ours[:, ::3] == 0).all()
+        assert torch.equal(ours == 0, hf_process(logits, *args) == 0)
+        torch.testing.assert_close(ours, hf_process(logits, *args), rtol=1e-5, atol=1e-7)
+
+
 def test_process_logits_hand_cases():
     # top-p 0.7 over [0.5, 0.3, 0.2]: ascending cumsum [0.2, 0.5, 1.0]; 0.2 <= 0.3 is removed
     logits = torch.tensor([0.5, 0.3, 0.2]).log()
