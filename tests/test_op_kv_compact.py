@@ -28,12 +28,12 @@ def expected(cache: torch.Tensor, prefix_len, path, accept_len) -> torch.Tensor:
 
 def random_bits_cache(shape, dtype, seed=0, device="cpu") -> torch.Tensor:
     """Random bit patterns (NaN payloads and infinities included for float dtypes)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     size = torch.empty(0, dtype=dtype).element_size()
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
     info = torch.iinfo(ints)
-    raw = torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(ints)
-    return raw.view(dtype).to(device)
+    raw = torch.randint(info.min, info.max, shape, generator=g, dtype=ints, device=device)
+    return raw.view(dtype)
 
 
 def random_path(T: int, accepted: int, rng: random.Random) -> list[int]:
@@ -208,9 +208,9 @@ def test_triton_matches_reference_randomized():
 def test_cuda_llama_cache_bf16_no_sync_and_graph():
     # 32 layers of Llama-3-8B KV (N = 64, Hkv 8, Dh 128), T = 60, batch 4.
     rng = random.Random(11)
-    N, B, Hkv, Lmax, Dh, T = 64, 4, 8, 2048, 128, 60
+    N, B, Hkv, Lmax, Dh, T = 64, 4, 8, 1024, 128, 60
     cache = random_bits_cache((N, B, Hkv, Lmax, Dh), torch.bfloat16, seed=0, device="cuda")
-    prefix = torch.tensor([100, 1500, 0, 1987], device="cuda")
+    prefix = torch.tensor([100, 900, 0, Lmax - T], device="cuda")
     accept = torch.tensor([1, 6, T, 3], device="cuda")
     path = torch.tensor([random_path(T, int(a), rng) for a in accept.tolist()], device="cuda")
     want = expected(cache.cpu(), prefix.cpu(), path.cpu(), accept.cpu())
