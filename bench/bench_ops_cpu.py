@@ -16,6 +16,10 @@ non-zero. Times are CPU wall-clock medians (bench/common.py: bench_cpu) through 
 ops with ``backend="ext"`` and ``backend="reference"``.
 
     python -m bench.bench_ops_cpu [--prefix 512] [--batch 1] [--quick] [--json PATH]
+
+With ``--decode N`` it also decodes N tokens of a chat prompt with the embedded default model
+(SmolLM2-135M-Instruct; the shipped draft head, or a random one with ``--random-head``) once
+per backend and reports the share of each decoding round spent in the ops.
 """
 
 from __future__ import annotations
@@ -173,6 +177,69 @@ def totals(rows: list[dict], verify: str) -> dict:
             "speedup": ref / ext, "ref_round_ms": ref, "ext_round_ms": ext}
 
 
+PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def decode_share(new_tokens: int, dtype: str, random_head: bool) -> list[dict]:
+    """Decode with the default model per backend; time every op call of the rounds."""
+    import time
+
+    import eagle2_kernels.ops as ops_module
+    from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
+    from eagle2_kernels.models import default as default_model
+
+    model, tok = default_model.load_default(dtype=getattr(torch, dtype))
+    if random_head:
+        torch.manual_seed(0)
+        head = EagleDraftHead.from_target(model)
+    else:
+        head = EagleDraftHead.from_pretrained(default_model.default_head_path(), target=model)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    ids = getattr(ids, "input_ids", ids)
+    names = ("tree_expand", "tree_build", "tree_attention", "verify_greedy", "verify_sample", "kv_compact")
+    spent = {n: 0.0 for n in names}
+    originals = {n: getattr(ops_module, n) for n in names}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    rows, outputs = [], {}
+    try:
+        for n in names:
+            setattr(ops_module, n, timed(n, originals[n]))
+        for backend in ("reference", "ext"):
+            dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, backend=backend)
+            dec.generate(ids, max_new_tokens=8)  # warm-up
+            for n in names:
+                spent[n] = 0.0
+            t0 = time.perf_counter()
+            out = dec.generate(ids, max_new_tokens=new_tokens)
+            total = time.perf_counter() - t0
+            outputs[backend] = out.sequences
+            rounds = out.stats.rounds
+            op_s = sum(spent.values())
+            rows.append({
+                "backend": backend, "dtype": dtype, "new_tokens": out.sequences.shape[1] - ids.shape[1],
+                "rounds": rounds, "round_ms": 1e3 * total / rounds, "ops_ms_per_round": 1e3 * op_s / rounds,
+                "ops_share": op_s / total, "tokens_per_s": (out.sequences.shape[1] - ids.shape[1]) / total,
+                **{f"{n}_ms": 1e3 * spent[n] / rounds for n in names if spent[n] > 0},
+            })
+    finally:
+        for n in names:
+            setattr(ops_module, n, originals[n])
+    same = torch.equal(outputs["reference"], outputs["ext"])
+    for r in rows:
+        r["same_output"] = same
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1)
@@ -181,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode", type=int, default=0, metavar="N",
+                    help="also decode N tokens with the default model per backend (op share of a round)")
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype for --decode (default bfloat16)")
+    ap.add_argument("--random-head", action="store_true", help="--decode with a random draft head")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,6 +268,10 @@ def main(argv=None) -> int:
         if good:
             all_rows += [totals(rows, "greedy"), totals(rows, "sample")]
     write_results(args.json, "ops per round on CPU: native extension vs reference", all_rows)
+    if args.decode and ok:
+        share = decode_share(args.decode, args.dtype, args.random_head)
+        path = None if args.json is None else args.json.replace(".json", "") + "_decode.json"
+        write_results(path, "decoding rounds with the default model: ops share per backend", share)
     if not ok:
         print("MISMATCH between the extension and the reference: no speedup reported", file=sys.stderr)
         return 1
