@@ -223,6 +223,13 @@ def test_stream_matches_generate_and_plain():
     plain = dec.generate_plain(ids, max_new_tokens=33)
     assert torch.equal(plain.sequences, out.sequences)
     assert plain.stats.rounds == 33 and plain.stats.mean_accept_length == 1.0
+    # A stream overtaken by another call on the same decoder refuses to continue (no garbage).
+    first = dec.stream(ids, max_new_tokens=33)
+    next(first)
+    dec.generate(ids, 5)
+    with pytest.raises(RuntimeError, match="overtaken"):
+        next(first)
+    assert torch.equal(dec.generate(ids, 33).sequences, out.sequences)
     # max_new_tokens = 0 returns the prompt.
     assert torch.equal(dec.generate(ids, 0).sequences, ids)
 

@@ -115,6 +115,7 @@ class TreeSpecDecoder:
                 f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
             )
         self._closed = False
+        self._epoch = 0  # bumped by every call: a suspended stream notices it was overtaken
         self._tcache: StaticKVCache | None = None
         self._dcache: StaticKVCache | None = None
         if max_length is not None:
@@ -131,14 +132,16 @@ class TreeSpecDecoder:
                 ``dec.tokenizer``); None = the embedded default (SmolLM2-135M-Instruct).
             draft: an :class:`EagleDraftHead` or a directory in the released EAGLE-1/2 layout;
                 None with target None = the default head shipped with the package.
-            dtype, device: used when loading a target by name (default: the file's dtype, CPU).
+            dtype, device: used when loading a target by name or the default (default: the
+                file's dtype, or bf16 for the default model; CPU).
             **config: DecodeConfig fields (total_tokens, depth, top_k, max_length, backend).
         """
         tokenizer = None
         if target is None:
             from eagle2_kernels.models import default as default_model
 
-            target, tokenizer = default_model.load_default()
+            kwargs = {} if dtype is None else {"dtype": dtype}
+            target, tokenizer = default_model.load_default(device=device or "cpu", **kwargs)
             if draft is None:
                 draft = default_model.default_head_path()
         elif isinstance(target, (str, os.PathLike)):
@@ -399,6 +402,8 @@ class TreeSpecDecoder:
     def _run(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos, need, generator):
         stats = DecodeStats()
         self.last_stats = stats
+        self._epoch += 1
+        epoch = self._epoch
         if max_new_tokens == 0:
             return
         t_start = time.perf_counter()
@@ -422,7 +427,9 @@ class TreeSpecDecoder:
         stats.record(len(chunk))
         budget -= len(chunk)
         if not tree:
-            yield from self._plain_loop(chunk, done, root, budget, temperature, top_p, top_k, eos, generator, stats)
+            yield from self._plain_loop(
+                chunk, done, root, budget, temperature, top_p, top_k, eos, generator, stats, epoch
+            )
             return
         # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L.
         pend_feats = feats
@@ -437,6 +444,7 @@ class TreeSpecDecoder:
         d2t = head.draft_to_target
         pos = self._positions
         while not done:
+            self._check_epoch(epoch)
             # ---------------- draft: catch-up, root expansion, D expansions, build
             stable = dc.host_lengths[0]
             n = pend_tokens.shape[1]
@@ -520,7 +528,14 @@ class TreeSpecDecoder:
             yield chunk
             t_mark = time.perf_counter()
 
-    def _plain_loop(self, chunk, done, token, budget, temperature, top_p, top_k, eos, generator, stats):
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            raise RuntimeError(
+                "this stream was overtaken: another generate/stream call on the same decoder ran "
+                "while it was suspended and reused its caches; consume one stream at a time"
+            )
+
+    def _plain_loop(self, chunk, done, token, budget, temperature, top_p, top_k, eos, generator, stats, epoch):
         """Plain decoding after the prefill: one target forward per token, same cache path."""
         t_mark = time.perf_counter()
         yield chunk
@@ -528,6 +543,7 @@ class TreeSpecDecoder:
         backend = self.config.backend
         batch = token.shape[0]
         while not done:
+            self._check_epoch(epoch)
             t0 = time.perf_counter()
             stats.other_s += t0 - t_mark
             prefix = tc.host_lengths[0]
