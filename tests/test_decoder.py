@@ -332,3 +332,31 @@ def test_from_pretrained_with_objects_and_paths(tmp_path):
     dec.close()
     with pytest.raises(RuntimeError, match="closed"):
         dec.generate(ids, 3)
+
+
+def _backends():
+    from conftest import requires_triton
+
+    from eagle2_kernels._backend import ext_available
+
+    ext = pytest.mark.skipif(not ext_available(), reason="native extension not built")
+    return [
+        pytest.param("reference", id="reference"),
+        pytest.param("ext", id="ext", marks=ext),
+        pytest.param("triton", id="triton", marks=requires_triton),
+    ]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_every_ops_backend_decodes_the_same(backend):
+    """The runtime does not care which backend runs the ops (Triton: under the interpreter on CPU)."""
+    model, head, prompts = trained_setup()
+    ids = prompts[:1]
+    dec = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3, backend=backend)
+    out = dec.generate(ids, 12)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, 12))
+    assert max(out.stats.accept_lengths) >= 3
+    ref = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3, backend="reference")
+    kw = dict(temperature=1.0, top_k=20)
+    sampled = dec.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences
+    assert torch.equal(sampled, ref.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences)
