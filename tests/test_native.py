@@ -477,3 +477,35 @@ def test_public_ops_use_the_extension_on_cpu(monkeypatch):
     monkeypatch.setattr(_native, "tree_expand", lambda *a: calls.append(1) or real(*a))
     ops.tree_expand(torch.randn(1, 1, 30), torch.zeros(1, 1), 2)
     assert calls == [1]
+
+
+def test_public_ops_with_backend_ext_match_reference():
+    """The ``backend="ext"`` branch of every public op, against ``backend="reference"``."""
+    from eagle2_kernels import ops
+
+    tokens, scores, parents, roots = random_candidates(2, 40, seed=11)
+    results = {}
+    for be in ("ext", "reference"):
+        flag = torch.full((2,), 9, dtype=torch.int32)
+        tree = ops.tree_build(tokens, scores, parents, roots, 14, backend=be, error_flag=flag)
+        g = torch.Generator().manual_seed(2)
+        small = DraftTree(tree.tokens % 300, tree.parents, tree.depth, tree.mask)  # V = 300
+        logits = planted_logits(small, 300, 2)
+        q, kv = torch.randn(2, 4, 14, 16, generator=g), torch.randn(2, 2, 2, 50, 16, generator=g)
+        cache = torch.randn(4, 2, 2, 50, 16, generator=g)
+        out = [
+            *ops.tree_expand(torch.randn(2, 3, 300, generator=g), -torch.rand(2, 3, generator=g), 4, backend=be),
+            tree.tokens, tree.parents, tree.depth, tree.mask, flag,
+            ops.tree_attention(q, kv[0], kv[1], torch.tensor([20, 30]), tree.mask, 14, backend=be),
+            *ops.verify_greedy(small, logits, backend=be),
+            *ops.verify_sample(small, logits, torch.rand(2, 14, generator=g), 0.9, 0.95, 40, backend=be),
+            ops.kv_compact(cache, torch.tensor([5, 9]), torch.tensor([[0, 1, 3], [0, 2, -1]]),
+                           torch.tensor([3, 2]), backend=be),
+        ]
+        results[be] = out
+    for i, (a, b) in enumerate(zip(results["ext"], results["reference"])):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"output {i}")
+        else:
+            assert torch.equal(a, b), i
