@@ -99,10 +99,10 @@ constexpr int kLanes = 16;
 __attribute__((always_inline)) inline float max_of(const float* __restrict x, int64_t n) {
   float acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = -INFINITY;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  const int64_t whole = n - n % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
-  for (; i < n; ++i) acc[0] = x[i] > acc[0] ? x[i] : acc[0];
+  for (int64_t i = whole; i < n; ++i) acc[0] = x[i] > acc[0] ? x[i] : acc[0];
   float m = acc[0];
   for (int j = 1; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
   return m;
@@ -112,10 +112,10 @@ __attribute__((always_inline)) inline float max_of(const float* __restrict x, in
 __attribute__((always_inline)) inline float sum_exp_of(const float* __restrict x, int64_t n,
                                                        float shift) {
   float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  const int64_t whole = n - n % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += exp_approx(x[i + j] - shift);
-  for (; i < n; ++i) acc[0] += exp_approx(x[i] - shift);
+  for (int64_t i = whole; i < n; ++i) acc[0] += exp_approx(x[i] - shift);
   float s = 0.0f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;

@@ -71,19 +71,13 @@ void update_row(const float* __restrict q, const float* __restrict kt,
     const float* krow = kt + d * kBlock;
     for (int64_t k = 0; k < kBlock; ++k) s[k] += qd * krow[k];
   }
-  float mb = kNegInf;
-  for (int64_t k = 0; k < kBlock; ++k) {
-    s[k] = visible[k] ? s[k] : kNegInf;
-    mb = s[k] > mb ? s[k] : mb;
-  }
+  for (int64_t k = 0; k < kBlock; ++k) s[k] = visible[k] ? s[k] : kNegInf;
+  const float mb = detail::max_of(s, kBlock);
   if (mb == kNegInf) return;  // nothing visible in this block
   const float m_new = mb > *m ? mb : *m;
   const float corr = detail::exp_approx(*m - m_new);  // exp(-inf) = 0 on the first block
-  float sum = 0.0f;
-  for (int64_t k = 0; k < kBlock; ++k) {
-    s[k] = detail::exp_approx(s[k] - m_new);
-    sum += s[k];
-  }
+  const float sum = detail::sum_exp_of(s, kBlock, m_new);
+  for (int64_t k = 0; k < kBlock; ++k) s[k] = detail::exp_approx(s[k] - m_new);
   *l = *l * corr + sum;
   *m = m_new;
   for (int64_t d = 0; d < Dh; ++d) o[d] *= corr;

@@ -17,10 +17,10 @@ constexpr int64_t kChunk = 512;
 EAGLE2_SIMD_CLONES
 float chunk_max_nan(const float* __restrict x, int64_t n, bool* has_nan) {
   int nan[detail::kLanes] = {};
-  int64_t i = 0;
-  for (; i + detail::kLanes <= n; i += detail::kLanes)
+  const int64_t whole = n - n % detail::kLanes;
+  for (int64_t i = 0; i < whole; i += detail::kLanes)
     for (int j = 0; j < detail::kLanes; ++j) nan[j] |= x[i + j] != x[i + j];
-  for (; i < n; ++i) nan[0] |= x[i] != x[i];
+  for (int64_t i = whole; i < n; ++i) nan[0] |= x[i] != x[i];
   int any = 0;
   for (int j = 0; j < detail::kLanes; ++j) any |= nan[j];
   *has_nan = any != 0;
