@@ -311,6 +311,8 @@ def test_bad_input_errors_and_reuse():
         TreeSpecDecoder(model, EagleDraftHead.from_target(LlamaForCausalLM(LlamaConfig(
             hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
             vocab_size=vocab))), total_tokens=4, depth=1, top_k=3)
+    with pytest.raises(ValueError, match="draft head is on meta but the target on cpu"):
+        TreeSpecDecoder(model, EagleDraftHead.from_target(model).to("meta"), total_tokens=4, depth=1, top_k=3)
     with pytest.raises(ValueError, match="float16"):
         TreeSpecDecoder(model, EagleDraftHead.from_target(model, dtype=torch.float16), total_tokens=4, depth=1, top_k=3)
     cfg = DecodeConfig(total_tokens=8, depth=2, top_k=2)

@@ -432,6 +432,9 @@ class EagleDraftHead(nn.Module):
     # ------------------------------------------------------------------ save / load
     def _config_dict(self) -> dict[str, Any]:
         d = self.config.to_dict()
+        for noise in ("id2label", "label2id", "_name_or_path", "transformers_version"):
+            d.pop(noise, None)
+        d["architectures"] = ["LlamaForCausalLM"]
         d["num_hidden_layers"] = 1
         d["bias"] = self.bias
         if self.qkv_bias:
