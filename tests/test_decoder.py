@@ -205,6 +205,14 @@ def test_eos_and_max_new_tokens_inside_a_round():
     out2 = dec.generate(ids, max_new_tokens=40, eos_token_id=[other, eos])
     ref2 = hf_greedy(model, ids, 40, eos=[other, eos])
     assert torch.equal(out2.sequences, ref2)
+    # eos_token_id=None takes the model's generation config, like transformers' generate.
+    model.generation_config.eos_token_id = eos
+    try:
+        assert torch.equal(dec.generate(ids, max_new_tokens=40).sequences, hf_greedy(model, ids, 40))
+        assert torch.equal(dec.generate(ids, max_new_tokens=40).sequences, ref)
+        assert torch.equal(dec.generate(ids, max_new_tokens=40, eos_token_id=[]).sequences, full.sequences)
+    finally:
+        model.generation_config.eos_token_id = None
     # Plain decoding over our cache stops at the same place.
     plain = dec.generate_plain(ids, max_new_tokens=40, eos_token_id=eos)
     assert torch.equal(plain.sequences, ref)
@@ -268,9 +276,9 @@ def test_bad_input_errors_and_reuse():
     ids = prompt(vocab, 5, 3)
     ref = hf_greedy(model, ids, 10)
     bad_calls = [
-        (dict(input_ids=ids.float()), ValueError, "integer"),
+        (dict(input_ids=ids.float()), TypeError, "integer"),
         (dict(input_ids=ids[:, :0]), ValueError, "non-empty"),
-        (dict(input_ids=ids.tolist()), ValueError, "torch.Tensor"),
+        (dict(input_ids=ids.tolist()), TypeError, "torch.Tensor"),
         (dict(input_ids=ids + vocab), ValueError, r"\[0, 320\)"),
         (dict(temperature=-0.5), ValueError, "temperature"),
         (dict(temperature=1.0, top_p=0.0), ValueError, "top_p"),

@@ -31,9 +31,14 @@ from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
 from eagle2_kernels.runtime.config import DecodeConfig
 from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
 
-__all__ = ["TreeSpecDecoder", "GenerateOutput", "DecodeStats"]
+__all__ = ["TreeSpecDecoder", "GenerateOutput", "DecodeStats", "InputTypeError"]
 
 _CACHE_ROUND = 128  # caches sized per call grow in steps of this many slots
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type (say, float input ids). Also a ValueError, so that
+    ``except ValueError`` catches every bad-input error of the decoder."""
 
 
 def _check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
@@ -232,9 +237,11 @@ class TreeSpecDecoder:
         if self._closed:
             raise RuntimeError("this TreeSpecDecoder was closed; create a new one")
         if not torch.is_tensor(input_ids):
-            raise ValueError(f"input_ids must be a torch.Tensor of token ids [B, L], got {type(input_ids).__name__}")
+            raise InputTypeError(
+                f"input_ids must be a torch.Tensor of token ids [B, L], got {type(input_ids).__name__}"
+            )
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor (int64 token ids), got dtype {input_ids.dtype}")
+            raise InputTypeError(f"input_ids must be an integer tensor (int64 token ids), got dtype {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2:
@@ -258,17 +265,20 @@ class TreeSpecDecoder:
         max_new_tokens = int(max_new_tokens)
         temperature, top_p, top_k = _check_sampling(temperature, top_p, top_k)
         if eos_token_id is None:
-            eos = frozenset()
-        else:
-            items = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
-            try:
-                items = list(items)
-            except TypeError:
-                raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}") from None
-            for e in items:
-                if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab:
-                    raise ValueError(f"eos_token_id entries must be ints in [0, {vocab}), got {eos_token_id!r}")
-            eos = frozenset(int(e) for e in items)
+            # As transformers' generate: fall back to the model's generation config.
+            gen_cfg = getattr(self.target, "generation_config", None)
+            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = []
+        items = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
+        try:
+            items = list(items)
+        except TypeError:
+            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}") from None
+        for e in items:
+            if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab:
+                raise ValueError(f"eos_token_id entries must be ints in [0, {vocab}), got {eos_token_id!r}")
+        eos = frozenset(int(e) for e in items)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         extra = self.config.total_tokens if tree else 1
@@ -313,7 +323,9 @@ class TreeSpecDecoder:
             top_p: nucleus filter in (0, 1] (sampling only).
             top_k: sampling filter, int >= 0 (0 = off); not the tree's branching factor.
             eos_token_id: int or list of ints; generation stops right after the first one,
-                exactly where plain decoding stops.
+                exactly where plain decoding stops. None (the default) takes the model's
+                ``generation_config.eos_token_id``, as transformers' generate does; ``[]``
+                disables stopping.
             generator: torch.Generator for the sampling draws (same generator state = same
                 output).
 
