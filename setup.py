@@ -55,6 +55,21 @@ def _find_tool(name: str, module: str) -> str | None:
         return None
 
 
+def _drop_foreign_cache(build_dir: str) -> None:
+    """Remove a build tree configured for another source directory (a copied checkout):
+    CMake refuses to reuse it."""
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    if not os.path.isfile(cache):
+        return
+    with open(cache, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("CMAKE_HOME_DIRECTORY:"):
+                source = line.split("=", 1)[1].strip()
+                if os.path.realpath(source) != os.path.realpath(ROOT):
+                    shutil.rmtree(build_dir, ignore_errors=True)
+                return
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -98,6 +113,7 @@ class CMakeBuild(build_ext):
         # A persistent build tree per interpreter makes rebuilds incremental.
         key = hashlib.sha1(sys.executable.encode()).hexdigest()[:8]
         build_dir = os.path.join(ROOT, "build", f"cmake-{sysconfig.get_platform()}-{key}")
+        _drop_foreign_cache(build_dir)
         os.makedirs(build_dir, exist_ok=True)
 
         build_type = os.environ.get("EAGLE2_KERNELS_BUILD_TYPE", "Release")
