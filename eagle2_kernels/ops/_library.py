@@ -70,6 +70,8 @@ def _tree(tokens: Tensor, parents: Tensor) -> DraftTree:
 def tree_expand(
     logits: Tensor, parent_scores: Tensor, top_k: int, draft_to_target: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [B, R, V] float, parent_scores [B, R] -> child_tokens [B, R, K] int64,
+    child_scores [B, R, K] float32, next_index [B, K] int64, next_scores [B, K] float32."""
     return tuple(_ops().tree_expand(logits, parent_scores, top_k, draft_to_target))
 
 
@@ -98,6 +100,9 @@ def tree_build(
     total_tokens: int,
     error_flag: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """cand_* [B, C], root_tokens [B] -> tokens [B, T] int64, parents [B, T] int32,
+    depth [B, T] int32, mask [B, T, W] int32 (T = total_tokens); error_flag [B] int32 is
+    overwritten with the per-sequence error codes when given."""
     tree = _ops().tree_build(
         cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag=error_flag
     )
@@ -129,6 +134,8 @@ def tree_attention(
     tree_len: int,
     scale: Optional[float] = None,
 ) -> Tensor:
+    """q [B, Hq, Tq, Dh], k_cache / v_cache [B, Hkv, Lmax, Dh], prefix_len [B] int,
+    tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh] (dtype and layout of q)."""
     return _ops().tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
 
 
@@ -142,6 +149,8 @@ def _(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale=None):
 
 @torch.library.custom_op(f"{NAMESPACE}::verify_greedy", mutates_args=(), device_types=_DEVICES)
 def verify_greedy(tokens: Tensor, parents: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """tokens / parents [B, T] int, target_logits [B, T, V] float -> path [B, T] int64
+    (-1 padded), accept_len [B] int64, bonus [B] int64."""
     return tuple(_ops().verify_greedy(_tree(tokens, parents), target_logits))
 
 
@@ -160,6 +169,8 @@ def verify_sample(
     top_p: float = 1.0,
     top_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """tokens / parents [B, T] int, target_logits [B, T, V] float, uniforms [B, T] float32
+    -> path [B, T] int64 (-1 padded), accept_len [B] int64, bonus [B] int64."""
     return tuple(
         _ops().verify_sample(
             _tree(tokens, parents), target_logits, uniforms, temperature, top_p, top_k
@@ -186,6 +197,8 @@ def _verify_outputs(tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op(f"{NAMESPACE}::kv_compact", mutates_args=("cache",), device_types=_DEVICES)
 def kv_compact(cache: Tensor, prefix_len: Tensor, path: Tensor, accept_len: Tensor) -> None:
+    """cache [N, B, Hkv, Lmax, Dh] (modified in place), prefix_len / accept_len [B] int,
+    path [B, T] int."""
     _ops().kv_compact(cache, prefix_len, path, accept_len)
 
 
