@@ -238,6 +238,11 @@ def test_stream_matches_generate_and_plain():
     with pytest.raises(RuntimeError, match="overtaken"):
         next(first)
     assert torch.equal(dec.generate(ids, 33).sequences, out.sequences)
+    # A tokenizer-style mapping is accepted (unpadded only).
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert torch.equal(dec.generate(enc, 33).sequences, out.sequences)
+    with pytest.raises(ValueError, match="padded prompts"):
+        dec.generate({"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, 3)
     # max_new_tokens = 0 returns the prompt.
     assert torch.equal(dec.generate(ids, 0).sequences, ids)
 

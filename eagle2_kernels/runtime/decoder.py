@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -236,6 +237,12 @@ class TreeSpecDecoder:
     def _check_call(self, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree: bool):
         if self._closed:
             raise RuntimeError("this TreeSpecDecoder was closed; create a new one")
+        if isinstance(input_ids, Mapping) and "input_ids" in input_ids:
+            # A tokenizer's BatchEncoding: only unpadded prompts are supported.
+            mask = input_ids.get("attention_mask")
+            if mask is not None and torch.is_tensor(mask) and not bool(mask.all()):
+                raise ValueError("padded prompts (attention_mask with zeros) are not supported; pass unpadded input_ids")
+            input_ids = input_ids["input_ids"]
         if not torch.is_tensor(input_ids):
             raise InputTypeError(
                 f"input_ids must be a torch.Tensor of token ids [B, L], got {type(input_ids).__name__}"
@@ -317,7 +324,8 @@ class TreeSpecDecoder:
         """Speculative decoding: same output as plain decoding of the target.
 
         Args:
-            input_ids: [B, L] int64 prompt (B = 1 for now), on the target's device.
+            input_ids: [B, L] int64 prompt (B = 1 for now), on the target's device (or a
+                tokenizer's output holding ``input_ids``, unpadded).
             max_new_tokens: at most this many tokens are generated.
             temperature: 0 = greedy (token-for-token equal to plain greedy decoding); > 0 samples.
             top_p: nucleus filter in (0, 1] (sampling only).
