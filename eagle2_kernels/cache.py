@@ -82,15 +82,28 @@ class StaticKVCache:
         """[B, Hkv, Lmax, Dh] view of the values of ``layer``."""
         return self.kv[2 * layer + 1]
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ([B, Hkv, N, Dh]) of ``layer`` at slots start .. start + N - 1."""
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([B, Hkv, N, Dh]) of ``layer`` at slots start .. start + N - 1.
+
+        ``start`` is an int (same slot for the batch) or a list of B ints (one per sequence).
+        """
         n = k.shape[2]
-        if start + n > self.capacity:
+        if isinstance(start, int) or len(set(start)) == 1:
+            s0 = start if isinstance(start, int) else start[0]
+            if s0 + n > self.capacity:
+                raise ValueError(
+                    f"StaticKVCache: writing {n} slots at {s0} exceeds the capacity {self.capacity}"
+                )
+            self.kv[2 * layer, :, :, s0 : s0 + n].copy_(k)
+            self.kv[2 * layer + 1, :, :, s0 : s0 + n].copy_(v)
+            return
+        if max(start) + n > self.capacity:
             raise ValueError(
-                f"StaticKVCache: writing {n} slots at {start} exceeds the capacity {self.capacity}"
+                f"StaticKVCache: writing {n} slots at {max(start)} exceeds the capacity {self.capacity}"
             )
-        self.kv[2 * layer, :, :, start : start + n].copy_(k)
-        self.kv[2 * layer + 1, :, :, start : start + n].copy_(v)
+        for b, s0 in enumerate(start):
+            self.kv[2 * layer, b, :, s0 : s0 + n].copy_(k[b])
+            self.kv[2 * layer + 1, b, :, s0 : s0 + n].copy_(v[b])
 
     def reset(self) -> None:
         """Forget every sequence (lengths to 0); the storage is kept and overwritten later."""
@@ -101,6 +114,14 @@ class StaticKVCache:
         """Set every sequence's committed length to ``length`` (host and device)."""
         self.lengths.fill_(length)
         self.host_lengths = [length] * self.batch_size
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Set each sequence's committed length (host list and device tensor)."""
+        if len(set(lengths)) == 1:
+            self.set_length(lengths[0])
+            return
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self.host_lengths = list(lengths)
 
     def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> bool:
         """True when this cache can serve a call with these needs without reallocation."""

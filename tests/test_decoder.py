@@ -1,7 +1,8 @@
 """TreeSpecDecoder, greedy: token-for-token equal to transformers' greedy generate (fp32,
 tiny random Llama / Qwen2 / Mistral), with a random head (short acceptances) and with a head
 trained on the target's own features (long acceptances: compaction and deep paths), EOS and
-max_new_tokens inside a round, stats, streaming, bad input, and the user's model untouched."""
+max_new_tokens inside a round, batches (B = 3), stats, streaming, bad input, every ops backend,
+and the user's model untouched."""
 
 from __future__ import annotations
 
@@ -293,7 +294,6 @@ def test_bad_input_errors_and_reuse():
         (dict(max_new_tokens=60), ValueError, "max_length=64"),
         (dict(eos_token_id="x"), ValueError, "eos_token_id"),
         (dict(eos_token_id=[vocab]), ValueError, "eos_token_id"),
-        (dict(input_ids=ids.expand(2, -1)), NotImplementedError, "B=2"),
         (dict(input_ids=ids.to("meta")), ValueError, "device|on meta"),
     ]
     for kwargs, exc, match in bad_calls:
@@ -375,3 +375,41 @@ def test_every_ops_backend_decodes_the_same(backend):
     kw = dict(temperature=1.0, top_k=20)
     sampled = dec.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences
     assert torch.equal(sampled, ref.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences)
+
+
+@pytest.mark.parametrize("T,D,K", [pytest.param(6, 2, 3, id="T6-D2-K3"), pytest.param(16, 4, 4, id="T16-D4-K4")])
+def test_batch_greedy_equals_transformers(T, D, K):
+    """B = 3 sequences in lockstep, with different acceptance lengths per round and EOS stops."""
+    model, head, prompts = trained_setup()
+    dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K)
+    ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)  # 2 trained, 1 fresh
+    out = dec.generate(ids, max_new_tokens=30)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, 30))
+    assert out.stats.new_tokens == sum(out.stats.accept_lengths) == 3 * 30
+    rows = [dec.generate(ids[b : b + 1], 30).sequences for b in range(3)]
+    assert torch.equal(out.sequences, torch.cat(rows, 0))
+    # An EOS that stops row 0 early inside a round; the others go on, row 0 is padded with it.
+    new0 = out.sequences[0, 6:].tolist()
+    eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
+    out_eos = dec.generate(ids, max_new_tokens=30, eos_token_id=eos)
+    assert torch.equal(out_eos.sequences, hf_greedy(model, ids, 30, eos=eos))
+    real = sum(len(r[6:].tolist()[: r[6:].tolist().index(eos) + 1]) if eos in r[6:].tolist() else 30
+               for r in out_eos.sequences)
+    assert out_eos.stats.new_tokens == sum(out_eos.stats.accept_lengths) == real
+    chunks = list(dec.stream(ids, max_new_tokens=30, eos_token_id=eos))
+    assert all(len(c) == 3 for c in chunks)
+    for b in range(3):
+        got = sum((c[b] for c in chunks), [])
+        assert got == out_eos.sequences[b, 6 : 6 + len(got)].tolist()
+    plain = dec.generate_plain(ids, max_new_tokens=30, eos_token_id=eos)
+    assert torch.equal(plain.sequences, out_eos.sequences)
+
+
+def test_batch_sampling_is_deterministic_and_matches_rows():
+    model, head, prompts = trained_setup()
+    dec = TreeSpecDecoder(model, head, total_tokens=8, depth=3, top_k=3)
+    ids = prompts[:2]
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=30)
+    a = dec.generate(ids, generator=torch.Generator().manual_seed(4), **kw).sequences
+    b = dec.generate(ids, generator=torch.Generator().manual_seed(4), **kw).sequences
+    assert torch.equal(a, b) and a.shape == (2, 26)

@@ -399,7 +399,7 @@ class EagleDraftHead(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cache,
-        slot: int,
+        slot,
         tree_mask: torch.Tensor,
         tree_len: int,
         backend: str | None = None,
@@ -413,7 +413,8 @@ class EagleDraftHead(nn.Module):
         Args:
             hidden_states: [B, N, H] parent features; input_ids: [B, N] tokens;
             position_ids: [B, N] draft positions; cache: one-layer StaticKVCache;
-            slot: first slot to write (lengths + offset in the tree region);
+            slot: first slot to write (lengths + offset in the tree region), an int or a list
+                of B ints;
             tree_mask: [B, N, W] int32 packed mask; tree_len: tree slots in use after the write.
         Returns:
             [B, N, H] predicted features.

@@ -33,7 +33,8 @@ class DecodeContext:
 
     Attributes:
         cache: the target's StaticKVCache; ``cache.lengths`` is the committed prefix.
-        slot: first cache slot written by this forward (the prefix length, same for the batch).
+        slot: first cache slot written by this forward: the prefix length, an int (same for
+            the batch) or a list of B ints.
         tree_mask: [B, N, W] int32 packed visibility of the N new tokens among themselves;
             None for a causal prefill (empty prefix).
         tree_len: number of new tokens (the tree region's size).
@@ -41,7 +42,7 @@ class DecodeContext:
     """
 
     cache: StaticKVCache
-    slot: int
+    slot: int | list[int]
     tree_mask: torch.Tensor | None
     tree_len: int
     backend: str | None = None

@@ -256,10 +256,6 @@ class TreeSpecDecoder:
         batch, length = input_ids.shape
         if batch < 1 or length < 1:
             raise ValueError(f"input_ids must hold a non-empty prompt, got shape {tuple(input_ids.shape)}")
-        if batch > 1:
-            raise NotImplementedError(
-                f"batch size B={batch} > 1 is not supported yet; decode the sequences one at a time"
-            )
         dev = self._adapter.device
         if input_ids.device != dev:
             raise ValueError(f"input_ids is on {input_ids.device} but the target model on {dev}; move it there")
@@ -286,6 +282,9 @@ class TreeSpecDecoder:
             if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab:
                 raise ValueError(f"eos_token_id entries must be ints in [0, {vocab}), got {eos_token_id!r}")
         eos = frozenset(int(e) for e in items)
+        # Padding of sequences that stop early (B > 1), as transformers: pad id, else first EOS.
+        pad = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
+        self._pad_id = int(pad) if isinstance(pad, numbers.Integral) else (int(items[0]) if items else 0)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         extra = self.config.total_tokens if tree else 1
@@ -324,8 +323,10 @@ class TreeSpecDecoder:
         """Speculative decoding: same output as plain decoding of the target.
 
         Args:
-            input_ids: [B, L] int64 prompt (B = 1 for now), on the target's device (or a
-                tokenizer's output holding ``input_ids``, unpadded).
+            input_ids: [B, L] int64 prompts of one length (no padding), on the target's device
+                (or a tokenizer's output holding unpadded ``input_ids``). The B sequences
+                decode in lockstep; each stops on its own, and one that stops early is padded
+                (the model's pad id, else the first EOS id), as transformers pads.
             max_new_tokens: at most this many tokens are generated.
             temperature: 0 = greedy (token-for-token equal to plain greedy decoding); > 0 samples.
             top_p: nucleus filter in (0, 1] (sampling only).
@@ -338,7 +339,8 @@ class TreeSpecDecoder:
                 output).
 
         Returns:
-            GenerateOutput: ``sequences`` [B, L + n] int64, ``stats`` (DecodeStats).
+            GenerateOutput: ``sequences`` [B, L + n] int64, ``stats`` (DecodeStats; for B > 1
+            ``accept_lengths`` counts the tokens committed by the whole batch per round).
         """
         return self._collect(True, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator)
 
@@ -367,23 +369,31 @@ class TreeSpecDecoder:
         generator: torch.Generator | None = None,
         plain: bool = False,
     ) -> Iterator[list[int]]:
-        """Like :meth:`generate`, but yields the new token ids (a list of ints, B = 1) of each
-        round as it commits them. The arguments are checked before the first ``next()``
-        returns; ``self.last_stats`` holds the stats once the stream is exhausted."""
+        """Like :meth:`generate`, but yields the new token ids of each round as it commits them:
+        a list of ints for B = 1, a list of B such lists for B > 1 (empty for a sequence that
+        has stopped). The arguments are checked when ``stream`` is called; ``self.last_stats``
+        holds the stats once the stream is exhausted. ``plain=True`` streams plain decoding."""
         args = self._check_call(
             input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree=not plain
         )
-        return self._run(not plain, *args, generator)
+        rounds = self._run(not plain, *args, generator)
+        if args[0].shape[0] == 1:
+            return (chunks[0] for chunks in rounds)
+        return rounds
 
     # ------------------------------------------------------------------ loops
     def _collect(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator):
         args = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree)
         ids = args[0]
-        new: list[int] = []
-        for chunk in self._run(tree, *args, generator):
-            new.extend(chunk)
+        new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for chunks in self._run(tree, *args, generator):
+            for seq, chunk in zip(new, chunks):
+                seq.extend(chunk)
         t0 = time.perf_counter()
-        out = torch.tensor([new], dtype=ids.dtype, device=ids.device)
+        width = max(len(seq) for seq in new)
+        # Sequences that stopped early are padded, as transformers' generate pads them.
+        rows = [seq + [self._pad_id] * (width - len(seq)) for seq in new]
+        out = torch.tensor(rows, dtype=ids.dtype, device=ids.device).view(ids.shape[0], width)
         sequences = torch.cat([ids, out], dim=1)
         stats = self.last_stats
         stats.other_s += time.perf_counter() - t0
@@ -419,7 +429,27 @@ class TreeSpecDecoder:
             tokens, done = tokens[:budget], True
         return tokens, done
 
+    def _commit(self, proposals, active, budgets, eos, stats) -> list[list[int]]:
+        """Cut each active sequence's proposed tokens (EOS, budget); record the round."""
+        chunks, total = [], 0
+        for b, tokens in enumerate(proposals):
+            if not active[b]:
+                chunks.append([])
+                continue
+            chunk, done = self._cut(tokens, budgets[b], eos)
+            budgets[b] -= len(chunk)
+            active[b] = not done
+            total += len(chunk)
+            chunks.append(chunk)
+        stats.record(total)
+        return chunks
+
     def _run(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos, need, generator):
+        """The decoding loop; yields, per round, one list of committed token ids per sequence.
+
+        Sequences of a batch advance in lockstep; one that has stopped (EOS or budget) keeps
+        riding along with frozen cache lengths and its tokens are discarded.
+        """
         stats = DecodeStats()
         self.last_stats = stats
         self._epoch += 1
@@ -431,6 +461,8 @@ class TreeSpecDecoder:
         self._ensure_buffers(batch, need)
         tc, dc, ad = self._tcache, self._dcache, self._adapter
         backend = self.config.backend
+        budgets = [max_new_tokens] * batch
+        active = [True] * batch
 
         # ---- prefill: one target forward over the prompt commits the first token.
         tc.set_length(0)
@@ -439,47 +471,48 @@ class TreeSpecDecoder:
         logits, feats = ad.forward(input_ids, self._positions[:length].expand(batch, length), ctx, logits_to_keep=1)
         tc.set_length(length)
         root = self._pick(logits[:, -1], temperature, top_p, top_k, generator)  # [B]
-        first = root.tolist()
         t_verify = time.perf_counter()
         stats.verify_s += t_verify - t_start
-        budget = max_new_tokens
-        chunk, done = self._cut(first, budget, eos)
-        stats.record(len(chunk))
-        budget -= len(chunk)
+        chunks = self._commit([[t] for t in root.tolist()], active, budgets, eos, stats)
         if not tree:
-            yield from self._plain_loop(
-                chunk, done, root, budget, temperature, top_p, top_k, eos, generator, stats, epoch
-            )
+            yield from self._plain_loop(chunks, root, active, budgets, temperature, top_p, top_k, eos, generator,
+                                        stats, epoch)
             return
         # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L.
         pend_feats = feats
         pend_tokens = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)
+        pend_n = [length] * batch  # valid catch-up rows per sequence
+        last_row = None  # [B] index of each sequence's last valid catch-up row (None: the last)
         stats.other_s += time.perf_counter() - t_verify
-        yield chunk
+        yield chunks
         t_mark = time.perf_counter()
         first_catchup = True
         cfg = self.config
         K, D, T = cfg.top_k, cfg.depth, cfg.total_tokens
         head = self.draft
         d2t = head.draft_to_target
-        pos = self._positions
-        while not done:
+        hidden = head.hidden_size
+        while any(active):
             self._check_epoch(epoch)
             # ---------------- draft: catch-up, root expansion, D expansions, build
-            stable = dc.host_lengths[0]
+            stable = dc.host_lengths
             n = pend_tokens.shape[1]
             with torch.no_grad():
                 if first_catchup:
                     hs = head.prefill(pend_feats, pend_tokens, dc)
                     first_catchup = False
                 else:
+                    # Rows past a sequence's own count are padding: later slots, never visible.
                     mask = self._chain[:n].unsqueeze(0).expand(batch, n, -1)
-                    hs = head.tree_step(
-                        pend_feats, pend_tokens, pos[stable : stable + n].expand(batch, n), dc, stable, mask, n, backend
-                    )
-                stable += n
-                dc.set_length(stable)
-                h_parent = hs[:, -1:]  # [B, 1, H]
+                    positions = dc.lengths[:, None].to(torch.int64) + self._positions[:n]
+                    hs = head.tree_step(pend_feats, pend_tokens, positions, dc, stable, mask, n, backend)
+                if last_row is None:
+                    h_parent = hs[:, -1:]  # [B, 1, H]
+                else:
+                    h_parent = hs.gather(1, last_row.view(batch, 1, 1).expand(batch, 1, hidden))
+                # Stopped sequences keep their lengths (their tokens are discarded).
+                stable = [s + (pend_n[b] if active[b] else 0) for b, s in enumerate(stable)]
+                dc.set_lengths(stable)
                 ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
                 cand_tokens, cand_scores, cand_parents = [ct.view(batch, K)], [cs.view(batch, K)], [self._root_parent]
                 f_tokens = ct.view(batch, K).gather(1, ni)
@@ -488,11 +521,10 @@ class TreeSpecDecoder:
                 f_feats = h_parent.expand(batch, K, -1)
                 f_mask = self._own_bits[0]
                 base = K
+                draft_pos = dc.lengths[:, None].to(torch.int64).expand(batch, K)
                 for j in range(1, D + 1):
-                    hs = head.tree_step(
-                        f_feats, f_tokens, pos[stable + j - 1 : stable + j].expand(batch, K), dc,
-                        stable + (j - 1) * K, f_mask, j * K, backend,
-                    )
+                    slots = [s + (j - 1) * K for s in stable]
+                    hs = head.tree_step(f_feats, f_tokens, draft_pos + (j - 1), dc, slots, f_mask, j * K, backend)
                     ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
                     cand_tokens.append(ct.view(batch, K * K))
                     cand_scores.append(cs.view(batch, K * K))
@@ -502,7 +534,7 @@ class TreeSpecDecoder:
                         f_tokens = ct.view(batch, K * K).gather(1, ni)
                         f_index = ni + base
                         f_scores = ns
-                        f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hs.shape[-1]))
+                        f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hidden))
                         f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
                     base += K * K
                 draft_tree = ops.tree_build(
@@ -514,9 +546,10 @@ class TreeSpecDecoder:
             stats.draft_s += t_draft - t_mark
 
             # ---------------- verify: one target forward over the tree, then acceptance
-            prefix = tc.host_lengths[0]
-            ctx = DecodeContext(tc, prefix, draft_tree.mask, T, backend)
-            logits, feats = ad.forward(draft_tree.tokens, draft_tree.depth.to(torch.int64) + prefix, ctx)
+            prefix = tc.host_lengths
+            ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, draft_tree.mask, T, backend)
+            positions = draft_tree.depth.to(torch.int64) + tc.lengths[:, None]
+            logits, feats = ad.forward(draft_tree.tokens, positions, ctx)
             if temperature == 0.0:
                 path, alen, bonus = ops.verify_greedy(draft_tree, logits, backend=backend)
             else:
@@ -531,21 +564,26 @@ class TreeSpecDecoder:
             # ---------------- commit: compact KV, one host read, EOS / budget
             ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
             path_tokens = draft_tree.tokens.gather(1, path.clamp(min=0))
-            packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens], dim=1)[0].tolist()
-            a = packed[0]
-            new = packed[3 : 2 + a] + [packed[1]]
-            tc.set_length(prefix + a)
-            chunk, done = self._cut(new, budget, eos)
-            stats.record(len(chunk))
-            budget -= len(chunk)
-            if not done:
-                sel = path[:, :a]
-                pend_feats = feats.gather(1, sel[:, :, None].expand(batch, a, feats.shape[-1]))
-                pend_tokens = torch.cat([path_tokens[:, 1:a], bonus.view(batch, 1)], dim=1)
+            packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens], dim=1).tolist()
+            pend_n = [row[0] for row in packed]
+            proposals = [row[3 : 2 + row[0]] + [row[1]] for row in packed]
+            was_active = list(active)
+            tc.set_lengths([p + (a if was_active[b] else 0) for b, (p, a) in enumerate(zip(prefix, pend_n))])
+            chunks = self._commit(proposals, active, budgets, eos, stats)
+            if any(active):
+                # Next catch-up: pairs (feature of path node i, token after it), i < accept_len;
+                # the token after the deepest node is the bonus.
+                a_max = max(pend_n)
+                sel = path[:, :a_max].clamp(min=0)
+                pend_feats = feats.gather(1, sel[:, :, None].expand(batch, a_max, feats.shape[-1]))
+                toks = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
+                toks.scatter_(1, (alen - 1).view(batch, 1), bonus.view(batch, 1))
+                pend_tokens = toks[:, :a_max]
+                last_row = None if batch == 1 else (alen - 1).view(batch)
                 root = bonus.view(batch)
             t_mark = time.perf_counter()
             stats.other_s += t_mark - t_verify
-            yield chunk
+            yield chunks
             t_mark = time.perf_counter()
 
     def _check_epoch(self, epoch: int) -> None:
@@ -555,30 +593,27 @@ class TreeSpecDecoder:
                 "while it was suspended and reused its caches; consume one stream at a time"
             )
 
-    def _plain_loop(self, chunk, done, token, budget, temperature, top_p, top_k, eos, generator, stats, epoch):
+    def _plain_loop(self, chunks, token, active, budgets, temperature, top_p, top_k, eos, generator, stats, epoch):
         """Plain decoding after the prefill: one target forward per token, same cache path."""
-        t_mark = time.perf_counter()
-        yield chunk
+        yield chunks
         tc, ad = self._tcache, self._adapter
         backend = self.config.backend
         batch = token.shape[0]
-        while not done:
+        while any(active):
             self._check_epoch(epoch)
             t0 = time.perf_counter()
-            stats.other_s += t0 - t_mark
-            prefix = tc.host_lengths[0]
-            ctx = DecodeContext(tc, prefix, self._one_mask, 1, backend)
-            logits, _ = ad.forward(token.view(batch, 1), self._positions[prefix : prefix + 1].expand(batch, 1), ctx)
-            tc.set_length(prefix + 1)
+            prefix = tc.host_lengths
+            ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, self._one_mask, 1, backend)
+            logits, _ = ad.forward(token.view(batch, 1), tc.lengths.to(torch.int64).view(batch, 1), ctx)
+            # A stopped sequence keeps its length: its step is recomputed and discarded.
+            tc.set_lengths([p + (1 if active[b] else 0) for b, p in enumerate(prefix)])
             token = self._pick(logits[:, -1], temperature, top_p, top_k, generator)
-            new = token.tolist()
-            t_mark = time.perf_counter()
-            stats.verify_s += t_mark - t0
-            chunk, done = self._cut(new, budget, eos)
-            stats.record(len(chunk))
-            budget -= len(chunk)
-            yield chunk
-            t_mark = time.perf_counter()
+            proposals = [[t] for t in token.tolist()]
+            t1 = time.perf_counter()
+            stats.verify_s += t1 - t0
+            chunks = self._commit(proposals, active, budgets, eos, stats)
+            stats.other_s += time.perf_counter() - t1
+            yield chunks
 
 
 def _as_int32_words(words: torch.Tensor) -> torch.Tensor:

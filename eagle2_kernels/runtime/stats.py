@@ -15,10 +15,11 @@ class DecodeStats:
         rounds: target forwards that committed tokens. The prefill forward (which commits the
             first new token, with no draft) counts as one round; each draft-verify round after
             it is one more. Plain decoding has one round per token.
-        new_tokens: tokens generated (``sequences.shape[1] - prompt length``).
+        new_tokens: tokens generated (``sequences.shape[1] - prompt length`` for B = 1; for
+            B > 1 the real tokens of all sequences, padding excluded).
         accept_lengths: tokens committed per round, bonus token included (the prefill round
-            commits 1); the last round is cut at EOS / ``max_new_tokens``. Their sum is
-            ``new_tokens``.
+            commits 1 per sequence), summed over the batch; the last round is cut at EOS /
+            ``max_new_tokens``. Their sum is ``new_tokens``.
         draft_s: seconds in the draft phase (catch-up, expansions, tree build).
         verify_s: seconds in target forwards (prefill and verification) and acceptance.
         other_s: the rest of the call (KV compaction, bookkeeping, output assembly).
