@@ -330,6 +330,7 @@ def test_bad_input_errors_and_reuse():
         TreeSpecDecoder(model, EagleDraftHead.from_target(model, dtype=torch.float16), total_tokens=4, depth=1, top_k=3)
     cfg = DecodeConfig(total_tokens=8, depth=2, top_k=2)
     assert cfg.num_candidates == 10
+    assert TreeSpecDecoder(model, head, config=cfg).config is cfg
     with pytest.raises(Exception):
         cfg.depth = 3  # frozen
 

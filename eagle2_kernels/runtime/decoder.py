@@ -72,6 +72,8 @@ class TreeSpecDecoder:
             sizes the caches per call.
         backend: force the ops' backend ("reference", "triton", "ext"); None = by device.
         tokenizer: optional tokenizer kept as ``dec.tokenizer``.
+        config: a :class:`DecodeConfig`; when given it replaces total_tokens, depth, top_k,
+            max_length and backend.
 
     Attributes:
         target, draft, tokenizer, config (:class:`DecodeConfig`).
@@ -93,10 +95,16 @@ class TreeSpecDecoder:
         max_length: int | None = None,
         backend: str | None = None,
         tokenizer=None,
+        config: DecodeConfig | None = None,
     ):
-        self.config = DecodeConfig(
-            total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend
-        )
+        if config is None:
+            config = DecodeConfig(
+                total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend
+            )
+        elif not isinstance(config, DecodeConfig):
+            raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+        self.config = config
+        backend, max_length = config.backend, config.max_length
         if not isinstance(draft, EagleDraftHead):
             raise TypeError(f"draft must be an EagleDraftHead, got {type(draft).__name__}")
         self._adapter = TargetAdapter(target, backend=backend)
