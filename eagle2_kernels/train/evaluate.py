@@ -59,7 +59,9 @@ def draft_accuracy(head, target, sequences, steps: int = 5, batch_tokens: int = 
         b, n, _ = feats.shape
         m = n - 1
         # Target greedy token at feature position p (the prediction of x_{p+1}).
-        greedy = lm_head(feats.to(lm_head.weight.dtype)).argmax(-1)  # [B, N]
+        # (one row at a time: full-vocabulary logits of a whole batch would be gigabytes)
+        greedy = torch.stack([lm_head(row.to(lm_head.weight.dtype)).argmax(-1)
+                              for row in feats])  # [B, N]
         outs = rollout(head, feats, ids, steps)
         # ok[j][b, i]: step j+1 at index i predicts position i+j+1 correctly.
         alive = None
