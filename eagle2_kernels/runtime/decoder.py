@@ -257,6 +257,8 @@ class TreeSpecDecoder:
             )
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise InputTypeError(f"input_ids must be an integer tensor (int64 token ids), got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            input_ids = input_ids.long()  # embeddings take int32 / int64 indices only
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.dim() != 2:
