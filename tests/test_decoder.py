@@ -414,3 +414,26 @@ def test_batch_sampling_is_deterministic_and_matches_rows():
     a = dec.generate(ids, generator=torch.Generator().manual_seed(4), **kw).sequences
     b = dec.generate(ids, generator=torch.Generator().manual_seed(4), **kw).sequences
     assert torch.equal(a, b) and a.shape == (2, 26)
+
+
+def test_released_bin_with_embedding_decodes_like_safetensors(tmp_path):
+    """The released layout (pytorch_model.bin, fp32, with embed_tokens) and our safetensors save
+    (no embed_tokens: the target's is shared) give the same decoding, round for round."""
+    import json
+
+    model, head, prompts = trained_setup()
+    head.save_pretrained(tmp_path / "st")
+    state = {k: v.float().clone() for k, v in head.state_dict().items()}
+    state["embed_tokens.weight"] = model.get_input_embeddings().weight.detach().float().clone()
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    cfg = json.loads((tmp_path / "st" / "config.json").read_text())
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(cfg))
+    outs = []
+    for folder in ("bin", "st"):
+        dec = TreeSpecDecoder.from_pretrained(model, str(tmp_path / folder), total_tokens=10, depth=3, top_k=3)
+        assert (dec.draft.embed_tokens is not None) == (folder == "bin")
+        outs.append(dec.generate(prompts[2:3], 30))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert outs[0].stats.accept_lengths == outs[1].stats.accept_lengths
+    assert outs[0].stats.mean_accept_length > 2
