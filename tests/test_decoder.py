@@ -437,3 +437,25 @@ def test_released_bin_with_embedding_decodes_like_safetensors(tmp_path):
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert outs[0].stats.accept_lengths == outs[1].stats.accept_lengths
     assert outs[0].stats.mean_accept_length > 2
+
+
+def test_from_pretrained_default_path(tmp_path, monkeypatch):
+    """With no arguments the embedded default is used: load_default() and default_head_path()
+    (replaced here by a tiny model and head so that nothing large is loaded)."""
+    from eagle2_kernels.models import default as default_model
+
+    model = tiny_target("llama")
+    random_head("llama").save_pretrained(tmp_path / "head")
+    calls = {}
+
+    def fake_load_default(dtype=torch.bfloat16, device="cpu"):
+        calls["args"] = (dtype, device)
+        return model, "a tokenizer"
+
+    monkeypatch.setattr(default_model, "load_default", fake_load_default)
+    monkeypatch.setattr(default_model, "default_head_path", lambda: tmp_path / "head")
+    dec = TreeSpecDecoder.from_pretrained(dtype=torch.float32, total_tokens=6, depth=2, top_k=3)
+    assert calls["args"] == (torch.float32, "cpu")
+    assert dec.target is model and dec.tokenizer == "a tokenizer" and dec.config.total_tokens == 6
+    ids = prompt(model.config.vocab_size, 5, 4)
+    assert torch.equal(dec.generate(ids, 8).sequences, hf_greedy(model, ids, 8))
