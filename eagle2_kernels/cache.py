@@ -85,9 +85,19 @@ class StaticKVCache:
     def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ([B, Hkv, N, Dh]) of ``layer`` at slots start .. start + N - 1.
 
-        ``start`` is an int (same slot for the batch) or a list of B ints (one per sequence).
+        ``start`` is an int (same slot for the batch), a list of B ints (one per sequence), or
+        a [B] integer device tensor. The tensor form is a scatter that reads nothing on the
+        host (CUDA-graph capturable); its capacity is not checked here, the caller sizes the
+        cache so that every write fits.
         """
         n = k.shape[2]
+        if isinstance(start, torch.Tensor):
+            b, h, _, d = k.shape
+            offs = torch.arange(n, device=start.device, dtype=torch.int64)
+            idx = (start.to(torch.int64).view(b, 1, 1, 1) + offs.view(1, 1, n, 1)).expand(b, h, n, d)
+            self.kv[2 * layer].scatter_(2, idx, k)
+            self.kv[2 * layer + 1].scatter_(2, idx, v)
+            return
         if isinstance(start, int) or len(set(start)) == 1:
             s0 = start if isinstance(start, int) else start[0]
             if s0 + n > self.capacity:

@@ -1,7 +1,7 @@
 """Hugging Face target adapter: tree attention through transformers' public attention interface.
 
-We register one attention function (and a mask function that returns None, so transformers
-builds no dense mask) under a name unique to this package. A decoder switches the model to it
+We register one attention function (and no mask function, so transformers builds no mask
+and reads nothing from the inputs to make one) under a name unique to this package. A decoder switches the model to it
 only around its own forwards (:meth:`TargetAdapter.forward` restores the previous
 implementation before returning), so the user's ``model(...)`` / ``model.generate(...)``
 behave exactly as before, even between two rounds of a ``stream``.
@@ -34,7 +34,8 @@ class DecodeContext:
     Attributes:
         cache: the target's StaticKVCache; ``cache.lengths`` is the committed prefix.
         slot: first cache slot written by this forward: the prefix length, an int (same for
-            the batch) or a list of B ints.
+            the batch), a list of B ints, or a [B] device tensor (no host read: the static,
+            graph-capturable round passes ``cache.lengths`` itself).
         tree_mask: [B, N, W] int32 packed visibility of the N new tokens among themselves;
             None for a causal prefill (empty prefix).
         tree_len: number of new tokens (the tree region's size).
@@ -42,7 +43,7 @@ class DecodeContext:
     """
 
     cache: StaticKVCache
-    slot: int | list[int]
+    slot: int | list[int] | torch.Tensor
     tree_mask: torch.Tensor | None
     tree_len: int
     backend: str | None = None
@@ -80,11 +81,6 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2), None
 
 
-def _no_mask(*args, **kwargs):
-    # Our attention function reads visibility from the decode context, not from a mask.
-    return None
-
-
 _registered = False
 
 
@@ -93,10 +89,13 @@ def register_attention() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_NAME, _tree_attention_function)
-        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        # No mask function is registered on purpose: for an attention implementation without
+        # one, transformers' mask preparation exits at once and passes mask=None. A registered
+        # mask function would first make it look for packed sequences in position_ids, a host
+        # read (one device sync per forward, and a data-dependent branch that a CUDA graph
+        # cannot hold).
         _registered = True
     return ATTN_NAME
 

@@ -30,6 +30,15 @@ class DecodeConfig:
         max_length: capacity of the KV caches in tokens (prompt + new tokens + T must fit);
             None sizes the caches per call (grown when a call needs more, then reused).
         backend: force the ops' backend ("reference", "triton" or "ext"); None picks by device.
+        static_round: run each round over preallocated static buffers with device-side
+            lengths and no host reads inside the round (the GPU path, see
+            ``runtime/graphs.py``). None (default) = on for CUDA targets, off on CPU, where
+            the dynamic round is faster; True forces it (also on CPU, eagerly), False the
+            dynamic round.
+        cuda_graphs: capture the static round's draft and verify phases as CUDA graphs and
+            replay them. "auto" (default) = on when the static round runs on a CUDA target,
+            falling back to eager replay (with a warning naming the reason) when capture
+            fails; True = as "auto" but only valid for CUDA targets; False = never.
 
     Invariant: T - 1 <= K + D*K*K (the draft must supply enough candidates).
 
@@ -43,6 +52,8 @@ class DecodeConfig:
     top_k: int = 10
     max_length: int | None = None
     backend: str | None = None
+    static_round: bool | None = None
+    cuda_graphs: bool | str = "auto"
 
     def __post_init__(self):
         _positive_int("total_tokens", self.total_tokens, 2)
@@ -57,6 +68,12 @@ class DecodeConfig:
             )
         if self.max_length is not None:
             _positive_int("max_length", self.max_length, self.total_tokens + 2)
+        if self.static_round not in (None, True, False):
+            raise ValueError(f"DecodeConfig: static_round must be None, True or False, got {self.static_round!r}")
+        if not (self.cuda_graphs is True or self.cuda_graphs is False or self.cuda_graphs == "auto"):
+            raise ValueError(f"DecodeConfig: cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is True and self.static_round is False:
+            raise ValueError("DecodeConfig: cuda_graphs=True needs the static round (static_round None or True)")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"DecodeConfig: backend {self.backend!r} is not one of {', '.join(BACKENDS)} or None")
 

@@ -73,7 +73,13 @@ class TreeSpecDecoder:
         backend: force the ops' backend ("reference", "triton", "ext"); None = by device.
         tokenizer: optional tokenizer kept as ``dec.tokenizer``.
         config: a :class:`DecodeConfig`; when given it replaces total_tokens, depth, top_k,
-            max_length and backend.
+            max_length, backend, static_round and cuda_graphs.
+        static_round: None (default) = the static-shape round (device-side lengths, no host
+            reads inside a round; ``runtime/graphs.py``) on CUDA targets and the dynamic round
+            on CPU; True / False force one (the static round runs eagerly on CPU).
+        cuda_graphs: "auto" (default) = capture the static round's draft and verify phases as
+            CUDA graphs on CUDA targets, falling back to eager with a warning if capture fails;
+            True = the same, but an error for a non-CUDA target; False = never capture.
 
     Attributes:
         target, draft, tokenizer, config (:class:`DecodeConfig`).
@@ -96,10 +102,13 @@ class TreeSpecDecoder:
         backend: str | None = None,
         tokenizer=None,
         config: DecodeConfig | None = None,
+        static_round: bool | None = None,
+        cuda_graphs: bool | str = "auto",
     ):
         if config is None:
             config = DecodeConfig(
-                total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend
+                total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend,
+                static_round=static_round, cuda_graphs=cuda_graphs,
             )
         elif not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
@@ -128,6 +137,12 @@ class TreeSpecDecoder:
             raise ValueError(
                 f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
             )
+        if config.cuda_graphs is True and self._adapter.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs a CUDA target, the model is on {self._adapter.device}; "
+                f"use cuda_graphs='auto' or False (static_round=True runs the static round eagerly)"
+            )
+        self._static = None  # StaticRound of the last static call (buffers, captured graphs)
         self._closed = False
         self._epoch = 0  # bumped by every call: a suspended stream notices it was overtaken
         self._tcache: StaticKVCache | None = None
@@ -183,6 +198,7 @@ class TreeSpecDecoder:
         """Release the caches. The target was never left patched (our attention is only
         switched in around our own forwards), so nothing else needs undoing."""
         self._tcache = self._dcache = None
+        self._static = None
         self._closed = True
 
     def __enter__(self) -> "TreeSpecDecoder":
@@ -484,6 +500,12 @@ class TreeSpecDecoder:
         t_verify = time.perf_counter()
         stats.verify_s += t_verify - t_start
         chunks = self._commit([[t] for t in root.tolist()], active, budgets, eos, stats)
+        if tree and self.uses_static_round:
+            stats.other_s += time.perf_counter() - t_verify
+            yield chunks
+            yield from self._static_loop(input_ids, feats, root, active, budgets, temperature, top_p, top_k,
+                                         eos, generator, stats, epoch)
+            return
         if not tree:
             yield from self._plain_loop(chunks, root, active, budgets, temperature, top_p, top_k, eos, generator,
                                         stats, epoch)
@@ -595,6 +617,122 @@ class TreeSpecDecoder:
             stats.other_s += t_mark - t_verify
             yield chunks
             t_mark = time.perf_counter()
+
+    # ------------------------------------------------------------------ the static round
+    @property
+    def uses_static_round(self) -> bool:
+        """True when ``generate`` runs the static-shape round (config ``static_round``; by
+        default on CUDA targets only)."""
+        forced = self.config.static_round
+        return self._adapter.device.type == "cuda" if forced is None else forced
+
+    @property
+    def graph_status(self) -> str:
+        """How the last static call ran its round: "graphs", "eager (<reason>)", or "dynamic"."""
+        sr = self._static
+        if sr is None:
+            return "dynamic"
+        return "graphs" if sr.graphs else f"eager ({sr.graph_error or 'cuda_graphs off'})"
+
+    def _static_round(self, batch: int):
+        from eagle2_kernels.runtime.graphs import StaticRound
+
+        sr = self._static
+        if sr is None or sr.batch != batch or sr.tcache is not self._tcache or sr.dcache is not self._dcache:
+            sr = self._static = StaticRound(self, batch)
+        return sr
+
+    def _static_loop(self, input_ids, feats, root, active, budgets, temperature, top_p, top_k, eos, generator,
+                     stats, epoch):
+        """Rounds over static buffers (runtime/graphs.py): no host reads inside a round; the
+        host reads each round's packed record one round late on CUDA (pinned copy + event)."""
+        if not any(active):
+            return
+        t0 = time.perf_counter()
+        batch, length = input_ids.shape
+        dev = self._adapter.device
+        cuda = dev.type == "cuda"
+        dc, head = self._dcache, self.draft
+        with torch.no_grad():
+            # The draft catches up on the prompt's pairs but the last, (f_L, root): that one is
+            # the first round's (padded) catch-up, so every round has the same shape.
+            dc.set_length(length - 1)
+            if length > 1:
+                head.prefill(feats[:, : length - 1], input_ids[:, 1:], dc)
+        sr = self._static_round(batch)
+        sr.set_sampling(temperature, top_p, top_k)
+        sr.start(root, feats[:, -1], torch.tensor(budgets), eos, torch.tensor(active, device=dev))
+        want = self.config.cuda_graphs
+        if cuda and want is not False and not sr.graphs and sr.graph_error is None:
+            sr.enable_graphs()
+        T = self.config.total_tokens
+        lag = 1 if cuda else 0
+        host = torch.empty((2, batch, sr.record.shape[1]), dtype=torch.int64, pin_memory=cuda)
+        queue: list[tuple[int, object]] = []
+        events: list[tuple] = []
+        stats.other_s += time.perf_counter() - t0
+        r = 0
+        try:
+            while True:
+                self._check_epoch(epoch)
+                t0 = time.perf_counter()
+                if temperature > 0.0:
+                    sr.uniforms.copy_(self._uniforms((batch, T), generator))
+                if cuda:
+                    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                    marks[0].record()
+                    sr.run_draft()
+                    marks[1].record()
+                    sr.run_verify()
+                    marks[2].record()
+                    events.append(marks)
+                    slot = r % 2
+                    host[slot].copy_(sr.record, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                    queue.append((slot, done))
+                    stats.other_s += time.perf_counter() - t0
+                else:
+                    sr.run_draft()
+                    t1 = time.perf_counter()
+                    sr.run_verify()
+                    t2 = time.perf_counter()
+                    stats.draft_s += t1 - t0
+                    stats.verify_s += t2 - t1
+                    host[0].copy_(sr.record)
+                    queue.append((0, None))
+                r += 1
+                if len(queue) <= lag:
+                    continue
+                t0 = time.perf_counter()
+                slot, done = queue.pop(0)
+                if done is not None:
+                    done.synchronize()
+                rows = host[slot].tolist()
+                chunks = []
+                for b, row in enumerate(rows):
+                    n, still, err = row[0], row[1], row[2]
+                    if err:
+                        raise ValueError(
+                            f"tree_build reported error code {err} for sequence {b} (a kept draft "
+                            f"candidate's parent was dropped or invalid); the draft scores are not "
+                            f"log-probabilities of paths"
+                        )
+                    chunks.append(row[3 : 3 + n] if active[b] else [])
+                    budgets[b] -= n
+                    active[b] = bool(still) and active[b]
+                stats.record(sum(len(c) for c in chunks))
+                stats.other_s += time.perf_counter() - t0
+                yield chunks
+                if not any(active):
+                    break
+        finally:
+            if cuda and events:
+                torch.cuda.synchronize(dev)
+                d = sum(a.elapsed_time(b) for a, b, _ in events) / 1e3
+                v = sum(b.elapsed_time(c) for _, b, c in events) / 1e3
+                stats.draft_s += d
+                stats.verify_s += v
 
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:

@@ -1,0 +1,331 @@
+"""The static-shape round (runtime/graphs.py), run eagerly on CPU: token-for-token equal to
+transformers' greedy generate (fp32, tiny random Llama / Qwen2, random and trained heads),
+EOS and max_new_tokens inside a round (cut on the device), batches, sampling equal to the
+dynamic round for the same generator and to the target distribution (chi-square), and no host
+reads inside the two phase functions. The cuda-marked tests repeat the checks with CUDA graphs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_decoder import (  # noqa: E402
+    check_stats,
+    hf_greedy,
+    prompt,
+    random_head,
+    tiny_target,
+    trained_setup,
+)
+from test_decoder_sampling import (  # noqa: E402
+    ALPHA,
+    SAMPLING,
+    chi_square_pvalue,
+    counts_of,
+    exact_first_tokens,
+)
+from test_decoder_sampling import setup as sampling_setup  # noqa: E402
+
+from eagle2_kernels import DecodeConfig, TreeSpecDecoder  # noqa: E402
+from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
+from eagle2_kernels.runtime import graphs  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def static_decoder(model, head, T, D, K, **kw):
+    dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=True, **kw)
+    assert dec.uses_static_round
+    return dec
+
+
+# ---------------------------------------------------------------------- greedy losslessness
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "T,D,K",
+    [pytest.param(2, 1, 1, id="T2-D1-K1"), pytest.param(5, 3, 4, id="T5-D3-K4"),
+     pytest.param(60, 5, 10, id="T60-D5-K10")],
+)
+def test_static_greedy_lossless_random_head(arch, T, D, K):
+    model = tiny_target(arch)
+    dec = static_decoder(model, random_head(arch), T, D, K)
+    for seed, (length, n) in enumerate([(7, 20), (1, 9)]):
+        ids = prompt(model.config.vocab_size, length, seed)
+        out = dec.generate(ids, max_new_tokens=n)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, n)), (arch, T, D, K, seed)
+        check_stats(out, length)
+    assert dec.graph_status.startswith("eager")  # CPU: no graphs, the static round eagerly
+
+
+@pytest.mark.parametrize(
+    "T,D,K",
+    [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),
+     pytest.param(60, 5, 10, id="T60-D5-K10")],
+)
+def test_static_greedy_lossless_trained_head_long_paths(T, D, K):
+    model, head, prompts = trained_setup()
+    dec = static_decoder(model, head, T, D, K)
+    dyn = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=False)
+    for i in range(2):
+        ids = prompts[i : i + 1]
+        out = dec.generate(ids, max_new_tokens=40)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, 40))
+        check_stats(out, ids.shape[1])
+        # Deep paths were accepted and compacted; the round commits what the dynamic one does.
+        assert max(out.stats.accept_lengths) >= 4
+        assert out.stats.accept_lengths == dyn.generate(ids, max_new_tokens=40).stats.accept_lengths
+    ids = prompt(model.config.vocab_size, 5, 123)  # not trained on
+    assert torch.equal(dec.generate(ids, 30).sequences, hf_greedy(model, ids, 30))
+
+
+def test_static_eos_and_max_new_tokens_inside_a_round():
+    model, head, prompts = trained_setup()
+    dec = static_decoder(model, head, 16, 5, 4)
+    ids = prompts[:1]
+    full = dec.generate(ids, max_new_tokens=40)
+    new = full.sequences[0, ids.shape[1]:].tolist()
+    lengths = full.stats.accept_lengths
+    # A budget ending one token into a round of >= 3 tokens.
+    total, cut = 0, None
+    for a in lengths:
+        if a >= 3 and total > 1:
+            cut = total + 1
+            break
+        total += a
+    assert cut is not None, lengths
+    out = dec.generate(ids, max_new_tokens=cut)
+    assert out.sequences[0, ids.shape[1]:].tolist() == new[:cut]
+    check_stats(out, ids.shape[1])
+    # An EOS first seen in the middle of a long round.
+    total, pick = 0, None
+    for a in lengths:
+        if a >= 3:
+            j = next((j for j in range(total, total + a - 1) if j > 0 and new.index(new[j]) == j), None)
+            if j is not None:
+                pick = j
+                break
+        total += a
+    assert pick is not None
+    for eos in (new[pick], [new[pick + 1], new[pick]]):
+        out = dec.generate(ids, max_new_tokens=40, eos_token_id=eos)
+        assert torch.equal(out.sequences, hf_greedy(model, ids, 40, eos=eos))
+        check_stats(out, ids.shape[1])
+    assert out.sequences.shape[1] == ids.shape[1] + pick + 1
+    # The stream yields the same rounds.
+    chunks = list(dec.stream(ids, max_new_tokens=40))
+    assert [len(c) for c in chunks] == lengths and sum(chunks, []) == new
+    # The first token already stops (EOS or budget 1): no round runs.
+    assert torch.equal(dec.generate(ids, 1).sequences, full.sequences[:, : ids.shape[1] + 1])
+    out = dec.generate(ids, 40, eos_token_id=new[0])
+    assert out.sequences.shape[1] == ids.shape[1] + 1 and out.stats.rounds == 1
+
+
+def test_static_batch_greedy_with_eos_equals_transformers():
+    model, head, prompts = trained_setup()
+    dec = static_decoder(model, head, 8, 3, 3)
+    ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)
+    out = dec.generate(ids, max_new_tokens=24)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, 24))
+    new0 = out.sequences[0, 6:].tolist()
+    eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
+    out_eos = dec.generate(ids, max_new_tokens=24, eos_token_id=eos)
+    assert torch.equal(out_eos.sequences, hf_greedy(model, ids, 24, eos=eos))
+    dyn = TreeSpecDecoder(model, head, total_tokens=8, depth=3, top_k=3, static_round=False)
+    assert out_eos.stats.accept_lengths == dyn.generate(ids, 24, eos_token_id=eos).stats.accept_lengths
+
+
+# ---------------------------------------------------------------------- sampling
+def _pair(T=6, D=2, K=3):
+    model, _, _ = sampling_setup()
+    from eagle2_kernels import EagleDraftHead
+
+    torch.manual_seed(5)
+    head = EagleDraftHead.from_target(model)
+    return (static_decoder(model, head, T, D, K),
+            TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=False))
+
+
+def test_static_sampling_equals_dynamic_for_the_same_generator():
+    """The uniforms are drawn in the same order as the dynamic round, so a fixed generator gives
+    the dynamic round's sequence; hence the static round inherits its distribution test."""
+    st, dyn = _pair()
+    model, _, prompt_ids = sampling_setup()
+    for seed in range(6):
+        kw = dict(max_new_tokens=12, generator=torch.Generator().manual_seed(seed), **SAMPLING)
+        a = st.generate(prompt_ids, **kw).sequences
+        kw["generator"] = torch.Generator().manual_seed(seed)
+        b = dyn.generate(prompt_ids, **kw).sequences
+        assert torch.equal(a, b), seed
+    runs = [st.generate(prompt_ids, 16, temperature=1.0, generator=torch.Generator().manual_seed(s)).sequences
+            for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_static_sampling_matches_target_distribution():
+    st, _ = _pair()
+    model, _, prompt_ids = sampling_setup()
+    joint, marg3 = exact_first_tokens(model, prompt_ids, lambda lg: process_logits(lg, **SAMPLING))
+    g = torch.Generator().manual_seed(21)
+    samples, rounds = [], []
+    for _ in range(300):
+        out = st.generate(prompt_ids, max_new_tokens=3, generator=g, **SAMPLING)
+        samples.append(out.sequences[0, prompt_ids.shape[1]:].tolist())
+        rounds.extend(out.stats.accept_lengths[1:])
+    c_joint, c3 = counts_of(torch.tensor(samples))
+    assert chi_square_pvalue(c_joint, joint) > ALPHA
+    assert chi_square_pvalue(c3, marg3) > ALPHA
+    assert sum(a >= 2 for a in rounds) / len(rounds) > 0.1  # drafted tokens were accepted
+    wrong_joint, _ = exact_first_tokens(model, prompt_ids, lambda lg: torch.softmax(lg.float(), -1))
+    assert chi_square_pvalue(c_joint, wrong_joint) < 1e-6  # the test has power
+
+
+# ---------------------------------------------------------------------- no host reads in a round
+_ALLOWED = (os.path.join("eagle2_kernels", "ops") + os.sep, os.path.join("eagle2_kernels", "_native.py"),
+            os.sep + "triton" + os.sep)
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+def _guarded(monkeypatch):
+    """Make every host read of a tensor raise unless it comes from inside an op (the ops' CPU
+    backends may read on the host; their Triton kernels, used on CUDA, do not). Frames of torch's
+    own Python code are skipped to find the code that asked."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    state = {"on": False}
+
+    def wrap(name):
+        orig = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, **k):
+            if state["on"]:
+                f = sys._getframe(1)
+                while f is not None and f.f_code.co_filename.startswith(torch_dir):
+                    f = f.f_back
+                where = f.f_code.co_filename if f is not None else "?"
+                if not any(p in where for p in _ALLOWED):
+                    raise HostRead(f"host read Tensor.{name} from {where}:{f.f_lineno if f else '?'}")
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in _HOST_READS:
+        wrap(name)
+    return state
+
+
+def test_round_phases_do_no_host_reads(monkeypatch):
+    model, head, prompts = trained_setup()
+    dec = static_decoder(model, head, 16, 3, 4)
+    ids = prompts[:2]
+    expected = dec.generate(ids, 20).sequences
+    state = _guarded(monkeypatch)
+    calls = {"draft": 0, "verify": 0}
+
+    def phase(name, fn):
+        def run(self):
+            calls[name] += 1
+            state["on"] = True
+            try:
+                fn(self)
+            finally:
+                state["on"] = False
+        return run
+
+    monkeypatch.setattr(graphs.StaticRound, "draft_phase", phase("draft", graphs.StaticRound.draft_phase))
+    monkeypatch.setattr(graphs.StaticRound, "verify_phase", phase("verify", graphs.StaticRound.verify_phase))
+    dec2 = static_decoder(model, head, 16, 3, 4)
+    assert torch.equal(dec2.generate(ids, 20).sequences, expected)
+    out = dec2.generate(ids[:1], 10, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert out.sequences.shape == (1, ids.shape[1] + 10)
+    assert calls["draft"] == calls["verify"] >= 4
+    # The guard has teeth: a host read in a phase is caught.
+    state["on"] = True
+    try:
+        with pytest.raises(HostRead):
+            int(torch.ones((), dtype=torch.int64))
+        with pytest.raises(HostRead):
+            if torch.ones(1) > 0:  # data-dependent control flow
+                pass
+    finally:
+        state["on"] = False
+
+
+# ---------------------------------------------------------------------- switches
+def test_switches_and_errors():
+    model = tiny_target("llama")
+    head = random_head("llama")
+    # CPU default: the dynamic round.
+    assert not TreeSpecDecoder(model, head, total_tokens=5, depth=2, top_k=2).uses_static_round
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA target"):
+        TreeSpecDecoder(model, head, total_tokens=5, depth=2, top_k=2, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        DecodeConfig(cuda_graphs="sometimes")
+    with pytest.raises(ValueError, match="static_round"):
+        DecodeConfig(static_round="yes")
+    with pytest.raises(ValueError, match="needs the static round"):
+        DecodeConfig(static_round=False, cuda_graphs=True)
+    dec = TreeSpecDecoder(model, head, config=DecodeConfig(total_tokens=5, depth=2, top_k=2, static_round=True))
+    assert dec.uses_static_round
+    ids = prompt(model.config.vocab_size, 4, 3)
+    assert torch.equal(dec.generate(ids, 6).sequences, hf_greedy(model, ids, 6))
+    # After a bad call the decoder is still usable.
+    with pytest.raises(ValueError):
+        dec.generate(ids, 6, temperature=-1.0)
+    assert torch.equal(dec.generate(ids, 6).sequences, hf_greedy(model, ids, 6))
+
+
+# ---------------------------------------------------------------------- on a GPU: CUDA graphs
+def _cuda_copy(arch):
+    import copy
+
+    model = copy.deepcopy(tiny_target(arch)).cuda()
+    head = copy.deepcopy(random_head(arch)).cuda()
+    head.attach_target(model)
+    return model, head
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_graphs_greedy_lossless(arch):
+    model, head = _cuda_copy(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture failure must not pass silently here
+        dec = TreeSpecDecoder(model, head, total_tokens=16, depth=5, top_k=4, cuda_graphs=True)
+        for seed, (length, n) in enumerate([(7, 24), (1, 9)]):
+            ids = prompt(model.config.vocab_size, length, seed).cuda()
+            out = dec.generate(ids, n)
+            assert dec.graph_status == "graphs"
+            assert torch.equal(out.sequences, hf_greedy(model, ids, n)), seed
+            check_stats(out, length)
+        ids = torch.cat([prompt(model.config.vocab_size, 5, s) for s in range(2)]).cuda()
+        assert torch.equal(dec.generate(ids, 12).sequences, hf_greedy(model, ids, 12))
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_equal_eager_static_and_sampling_deterministic():
+    model, head = _cuda_copy("llama")
+    ids = prompt(model.config.vocab_size, 6, 1).cuda()
+    g = TreeSpecDecoder(model, head, total_tokens=12, depth=3, top_k=4, cuda_graphs=True)
+    e = TreeSpecDecoder(model, head, total_tokens=12, depth=3, top_k=4, static_round=True, cuda_graphs=False)
+    a, b = g.generate(ids, 30), e.generate(ids, 30)
+    assert torch.equal(a.sequences, b.sequences) and a.stats.accept_lengths == b.stats.accept_lengths
+    kw = dict(temperature=0.8, top_p=0.9)
+    s1 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
+    s2 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
+    assert torch.equal(s1, s2) and g.graph_status == "graphs"
