@@ -1,0 +1,452 @@
+"""Round-cost benchmark: one EAGLE-2 round (draft + verify + accept + compact) against one plain
+decode step, and against the round's memory floor.
+
+Targets are random-weight models built from configs (no downloads), directly on the device:
+Llama-3-8B shape (bf16, 32 layers, hidden 4096, 32/8 heads, vocab 128256) with a random EAGLE
+head of the matching shape, once with the full vocabulary and once with a 32k reduced draft
+vocabulary; and SmolLM2-135M shape. Contexts 1k and 8k; trees T=60/D=5/K=10 and T=16/D=5/K=10
+(same draft work, a quarter of the verify tokens).
+
+Per row: plain decode step (our static-cache loop, CUDA graph and eager; transformers'
+generate per token), one round with graphs and eager, round / plain step, the round's memory
+floor (bytes it must move / measured device copy bandwidth), measured / floor, host time per
+round, and a PROJECTED speedup tau x plain step / round (tau from --tau, default a committed
+CPU MT-bench value, else a labelled placeholder).
+
+Correctness gate first: for each target shape, a float32 copy (same shape, fewer layers for the
+8B) decodes a short prompt speculatively with the static round (graphs where available) and
+must equal transformers' greedy generate token for token; then the timed model's graph and
+eager rounds must commit identical tokens. On a mismatch nothing is timed and the script exits 1.
+
+    python -m bench.bench_round --json out.json            # GPU: the full set (< ~4 min, H100)
+    python -m bench.bench_round --quick                     # tiny shapes; runs on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.common import environment
+
+PLACEHOLDER_TAU = 2.0
+TREES = [(60, 5, 10), (16, 5, 10)]
+
+# Real shapes (random weights). max_position_embeddings raised so that an 8k context plus
+# the tree fits (the real SmolLM2-135M has 8192).
+SHAPES = {
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
+    # --quick: a Llama shrunk to 2 layers, hidden 64 (runs on a CPU in seconds).
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- set-up
+def build_target(shape: str, dtype, device, layers: int | None = None):
+    """A random-weight LlamaForCausalLM of ``shape``, created directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=16384, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, **kw)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # create the weights in their final dtype (8B: 16 GB, not 32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_head(model, draft_vocab: int | None):
+    from eagle2_kernels import EagleDraftHead
+
+    dev = model.get_output_embeddings().weight.device
+    d2t = None if draft_vocab is None else torch.arange(draft_vocab, device=dev)
+    torch.manual_seed(1)
+    with torch.device(dev):
+        head = EagleDraftHead.from_target(model, draft_to_target=d2t).eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, reps: int, warmup: int = 2) -> list[float]:
+    """Per-call milliseconds of ``fn`` (CUDA events on a GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def copy_bandwidth(device) -> float | None:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), None on CPU."""
+    if device.type != "cuda":
+        return None
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, reps=10, warmup=3))
+    del src, dst
+    return 2 * n / (ms / 1e3)
+
+
+# ---------------------------------------------------------------------------- byte counts
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def floor_bytes(model, head, ctx: int, T: int, D: int) -> dict:
+    """Bytes a round and a plain step must move at least (weights once, KV prefix read once,
+    new KV written once)."""
+    emb = model.get_input_embeddings().weight
+    lm = model.get_output_embeddings().weight
+    params = {id(p): p for p in model.parameters()}
+    if emb.data_ptr() != lm.data_ptr():
+        params.pop(id(emb), None)  # an untied input embedding is only gathered (T rows)
+    target_w = _nbytes(params.values())
+    cfg = model.config
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    es = lm.element_size()
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * dh * es  # one token, all layers
+    head_w = _nbytes(head.parameters())
+    draft_lm = head._lm_weight.numel() * es
+    draft_kv_tok = 2 * head.num_kv_heads * head.head_dim * es
+    draft_fwd = D + 1  # catch-up + D expansions (the root expansion reuses the catch-up output)
+    rnd = (target_w + ctx * kv_tok + T * kv_tok
+           + draft_fwd * (head_w + draft_lm + ctx * draft_kv_tok))
+    plain = target_w + ctx * kv_tok + kv_tok
+    return {"round_bytes": rnd, "plain_bytes": plain}
+
+
+# ---------------------------------------------------------------------------- measurements
+def hf_ms_per_token(model, ctx: int, device, new: int) -> float:
+    """transformers' generate (greedy, its default cache), milliseconds per new token."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (1, ctx), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    t1 = min(run(1) for _ in range(2))
+    tn = min(run(1 + new) for _ in range(2))
+    return (tn - t1) / new * 1e3
+
+
+def prepared_round(dec, ctx: int, device):
+    """Prefill a ``ctx``-token random prompt and set up the static round (graphs captured
+    when the decoder uses them); returns the decoder's StaticRound, ready to replay."""
+    vocab = dec.target.config.vocab_size
+    g = torch.Generator().manual_seed(ctx)
+    ids = torch.randint(0, vocab, (1, ctx), generator=g).to(device)
+    it = dec.stream(ids, max_new_tokens=400)
+    next(it)  # prefill
+    next(it)  # the first round(s): set-up and capture
+    it.close()
+    return dec._static
+
+
+def measure_round(sr, device, reps: int) -> dict:
+    """Round time (draft + verify replayed back to back), host time per round, with the
+    decode state saved and restored so the context length stays put."""
+    saved = [t.clone() for t in sr._state()]
+
+    def restore():
+        for t, s in zip(sr._state(), saved):
+            t.copy_(s)
+
+    def one():
+        sr.run_draft()
+        sr.run_verify()
+
+    ms = time_ms(one, device, reps)
+    restore()
+    # Host time: Python and launch cost of issuing one round (the device runs behind).
+    sync(device)
+    host = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one()
+        host.append((time.perf_counter() - t0) * 1e3)
+        sync(device)
+    restore()
+    return {"round_ms": statistics.median(ms), "round_p20_ms": _q(ms, 0), "round_p80_ms": _q(ms, 3),
+            "host_ms": statistics.median(host)}
+
+
+def measure_plain(dec, sr, device, reps: int, graph: bool) -> float:
+    """Median ms of one plain greedy step over the same cache and context."""
+    from eagle2_kernels.runtime.graphs import PlainStep
+
+    tc = dec._tcache
+    saved = tc.lengths.clone()
+    step = PlainStep(dec, 1)
+    step.token.copy_(sr.root)
+    if graph:
+        step.capture()
+    ms = time_ms(step, device, reps)
+    tc.lengths.copy_(saved)
+    return statistics.median(ms)
+
+
+def _q(xs, i):
+    return statistics.quantiles(xs, n=5)[i] if len(xs) > 1 else xs[0]
+
+
+# ---------------------------------------------------------------------------- correctness gate
+def gate(shape: str, device, layers: int | None, trees) -> list[str]:
+    """float32 copy of the shape: speculative (static round) greedy == transformers greedy."""
+    from eagle2_kernels import TreeSpecDecoder
+
+    model = build_target(shape, torch.float32, device, layers)
+    head = build_head(model, None)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    bad = []
+    for T, D, K in trees:
+        dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=True)
+        out = dec.generate(ids, 12)
+        if not torch.equal(out.sequences, ref):
+            bad.append(f"{shape} fp32 T={T}/D={D}/K={K}: speculative {out.sequences[0, 16:].tolist()} "
+                       f"!= plain {ref[0, 16:].tolist()}")
+        dec.close()
+    del model, head
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return bad
+
+
+# ---------------------------------------------------------------------------- main
+def default_tau() -> tuple[float, str]:
+    """tau from a committed CPU MT-bench result (bench/results/cpu/*.json with "tau"), else a
+    placeholder."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+    for path in sorted(glob.glob(os.path.join(here, "*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        rows = data.get("rows", data if isinstance(data, list) else [])
+        taus = [r["tau"] for r in rows if isinstance(r, dict) and isinstance(r.get("tau"), (int, float))]
+        if taus:
+            return max(taus), f"CPU MT-bench tau from {os.path.relpath(path, os.path.dirname(here))}"
+    return PLACEHOLDER_TAU, "PLACEHOLDER tau (no CPU MT-bench result committed under bench/results/cpu/)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="write the results (with the environment) here")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes; for a CPU smoke run")
+    ap.add_argument("--tau", type=float, default=None, help="tau for the projected speedup")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    ap.add_argument("--time-budget", type=float, default=200.0,
+                    help="seconds; rows that would start after this are skipped (and listed)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.tau is not None:
+        tau, tau_src = args.tau, "--tau"
+    else:
+        tau, tau_src = default_tau()
+    if not cuda:
+        # Tiny CPU shapes: one thread (thread wake-ups cost more than the matmuls, and a shared
+        # machine makes two threads erratic).
+        torch.set_num_threads(1)
+    if args.quick:
+        plan = [("tiny", None, [64, 256])]
+        gate_plan = [("tiny", None)]
+        dtype, reps, hf_new = torch.float32, args.reps or 5, 8
+    else:
+        plan = [("smollm2-135m", None, [1024, 8192]), ("llama3-8b", None, [1024, 8192]),
+                ("llama3-8b", 32000, [1024, 8192])]
+        gate_plan = [("smollm2-135m", None), ("llama3-8b", 2)]
+        dtype, reps, hf_new = torch.bfloat16, args.reps or 20, 16
+    graphs_modes = [True, False] if cuda else [False]
+    note = ("CUDA" if cuda else "CPU numbers (no CUDA device or --quick): graph rows skipped, "
+            "no memory floor (no device copy bandwidth)")
+    print(f"# bench_round: {note}; projected speedups use tau={tau} ({tau_src})", flush=True)
+
+    # ---- correctness gate
+    trees = TREES
+    failures = []
+    for shape, layers in gate_plan:
+        failures += gate(shape, device, layers, trees)
+    if failures:
+        print("CORRECTNESS GATE FAILED: no timings are reported", file=sys.stderr)
+        for f in failures:
+            print("  " + f, file=sys.stderr)
+        return 1
+    print(f"# gate passed: speculative greedy == transformers greedy (fp32) for {[s for s, _ in gate_plan]}",
+          flush=True)
+
+    bw = copy_bandwidth(device)
+    rows, skipped = [], []
+    from eagle2_kernels import TreeSpecDecoder
+
+    built, hf = {}, {}  # hf: transformers' generate ms/token per (shape, ctx)
+    for shape, draft_vocab, contexts in plan:
+        if shape not in built:
+            built.clear()
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            built[shape] = build_target(shape, dtype, device)
+        model = built[shape]
+        head = build_head(model, draft_vocab)
+        for T, D, K in trees:
+            decs = {g: TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=True,
+                                       cuda_graphs=g, max_length=max(contexts) + 512)
+                    for g in graphs_modes}
+            # The timed model: graph and eager rounds commit the same tokens.
+            ids = torch.randint(0, model.config.vocab_size, (1, 16),
+                                generator=torch.Generator().manual_seed(9)).to(device)
+            outs = {g: d.generate(ids, 10).sequences for g, d in decs.items()}
+            if cuda and not torch.equal(outs[True], outs[False]):
+                print(f"CORRECTNESS GATE FAILED: graph and eager rounds differ on {shape}", file=sys.stderr)
+                return 1
+            for ctx in contexts:
+                elapsed = time.perf_counter() - t_start
+                if elapsed > args.time_budget:
+                    skipped.append(f"{shape} vd={draft_vocab} T={T} ctx={ctx} (time budget)")
+                    continue
+                row = {"model": shape, "draft_vocab": draft_vocab or model.config.vocab_size,
+                       "ctx": ctx, "T": T, "D": D, "K": K}
+                try:
+                    for g, dec in decs.items():
+                        sr = prepared_round(dec, ctx, device)
+                        tag = "graph" if g else "eager"
+                        if g and not sr.graphs:
+                            row["graph_error"] = sr.graph_error
+                            continue
+                        r = measure_round(sr, device, reps)
+                        row[f"round_{tag}_ms"] = r["round_ms"]
+                        row[f"host_{tag}_ms"] = r["host_ms"]
+                        row[f"plain_{tag}_ms"] = measure_plain(dec, sr, device, reps, graph=g)
+                    if (shape, ctx) not in hf:
+                        hf[(shape, ctx)] = hf_ms_per_token(model, ctx, device, hf_new)
+                    row["hf_generate_ms_per_token"] = hf[(shape, ctx)]
+                except torch.cuda.OutOfMemoryError:
+                    skipped.append(f"{shape} vd={draft_vocab} T={T} ctx={ctx} (out of memory)")
+                    torch.cuda.empty_cache()
+                    continue
+                best = "graph" if f"round_graph_ms" in row else "eager"
+                rnd, plain = row[f"round_{best}_ms"], row[f"plain_{best}_ms"]
+                row["round_over_plain"] = rnd / plain
+                row["host_share"] = row[f"host_{best}_ms"] / rnd
+                fb = floor_bytes(model, head, ctx, T, D)
+                if bw is not None:
+                    row["floor_ms"] = fb["round_bytes"] / bw * 1e3
+                    row["measured_over_floor"] = rnd / row["floor_ms"]
+                    row["plain_floor_ms"] = fb["plain_bytes"] / bw * 1e3
+                    row["floor_round_over_plain"] = fb["round_bytes"] / fb["plain_bytes"]
+                row["projected_speedup"] = tau * plain / rnd
+                rows.append(row)
+                print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            for d in decs.values():
+                d.close()
+        del head
+    table = _table(rows)
+    print(table)
+    result = {
+        "benchmark": "bench_round",
+        "environment": environment(),
+        "device_kind": "cuda" if cuda else "cpu",
+        "note": note,
+        "copy_bandwidth_GBps": None if bw is None else bw / 1e9,
+        "tau": tau,
+        "tau_source": tau_src,
+        "projected_speedup_is": "projected: tau x plain_step / round (not a measured end-to-end speedup)",
+        "gate": "passed",
+        "skipped": skipped,
+        "rows": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
+    if skipped:
+        print("# skipped: " + "; ".join(skipped))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        env = ", ".join(f"{k}={v}" for k, v in result["environment"].items())
+        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+            f.write(f"# Round cost ({note})\n\n{env}\n\ncopy bandwidth: "
+                    f"{_fmt(result['copy_bandwidth_GBps'])} GB/s; tau = {tau} ({tau_src}); "
+                    f"projected_speedup = tau x plain / round, projected, not measured end to end\n\n"
+                    f"{table}\n" + (f"\nskipped: {'; '.join(skipped)}\n" if skipped else ""))
+    print(f"# done in {result['seconds']:.1f} s")
+    return 0
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows) -> str:
+    """Markdown table of ``rows`` (the union of their keys)."""
+    if not rows:
+        return "(no rows)"
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
