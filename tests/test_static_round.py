@@ -193,7 +193,10 @@ def test_static_sampling_matches_target_distribution():
 
 
 # ---------------------------------------------------------------------- no host reads in a round
-_ALLOWED = (os.path.join("eagle2_kernels", "ops") + os.sep, os.path.join("eagle2_kernels", "_native.py"),
+# Host reads are allowed only inside the ops' CPU implementations (reference.py, the native
+# extension's wrapper) and Triton launchers under the interpreter; the ops' public wrappers
+# (input checks, dispatch), our runtime and transformers' model code must not read.
+_ALLOWED = (os.sep + "reference.py", os.sep + "kernel.py", os.path.join("eagle2_kernels", "_native.py"),
             os.sep + "triton" + os.sep)
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
@@ -203,8 +206,8 @@ class HostRead(AssertionError):
 
 
 def _guarded(monkeypatch):
-    """Make every host read of a tensor raise unless it comes from inside an op (the ops' CPU
-    backends may read on the host; their Triton kernels, used on CUDA, do not). Frames of torch's
+    """Make every host read of a tensor raise unless it comes from inside an op's CPU
+    implementation (the Triton kernels used on CUDA read nothing on the host). Frames of torch's
     own Python code are skipped to find the code that asked."""
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     state = {"on": False}
@@ -229,11 +232,23 @@ def _guarded(monkeypatch):
     return state
 
 
-def test_round_phases_do_no_host_reads(monkeypatch):
+def _backends():
+    from conftest import triton_runs_here
+
+    return [pytest.param(None, id="default-backend"),
+            pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+                not triton_runs_here(), reason="Triton needs a GPU or TRITON_INTERPRET=1"))]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_round_phases_do_no_host_reads(monkeypatch, backend):
     model, head, prompts = trained_setup()
-    dec = static_decoder(model, head, 16, 3, 4)
+    kw = {} if backend is None else {"backend": backend}
+    dec = static_decoder(model, head, 16, 3, 4, **kw)
     ids = prompts[:2]
-    expected = dec.generate(ids, 20).sequences
+    n = 20 if backend is None else 8  # the Triton interpreter is slow
+    expected = hf_greedy(model, ids, n)
+    assert torch.equal(dec.generate(ids, n).sequences, expected)
     state = _guarded(monkeypatch)
     calls = {"draft": 0, "verify": 0}
 
@@ -249,11 +264,11 @@ def test_round_phases_do_no_host_reads(monkeypatch):
 
     monkeypatch.setattr(graphs.StaticRound, "draft_phase", phase("draft", graphs.StaticRound.draft_phase))
     monkeypatch.setattr(graphs.StaticRound, "verify_phase", phase("verify", graphs.StaticRound.verify_phase))
-    dec2 = static_decoder(model, head, 16, 3, 4)
-    assert torch.equal(dec2.generate(ids, 20).sequences, expected)
-    out = dec2.generate(ids[:1], 10, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    assert out.sequences.shape == (1, ids.shape[1] + 10)
-    assert calls["draft"] == calls["verify"] >= 4
+    dec2 = static_decoder(model, head, 16, 3, 4, **kw)
+    assert torch.equal(dec2.generate(ids, n).sequences, expected)
+    out = dec2.generate(ids[:1], 6, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert out.sequences.shape == (1, ids.shape[1] + 6)
+    assert calls["draft"] == calls["verify"] >= 3
     # The guard has teeth: a host read in a phase is caught.
     state["on"] = True
     try:
@@ -305,7 +320,8 @@ def _cuda_copy(arch):
 def test_cuda_graphs_greedy_lossless(arch):
     model, head = _cuda_copy(arch)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a capture failure must not pass silently here
+        # A capture failure (which falls back to eager with this warning) must fail here.
+        warnings.filterwarnings("error", message="TreeSpecDecoder: CUDA graph capture failed")
         dec = TreeSpecDecoder(model, head, total_tokens=16, depth=5, top_k=4, cuda_graphs=True)
         for seed, (length, n) in enumerate([(7, 24), (1, 9)]):
             ids = prompt(model.config.vocab_size, length, seed).cuda()
