@@ -147,6 +147,42 @@ def test_static_batch_greedy_with_eos_equals_transformers():
     assert out_eos.stats.accept_lengths == dyn.generate(ids, 24, eos_token_id=eos).stats.accept_lengths
 
 
+def test_static_lagged_host_reads():
+    """The CUDA loop reads each round's record one round late (the device runs ahead); the
+    same loop on CPU: identical output and rounds, EOS / budget inside a round, a batch whose
+    rows stop at different rounds (the extra round launched after a stop commits nothing)."""
+    model, head, prompts = trained_setup()
+    now = static_decoder(model, head, 8, 3, 3)
+    late = static_decoder(model, head, 8, 3, 3)
+    late._read_lag = 1
+    ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)
+    new0 = hf_greedy(model, ids[:1], 24)[0, 6:].tolist()
+    eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
+    for batch in (ids[:1], ids):
+        for kw in (dict(max_new_tokens=24), dict(max_new_tokens=11), dict(max_new_tokens=24, eos_token_id=eos)):
+            a, b = now.generate(batch, **kw), late.generate(batch, **kw)
+            assert torch.equal(b.sequences, a.sequences), kw
+            assert torch.equal(b.sequences, hf_greedy(model, batch, kw["max_new_tokens"], eos=kw.get("eos_token_id")))
+            assert b.stats.accept_lengths == a.stats.accept_lengths
+    assert list(late.stream(ids[:1], 24)) == list(now.stream(ids[:1], 24))
+
+
+def test_capture_failure_falls_back_to_eager(monkeypatch):
+    model, head, prompts = trained_setup()
+    dec = static_decoder(model, head, 8, 3, 3)
+    ids = prompts[:1]
+    expected = dec.generate(ids, 16).sequences
+    sr = dec._static
+    # Pretend the device supports graphs: the capture then fails (no CUDA here) and must fall
+    # back, saying why, with the decode state untouched.
+    monkeypatch.setattr(graphs, "graphs_supported", lambda device: (True, ""))
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        assert sr.enable_graphs() is False
+    assert not sr.graphs and sr.graph_error
+    assert dec.graph_status.startswith("eager (") and sr.graph_error in dec.graph_status
+    assert torch.equal(dec.generate(ids, 16).sequences, expected)
+
+
 # ---------------------------------------------------------------------- sampling
 def _pair(T=6, D=2, K=3):
     model, _, _ = sampling_setup()

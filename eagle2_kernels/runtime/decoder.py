@@ -143,6 +143,7 @@ class TreeSpecDecoder:
                 f"use cuda_graphs='auto' or False (static_round=True runs the static round eagerly)"
             )
         self._static = None  # StaticRound of the last static call (buffers, captured graphs)
+        self._read_lag: int | None = None  # see _static_loop
         self._closed = False
         self._epoch = 0  # bumped by every call: a suspended stream notices it was overtaken
         self._tcache: StaticKVCache | None = None
@@ -666,7 +667,10 @@ class TreeSpecDecoder:
         if cuda and want is not False and not sr.graphs and sr.graph_error is None:
             sr.enable_graphs()
         T = self.config.total_tokens
-        lag = 1 if cuda else 0
+        # Rounds the host reads behind the device: 1 on CUDA (round r+1 is launched before round
+        # r's record is read, so the device never waits for Python); 0 on CPU, where the phases
+        # run synchronously anyway. ``_read_lag`` overrides it (tests run the lagged loop on CPU).
+        lag = self._read_lag if self._read_lag is not None else (1 if cuda else 0)
         host = torch.empty((2, batch, sr.record.shape[1]), dtype=torch.int64, pin_memory=cuda)
         queue: list[tuple[int, object]] = []
         events: list[tuple] = []
@@ -699,8 +703,8 @@ class TreeSpecDecoder:
                     t2 = time.perf_counter()
                     stats.draft_s += t1 - t0
                     stats.verify_s += t2 - t1
-                    host[0].copy_(sr.record)
-                    queue.append((0, None))
+                    host[r % 2].copy_(sr.record)
+                    queue.append((r % 2, None))
                 r += 1
                 if len(queue) <= lag:
                     continue
