@@ -226,6 +226,43 @@ def measure_round(sr, device, reps: int) -> dict:
             "host_ms": statistics.median(host)}
 
 
+def profile_round(sr, device, path: str, rounds: int = 3) -> dict:
+    """Profile ``rounds`` rounds (graph replays on CUDA: the kernels inside the graphs are
+    recorded) and write the top kernels / ops by time to ``path``. Returns launches per round
+    (device kernels on CUDA, aten ops on CPU) and the profile's file name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = [t.clone() for t in sr._state()]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sr.run_draft()
+    sr.run_verify()
+    sync(device)
+    with profile(activities=acts) as prof:
+        for _ in range(rounds):
+            sr.run_draft()
+            sr.run_verify()
+        sync(device)
+    for t, s in zip(sr._state(), saved):
+        t.copy_(s)
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        launches = len(kernels) / rounds
+        sort = "self_cuda_time_total"
+        if not any(hasattr(a, sort) for a in averages[:1]):
+            sort = "self_device_time_total"
+    else:
+        launches = sum(a.count for a in averages if a.key.startswith("aten::")) / rounds
+        sort = "self_cpu_time_total"
+    try:
+        table = averages.table(sort_by=sort, row_limit=30)
+    except Exception:  # a renamed sort key in another torch version: unsorted beats nothing
+        table = averages.table(row_limit=30)
+    with open(path, "w") as f:
+        f.write(f"# {rounds} rounds; launches per round: {launches:.0f}\n{table}\n")
+    return {"launches_per_round": launches, "profile": os.path.basename(path)}
+
+
 def measure_plain(dec, sr, device, reps: int, graph: bool) -> float:
     """Median ms of one plain greedy step over the same cache and context."""
     from eagle2_kernels.runtime.graphs import PlainStep
@@ -295,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes; for a CPU smoke run")
     ap.add_argument("--tau", type=float, default=None, help="tau for the projected speedup")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    ap.add_argument("--profile-dir", default=None,
+                    help="profile the first context / tree of each model (graph replays on CUDA) and "
+                         "write the top kernels there")
     ap.add_argument("--time-budget", type=float, default=200.0,
                     help="seconds; rows that would start after this are skipped (and listed)")
     args = ap.parse_args(argv)
@@ -314,8 +354,9 @@ def main(argv=None) -> int:
         gate_plan = [("tiny", None)]
         dtype, reps, hf_new = torch.float32, args.reps or 5, 8
     else:
-        plan = [("smollm2-135m", None, [1024, 8192]), ("llama3-8b", None, [1024, 8192]),
-                ("llama3-8b", 32000, [1024, 8192])]
+        # The 32k draft vocabulary first: its round / plain step is the headline target.
+        plan = [("smollm2-135m", None, [1024, 8192]), ("llama3-8b", 32000, [1024, 8192]),
+                ("llama3-8b", None, [1024, 8192])]
         gate_plan = [("smollm2-135m", None), ("llama3-8b", 2)]
         dtype, reps, hf_new = torch.bfloat16, args.reps or 20, 16
     graphs_modes = [True, False] if cuda else [False]
@@ -338,6 +379,34 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth(device)
     rows, skipped = [], []
+
+    def save(finished: bool) -> None:
+        """Write JSON + markdown (after every row, so a run cut short still leaves results)."""
+        if not args.json:
+            return
+        result = {
+            "benchmark": "bench_round",
+            "environment": environment(),
+            "device_kind": "cuda" if cuda else "cpu",
+            "note": note,
+            "finished": finished,
+            "copy_bandwidth_GBps": None if bw is None else bw / 1e9,
+            "tau": tau,
+            "tau_source": tau_src,
+            "projected_speedup_is": "projected: tau x plain_step / round (not a measured end-to-end speedup)",
+            "gate": "passed",
+            "skipped": skipped,
+            "rows": rows,
+            "seconds": time.perf_counter() - t_start,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        env = ", ".join(f"{k}={v}" for k, v in result["environment"].items())
+        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+            f.write(f"# Round cost ({note}){'' if finished else ' - UNFINISHED run'}\n\n{env}\n\n"
+                    f"copy bandwidth: {_fmt(result['copy_bandwidth_GBps'])} GB/s; tau = {tau} ({tau_src}); "
+                    f"projected_speedup = tau x plain / round, projected, not measured end to end\n\n"
+                    f"{_table(rows)}\n" + (f"\nskipped: {'; '.join(skipped)}\n" if skipped else ""))
     from eagle2_kernels import TreeSpecDecoder
 
     built, hf = {}, {}  # hf: transformers' generate ms/token per (shape, ctx)
@@ -386,6 +455,12 @@ def main(argv=None) -> int:
                         r = measure_round(sr, device, reps)
                         row[f"round_{tag}_ms"] = r["round_ms"]
                         row[f"host_{tag}_ms"] = r["host_ms"]
+                        if args.profile_dir and ctx == min(contexts) and T == trees[0][0] and (g or not cuda):
+                            name = f"profile_{shape}_vd{row['draft_vocab']}_ctx{ctx}_T{T}_{tag}.txt"
+                            try:
+                                row.update(profile_round(sr, device, os.path.join(args.profile_dir, name)))
+                            except Exception as exc:  # profiling is extra: never lose the timings
+                                row["profile_error"] = f"{type(exc).__name__}: {exc}"
                         row[f"plain_{tag}_ms"] = measure_plain(dec, sr, device, reps, graph=g)
                     if (shape, ctx) not in hf:
                         hf[(shape, ctx)] = hf_ms_per_token(model, ctx, device, hf_new)
@@ -407,37 +482,15 @@ def main(argv=None) -> int:
                 row["projected_speedup"] = tau * plain / rnd
                 rows.append(row)
                 print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+                save(finished=False)
             for d in decs.values():
                 d.close()
         del head
-    table = _table(rows)
-    print(table)
-    result = {
-        "benchmark": "bench_round",
-        "environment": environment(),
-        "device_kind": "cuda" if cuda else "cpu",
-        "note": note,
-        "copy_bandwidth_GBps": None if bw is None else bw / 1e9,
-        "tau": tau,
-        "tau_source": tau_src,
-        "projected_speedup_is": "projected: tau x plain_step / round (not a measured end-to-end speedup)",
-        "gate": "passed",
-        "skipped": skipped,
-        "rows": rows,
-        "seconds": time.perf_counter() - t_start,
-    }
+    save(finished=True)
+    print(_table(rows))
     if skipped:
         print("# skipped: " + "; ".join(skipped))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        env = ", ".join(f"{k}={v}" for k, v in result["environment"].items())
-        with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
-            f.write(f"# Round cost ({note})\n\n{env}\n\ncopy bandwidth: "
-                    f"{_fmt(result['copy_bandwidth_GBps'])} GB/s; tau = {tau} ({tau_src}); "
-                    f"projected_speedup = tau x plain / round, projected, not measured end to end\n\n"
-                    f"{table}\n" + (f"\nskipped: {'; '.join(skipped)}\n" if skipped else ""))
-    print(f"# done in {result['seconds']:.1f} s")
+    print(f"# done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 

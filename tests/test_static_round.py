@@ -381,3 +381,44 @@ def test_cuda_graphs_equal_eager_static_and_sampling_deterministic():
     s1 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
     s2 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
     assert torch.equal(s1, s2) and g.graph_status == "graphs"
+
+
+# ---------------------------------------------------------------------- the round benchmark
+def _bench_round():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import bench.bench_round as br
+
+    return br
+
+
+def test_bench_round_quick_and_its_correctness_gate(tmp_path, monkeypatch, capsys):
+    import json
+
+    br = _bench_round()
+    n = torch.get_num_threads()
+    try:
+        out = tmp_path / "round.json"
+        assert br.main(["--quick", "--reps", "2", "--json", str(out), "--tau", "2.5"]) == 0
+        data = json.loads(out.read_text())
+        assert data["gate"] == "passed" and data["finished"] and data["tau"] == 2.5
+        assert len(data["rows"]) == 4 and (tmp_path / "round.md").exists()
+        for row in data["rows"]:
+            assert row["round_eager_ms"] > 0 and row["plain_eager_ms"] > 0
+            assert row["projected_speedup"] == pytest.approx(2.5 * row["plain_eager_ms"] / row["round_eager_ms"])
+        # A decoder that disagrees with plain greedy: the gate fails and nothing is timed.
+        real = TreeSpecDecoder.generate
+
+        def wrong(self, ids, *a, **k):
+            res = real(self, ids, *a, **k)
+            res.sequences[:, -1] = (res.sequences[:, -1] + 1) % self.target.config.vocab_size
+            return res
+
+        monkeypatch.setattr(TreeSpecDecoder, "generate", wrong)
+        bad = tmp_path / "bad.json"
+        capsys.readouterr()
+        assert br.main(["--quick", "--reps", "2", "--json", str(bad)]) == 1
+        assert not bad.exists() and "GATE FAILED" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)
