@@ -381,6 +381,10 @@ def test_cuda_graphs_equal_eager_static_and_sampling_deterministic():
     s1 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
     s2 = g.generate(ids, 20, generator=torch.Generator("cuda").manual_seed(3), **kw).sequences
     assert torch.equal(s1, s2) and g.graph_status == "graphs"
+    # A CPU generator (uniforms drawn into pinned memory): graphs and eager agree.
+    s3 = g.generate(ids, 20, generator=torch.Generator().manual_seed(4), **kw).sequences
+    s4 = e.generate(ids, 20, generator=torch.Generator().manual_seed(4), **kw).sequences
+    assert torch.equal(s3, s4)
 
 
 # ---------------------------------------------------------------------- the round benchmark

@@ -674,6 +674,8 @@ class TreeSpecDecoder:
         host = torch.empty((2, batch, sr.record.shape[1]), dtype=torch.int64, pin_memory=cuda)
         queue: list[tuple[int, object]] = []
         events: list[tuple] = []
+        pinned_u = torch.empty((2, batch, T), dtype=torch.float32, pin_memory=cuda)
+        u_done: list = [None, None]
         stats.other_s += time.perf_counter() - t0
         r = 0
         try:
@@ -681,7 +683,18 @@ class TreeSpecDecoder:
                 self._check_epoch(epoch)
                 t0 = time.perf_counter()
                 if temperature > 0.0:
-                    sr.uniforms.copy_(self._uniforms((batch, T), generator))
+                    if cuda and generator is not None and generator.device.type == "cpu":
+                        # A CPU generator: draw into pinned memory and copy asynchronously (a
+                        # pageable copy would wait for the device and end the overlap).
+                        u = pinned_u[r % 2]
+                        if u_done[r % 2] is not None:
+                            u_done[r % 2].synchronize()  # its copy two rounds ago has finished
+                        torch.rand((batch, T), generator=generator, out=u)
+                        sr.uniforms.copy_(u, non_blocking=True)
+                        u_done[r % 2] = torch.cuda.Event()
+                        u_done[r % 2].record()
+                    else:
+                        sr.uniforms.copy_(self._uniforms((batch, T), generator))
                 if cuda:
                     marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
                     marks[0].record()
