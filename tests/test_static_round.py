@@ -181,6 +181,11 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
     assert not sr.graphs and sr.graph_error
     assert dec.graph_status.startswith("eager (") and sr.graph_error in dec.graph_status
     assert torch.equal(dec.generate(ids, 16).sequences, expected)
+    # A forced host-reading ops backend is refused before any capture is tried.
+    ref = static_decoder(model, head, 8, 3, 3, backend="reference")
+    assert torch.equal(ref.generate(ids, 16).sequences, expected)
+    with pytest.warns(RuntimeWarning, match="'reference' ops backend"):
+        assert ref._static.enable_graphs() is False
 
 
 # ---------------------------------------------------------------------- sampling

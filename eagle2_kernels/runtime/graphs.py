@@ -262,6 +262,14 @@ class StaticRound:
         if not ok:
             self.graph_error = why
             return False
+        from eagle2_kernels._backend import forced_backend
+
+        backend = self.backend or forced_backend()
+        if backend in ("reference", "ext"):
+            # Their CPU-style implementations read values on the host: not capturable.
+            self._fail(RuntimeError(f"the {backend!r} ops backend reads device values on the host; "
+                                    f"use the Triton backend (the CUDA default) for graphs"))
+            return False
         try:
             self._pool = torch.cuda.graph_pool_handle()
             graph = self._capture(self.draft_phase, warm=lambda: (self.draft_phase(), self.verify_phase()))
