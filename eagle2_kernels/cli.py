@@ -269,7 +269,7 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
             tokenizer = AutoTokenizer.from_pretrained(args.target)
         except (OSError, ValueError):
             tokenizer = None
-        name = args.target
+        name = Path(args.target).name
         head_path = Path(args.draft)
         if not head_path.exists():
             raise CLIError(f"--draft {args.draft!r} does not exist")
@@ -283,7 +283,8 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
             raise CLIError(f"tree {T},{D},{K}: {exc}") from None
     info = {
         "target": name,
-        "draft": str(head_path.name if args.draft is None else args.draft),
+        # names only: result files must not carry this machine's paths
+        "draft": head_path.name,
         "dtype": args.dtype,
         "device": device,
         "threads": torch.get_num_threads(),
@@ -425,10 +426,19 @@ def _environment(info: dict) -> dict:
 
         env = environment()
     except ImportError:
+        import subprocess
+
         import torch
 
         env = {"torch": torch.__version__, "python": platform.python_version(),
                "threads": torch.get_num_threads()}
+        try:
+            env["commit"] = subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
+                cwd=Path(__file__).resolve().parent,
+            ).strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["commit"] = None
     env.update({"machine": platform.machine(), "cpu_count": os.cpu_count()})
     env["processor"] = _cpu_name()
     env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")

@@ -757,13 +757,16 @@ def write_json(
     include_ids: bool = False,
 ) -> Path:
     """Write the run (configuration, environment, summary, per-turn records) as JSON."""
-    payload = {
+    head = {
         "benchmark": "mt-bench end to end",
         "config": config or {},
         "environment": environment or {},
         "summary": summary,
-        "records": [r.to_dict(include_ids=include_ids) for r in records],
     }
+    # the summary indented, each per-turn record on one line (long lists stay compact)
+    text = json.dumps(head, indent=1, allow_nan=True)[:-2]
+    rows = ",\n  ".join(json.dumps(r.to_dict(include_ids=include_ids), allow_nan=True) for r in records)
+    text += ',\n "records": [\n  ' + rows + "\n ]\n}\n"
     path = Path(path)
-    path.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    path.write_text(text)
     return path
