@@ -241,6 +241,12 @@ def test_tiny_train_end_to_end(tmp_path):
     assert "embed_tokens.weight" not in state and state["fc.weight"].dtype == torch.bfloat16
     assert state["draft_to_target"].dtype == torch.int64 and state["draft_to_target"].numel() == 24
 
+    # Continue from the saved head (a Path, as the CLI passes it), with a checkpoint each step.
+    more = fit([tmp_path / "train"], tmp_path / "head2",
+               FitConfig(max_steps=2, batch_tokens=512, eval_every=1, init_from=tmp_path / "head"),
+               eval_dirs=[tmp_path / "heldout"], target=target, progress=False)
+    assert more["steps"] == 2 and more["draft_vocab"] == 24
+
     result = evaluate_head(tmp_path / "head", [tmp_path / "heldout"], steps=3, target=target)
     assert result["positions"] > 0 and len(result["acc"]) == 3
     assert all(c <= a + 1e-9 for c, a in zip(result["chain"], result["acc"]))

@@ -91,7 +91,7 @@ def cmd_fit(args) -> int:
         batch_tokens=args.batch_tokens, seq_len=args.seq_len, noise=args.noise,
         p_weight=args.p_weight, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
         draft_vocab=args.draft_vocab, seed=args.seed, time_limit_s=args.time_limit,
-        init_from=args.init_from, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        init_from=None if args.init_from is None else str(args.init_from), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
     )
     result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features)
     print(json.dumps(result, indent=2))

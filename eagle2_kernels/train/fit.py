@@ -333,7 +333,7 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
             entry["saved"] = True
         log.append(entry)
         (out_dir / "train_log.json").write_text(json.dumps({"summary": summary, "log": log},
-                                                           indent=2) + "\n")
+                                                           indent=2, default=str) + "\n")
         if bar is not None:
             bar.write(json.dumps(entry))
 
@@ -393,5 +393,5 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
     checkpoint(final=True)
     summary["log"] = log[-1]
     (out_dir / "train_log.json").write_text(json.dumps({"summary": summary, "log": log},
-                                                       indent=2) + "\n")
+                                                       indent=2, default=str) + "\n")
     return summary
