@@ -6,86 +6,23 @@ and the user's model untouched."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from eagle2_kernels import DecodeConfig, EagleDraftHead, TreeSpecDecoder  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up and contention cost more than the matmuls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# Real sizes: Llama-3-8B hidden 4096, 32 layers, vocab 128256; Qwen2-7B hidden 3584, vocab 152064;
-# Mistral-7B hidden 4096, vocab 32000. Shrunk to 2 layers, hidden 64, GQA 4/2 heads.
-_COMMON = dict(
-    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-    num_hidden_layers=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-    pad_token_id=None,
+from tiny_models import (  # noqa: E402
+    ARCHS,
+    check_stats,
+    hf_greedy,
+    one_thread,  # noqa: F401  (autouse fixture)
+    prompt,
+    random_head,
+    tiny_target,
+    trained_setup,
 )
-ARCHS = {
-    "llama": (LlamaForCausalLM, LlamaConfig, 320),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, 500),
-    "mistral": (MistralForCausalLM, MistralConfig, 1000),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_target(arch: str, peaked: bool = False):
-    cls, cfg_cls, vocab = ARCHS[arch]
-    torch.manual_seed(1234)
-    model = cls(cfg_cls(vocab_size=vocab, **_COMMON)).eval()
-    if peaked:
-        # A random lm_head gives near-uniform next-token distributions; scaled up, the
-        # target becomes confident, and a head that matches its features becomes confident too.
-        with torch.no_grad():
-            model.lm_head.weight.mul_(40.0)
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def random_head(arch: str):
-    torch.manual_seed(99)
-    return EagleDraftHead.from_target(tiny_target(arch))
-
-
-def hf_greedy(model, ids, n, eos=None):
-    pad = eos[0] if isinstance(eos, list) else eos
-    kwargs = {} if eos is None else {"eos_token_id": eos, "pad_token_id": pad}
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
-
-
-def prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, length), generator=g)
-
-
-def check_stats(out, prompt_len):
-    s = out.stats
-    n = out.sequences.shape[1] - prompt_len
-    assert s.new_tokens == n == sum(s.accept_lengths)
-    assert s.rounds == len(s.accept_lengths)
-    assert all(a >= 1 for a in s.accept_lengths)
-    assert s.mean_accept_length == pytest.approx(sum(s.accept_lengths) / len(s.accept_lengths))
-    assert min(s.draft_s, s.verify_s, s.other_s) >= 0.0
 
 
 TREES = [
@@ -111,34 +48,6 @@ def test_greedy_lossless_random_head(arch, T, D, K):
 
 
 # ---------------------------------------------------------------------- a head that predicts well
-@functools.lru_cache(maxsize=None)
-def trained_setup():
-    """A peaked tiny Llama and a head trained for a few seconds on its own greedy continuations."""
-    model = tiny_target("llama", peaked=True)
-    vocab = model.config.vocab_size
-    torch.manual_seed(7)
-    prompts = torch.randint(0, vocab, (8, 6))
-    with torch.no_grad():
-        seqs = model.generate(prompts, max_new_tokens=48, do_sample=False)
-        out = model(seqs, output_hidden_states=True)
-    feats, target_tok = out.hidden_states[-1], out.logits.argmax(-1)
-    torch.manual_seed(0)
-    head = EagleDraftHead.from_target(model)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
-    for _ in range(200):
-        pred = head(feats[:, :-1], seqs[:, 1:])
-        loss = torch.nn.functional.cross_entropy(
-            head.logits(pred).reshape(-1, vocab), target_tok[:, 1:].reshape(-1)
-        ) + 10.0 * torch.nn.functional.smooth_l1_loss(pred, feats[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    head.eval()
-    for p in head.parameters():
-        p.requires_grad_(False)
-    return model, head, prompts
-
-
 @pytest.mark.parametrize(
     "T,D,K",
     [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),

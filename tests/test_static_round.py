@@ -16,14 +16,6 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_decoder import (  # noqa: E402
-    check_stats,
-    hf_greedy,
-    prompt,
-    random_head,
-    tiny_target,
-    trained_setup,
-)
 from test_decoder_sampling import (  # noqa: E402
     ALPHA,
     SAMPLING,
@@ -36,14 +28,15 @@ from test_decoder_sampling import setup as sampling_setup  # noqa: E402
 from eagle2_kernels import DecodeConfig, TreeSpecDecoder  # noqa: E402
 from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
 from eagle2_kernels.runtime import graphs  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import (  # noqa: E402
+    check_stats,
+    hf_greedy,
+    one_thread,  # noqa: F401  (autouse fixture)
+    prompt,
+    random_head,
+    tiny_target,
+    trained_setup,
+)
 
 
 def static_decoder(model, head, T, D, K, **kw):

@@ -1,0 +1,140 @@
+"""Tiny random targets and draft heads shared by the model-level tests.
+
+Real sizes: Llama-3-8B hidden 4096, 32 layers, vocab 128256; Qwen2-7B hidden 3584, vocab 152064;
+Mistral-7B hidden 4096, vocab 32000. Here: 2 layers, hidden 64, GQA with 4 query / 2 KV heads,
+unless a test asks otherwise. Builders do not seed unless they say so: the caller's seed (or the
+per-test seed of conftest.py) fixes the random weights.
+
+Test modules import from here (pytest puts tests/ on sys.path); ``one_thread`` is an autouse
+fixture that a module activates by importing it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from eagle2_kernels import EagleDraftHead
+
+ARCHS = {
+    "llama": (LlamaForCausalLM, LlamaConfig),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+    "mistral": (MistralForCausalLM, MistralConfig),
+}
+
+# The shape every builder starts from; keyword arguments of tiny_model override it.
+BASE_CONFIG = dict(
+    hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+    num_hidden_layers=2, max_position_embeddings=256,
+)
+# No BOS / EOS / PAD: generation runs to max_new_tokens unless a test passes an EOS.
+NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+# Vocab sizes of the decoder-level targets (different per arch so mix-ups show).
+DECODER_VOCABS = {"llama": 320, "qwen2": 500, "mistral": 1000}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: thread start-up and contention cost more than the matmuls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(arch: str, **config):
+    """A random-weight causal LM of ``arch`` ("llama" | "qwen2" | "mistral") in eval mode:
+    BASE_CONFIG updated with ``config`` (vocab_size is required)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {sorted(ARCHS)}")
+    if "vocab_size" not in config:
+        raise ValueError("tiny_model needs vocab_size")
+    cls, cfg_cls = ARCHS[arch]
+    return cls(cfg_cls(**{**BASE_CONFIG, **config})).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_target(arch: str, peaked: bool = False):
+    """The decoder-level target of ``arch`` (seed 1234, intermediate 128, 512 positions, no
+    special tokens); ``peaked`` scales lm_head by 40 so next-token distributions are confident."""
+    torch.manual_seed(1234)
+    model = tiny_model(arch, vocab_size=DECODER_VOCABS[arch], intermediate_size=128,
+                       max_position_embeddings=512, **NO_SPECIAL_TOKENS)
+    if peaked:
+        # A random lm_head gives near-uniform next-token distributions; scaled up, the
+        # target becomes confident, and a head that matches its features becomes confident too.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def random_head(arch: str):
+    """An untrained draft head (seed 99) for tiny_target(arch): short acceptances."""
+    torch.manual_seed(99)
+    return EagleDraftHead.from_target(tiny_target(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def trained_setup():
+    """A peaked tiny Llama and a head trained for a few seconds on its own greedy continuations.
+    Returns (model, head, prompts [8, 6] int64)."""
+    model = tiny_target("llama", peaked=True)
+    vocab = model.config.vocab_size
+    torch.manual_seed(7)
+    prompts = torch.randint(0, vocab, (8, 6))
+    with torch.no_grad():
+        seqs = model.generate(prompts, max_new_tokens=48, do_sample=False)
+        out = model(seqs, output_hidden_states=True)
+    feats, target_tok = out.hidden_states[-1], out.logits.argmax(-1)
+    torch.manual_seed(0)
+    head = EagleDraftHead.from_target(model)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        pred = head(feats[:, :-1], seqs[:, 1:])
+        loss = torch.nn.functional.cross_entropy(
+            head.logits(pred).reshape(-1, vocab), target_tok[:, 1:].reshape(-1)
+        ) + 10.0 * torch.nn.functional.smooth_l1_loss(pred, feats[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return model, head, prompts
+
+
+def hf_greedy(model, ids, n, eos=None):
+    """transformers' greedy generate of ``n`` new tokens (the losslessness reference)."""
+    pad = eos[0] if isinstance(eos, list) else eos
+    kwargs = {} if eos is None else {"eos_token_id": eos, "pad_token_id": pad}
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+def prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
+    """A random prompt [1, length] int64 from its own generator (seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, length), generator=g)
+
+
+def check_stats(out, prompt_len):
+    """The decode stats of ``out`` agree with its sequences."""
+    s = out.stats
+    n = out.sequences.shape[1] - prompt_len
+    assert s.new_tokens == n == sum(s.accept_lengths)
+    assert s.rounds == len(s.accept_lengths)
+    assert all(a >= 1 for a in s.accept_lengths)
+    assert s.mean_accept_length == pytest.approx(sum(s.accept_lengths) / len(s.accept_lengths))
+    assert min(s.draft_s, s.verify_s, s.other_s) >= 0.0
