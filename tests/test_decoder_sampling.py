@@ -11,34 +11,26 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from eagle2_kernels import EagleDraftHead, TreeSpecDecoder  # noqa: E402
 from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
+from tiny_models import (  # noqa: E402
+    NO_SPECIAL_TOKENS,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 
 ALPHA = 1e-3  # significance of each chi-square test
 VOCAB = 8
 SAMPLING = dict(temperature=0.8, top_p=0.9, top_k=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def setup():
     # A Llama shrunk to 1 layer, hidden 32, vocab 8 (real Llama-3-8B: 32 layers, 4096, 128256).
     torch.manual_seed(2024)
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=1, vocab_size=VOCAB, max_position_embeddings=128,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       vocab_size=VOCAB, max_position_embeddings=128, **NO_SPECIAL_TOKENS)
     with torch.no_grad():
         model.lm_head.weight.mul_(5.0)  # spread, not uniform: ~30 of 64 (x1, x2) pairs possible
     head = EagleDraftHead.from_target(model)

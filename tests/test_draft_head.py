@@ -11,38 +11,23 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from eagle2_kernels.models.draft_head import EagleDraftHead  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up and contention cost more than the matmuls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import (  # noqa: E402
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 
 
 def tiny_llama(rope_scaling=None, vocab=101):
     # Real Llama-3-8B: hidden 4096, 32 heads / 8 KV heads, vocab 128256; shrunk here.
-    kwargs = dict(
-        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=256, rope_theta=5000.0,
-    )
-    if rope_scaling is not None:
-        kwargs["rope_scaling"] = rope_scaling
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-    return model
+    extra = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
+    return tiny_model("llama", vocab_size=vocab, rope_theta=5000.0, **extra)
 
 
 def tiny_qwen2():
-    cfg = Qwen2Config(
-        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vocab_size=97, max_position_embeddings=256,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_model("qwen2", vocab_size=97)
 
 
 LLAMA3_SCALING = {

@@ -9,38 +9,17 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
-
 from eagle2_kernels.models.target import ATTN_NAME, DecodeContext, TargetAdapter  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up and contention cost more than the matmuls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-ARCHS = {
-    "llama": (LlamaForCausalLM, LlamaConfig),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config),
-    "mistral": (MistralForCausalLM, MistralConfig),
-}
+from tiny_models import (  # noqa: E402
+    ARCHS,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 
 
 def tiny(arch):
-    cls, cfg = ARCHS[arch]
     # 2 layers, hidden 64, 4 query / 2 KV heads (real models: 24-80 layers, hidden 2-8k).
-    return cls(cfg(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                   num_hidden_layers=2, vocab_size=211, max_position_embeddings=256)).eval()
+    return tiny_model(arch, vocab_size=211)
 
 
 def _mask_rows(parents):
