@@ -15,12 +15,11 @@ extension).
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 
-from bench.common import bench, write_results
+from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import kv_compact
 
@@ -57,37 +56,22 @@ def run_case(batch: int, accepted: int, lmax: int, device: str, dtype) -> dict:
     plain(b)()
     same = torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
                        b.view(torch.int16 if b.element_size() == 2 else torch.int32))
-    row["status"] = "ok" if same else "MISMATCH"
-    if not same:
+    if not check_row(row, same):
         return row
     # Repeating a compaction on its own output is the same amount of work: time in place.
     t_ours, t_plain = bench(ours(a), device), bench(plain(b), device)
-    row["ours_ms"] = t_ours["median_ms"]
-    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
-    row["plain_ms"] = t_plain["median_ms"]
-    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
-    if device == "cuda":
-        row["ours_graph_ms"] = t_ours.get("graph_ms")
-        row["plain_graph_ms"] = t_plain.get("graph_ms")
-    return row
+    return add_timings(row, t_ours, t_plain, device)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="small Lmax (the CPU default)")
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = bench_args(__doc__, "small Lmax (the CPU default)", argv)
+    device, dtype = device_and_dtype()
     quick = args.quick or device == "cpu"
     lmax = 512 if quick else 4096
     if device == "cpu":
-        print("# no GPU: timing the CPU path of the op (reference or native extension), float32, "
-              f"Lmax {lmax}; the Triton kernel is not timed")
+        print_cpu_note(f", float32, Lmax {lmax}")
     rows = [run_case(b, a, lmax, device, dtype) for b, a in [(1, 5), (4, 5), (1, 8)]]
-    write_results(args.json, "kv_compact (32 layers, Hkv 8, Dh 128, T 60)", rows)
-    if any(r["status"] != "ok" for r in rows):
-        raise SystemExit("kv_compact benchmark: output mismatch, no speedup reported")
+    finish(args.json, "kv_compact (32 layers, Hkv 8, Dh 128, T 60)", rows, "kv_compact")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ times the CPU path of the op (the reference, or the native extension when built)
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench, write_results
+from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import tree_attention
 
@@ -88,18 +87,11 @@ def run_case(mode: str, prefix: int, tq: int, tree_len: int, device: str, dtype)
     err = (a - b).abs().max().item()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     row["max_abs_diff"] = err
-    if not math.isfinite(err) or err > tol:
-        row["status"] = f"MISMATCH (tol {tol})"
+    if not check_row(row, math.isfinite(err) and err <= tol, f" (tol {tol})"):
         return row
-    row["status"] = "ok"
     t_ours, t_plain = bench(ours, device), bench(plain, device)
-    row["ours_ms"] = t_ours["median_ms"]
-    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
-    row["plain_ms"] = t_plain["median_ms"]
-    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
+    add_timings(row, t_ours, t_plain, device)
     if device == "cuda":
-        row["ours_graph_ms"] = t_ours.get("graph_ms")
-        row["plain_graph_ms"] = t_plain.get("graph_ms")
         bw = peak_bw()
         moved = 2 * HKV * (prefix + tree_len) * DH * cache.element_size()
         moved += 2 * q.numel() * q.element_size()  # q in, out back
@@ -110,22 +102,15 @@ def run_case(mode: str, prefix: int, tq: int, tree_len: int, device: str, dtype)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="small sizes (the CPU default)")
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = bench_args(__doc__, "small sizes (the CPU default)", argv)
+    device, dtype = device_and_dtype()
     quick = args.quick or device == "cpu"
     prefixes = [1024, 4096] if quick else [1024, 4096, 8192, 32768]
     if device == "cpu":
-        print("# no GPU: timing the CPU path of the op (reference or native extension), float32, "
-              f"{'quick sizes' if quick else 'full sizes'}; the Triton kernel is not timed")
+        print_cpu_note(f", float32, {'quick sizes' if quick else 'full sizes'}")
     rows = [run_case("verify", p, T, T, device, dtype) for p in prefixes]
     rows.append(run_case("draft", prefixes[1], 10, 40, device, dtype))
-    write_results(args.json, "tree_attention (Hq 32, Hkv 8, Dh 128, B 1)", rows)
-    if any(r["status"] != "ok" for r in rows):
-        raise SystemExit("tree_attention benchmark: output mismatch, no speedup reported")
+    finish(args.json, "tree_attention (Hq 32, Hkv 8, Dh 128, B 1)", rows, "tree_attention")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ replay ms. On CPU it says so and times the CPU path of the op (reference or exte
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import bench, write_results
+from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import tree_build
 from eagle2_kernels.ops.tree import mask_words
@@ -84,39 +83,23 @@ def run_case(B: int, K: int, D: int, T: int, device: str) -> dict:
     got = (ours.tokens, ours.parents, ours.depth, ours.mask)
     ok = all(torch.equal(a.cpu(), b) for a, b in zip(got, fields))
     ok = ok and all(torch.equal(a.cpu(), b) for a, b in zip(plain, fields))
-    row["status"] = "ok" if ok else "MISMATCH"
-    if not ok:
+    if not check_row(row, ok):
         return row
     t_ours = bench(lambda: tree_build(tokens, scores, parents, roots, T), device)
     t_plain = bench(lambda: composite(tokens, scores, parents, roots, T, D + 1), device)
-    row["ours_ms"] = t_ours["median_ms"]
-    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
-    row["plain_ms"] = t_plain["median_ms"]
-    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
-    if device == "cuda":
-        row["ours_graph_ms"] = t_ours.get("graph_ms")
-        row["plain_graph_ms"] = t_plain.get("graph_ms")
-        if row["ours_graph_ms"] and row["plain_graph_ms"]:
-            row["graph_speedup"] = row["plain_graph_ms"] / row["ours_graph_ms"]
-    return row
+    return add_timings(row, t_ours, t_plain, device, graph_speedup=True)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="only B=1")
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = bench_args(__doc__, "only B=1", argv)
+    device, _ = device_and_dtype()  # int64 / float32 inputs on every device
     if device == "cpu":
-        print("# no GPU: timing the CPU path of the op (reference or native extension); "
-              "the Triton kernel is not timed")
+        print_cpu_note()
     cases = [(1, 10, 5, 60), (8, 10, 5, 60)]
     if args.quick:
         cases = cases[:1]
     rows = [run_case(B, K, D, T, device) for B, K, D, T in cases]
-    write_results(args.json, "tree_build vs torch composite (C=510, T=60)", rows)
-    if any(r["status"] != "ok" for r in rows):
-        raise SystemExit("tree_build benchmark: output mismatch, no speedup reported")
+    finish(args.json, "tree_build vs torch composite (C=510, T=60)", rows, "tree_build")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ the op (reference or native extension) against the same composite.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import bench, write_results
+from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import tree_expand
 
@@ -61,41 +60,24 @@ def run_case(B: int, R: int, V: int, K: int, device: str, dtype, mapped: bool) -
         and torch.allclose(plain[1].cpu(), ref[1], rtol=1e-5, atol=1e-5)
         and torch.allclose(plain[3].cpu(), ref[3], rtol=1e-5, atol=1e-5)
     )
-    row["status"] = "ok" if ok else "MISMATCH"
-    if not ok:
+    if not check_row(row, ok):
         return row
     t_ours = bench(lambda: tree_expand(logits, parents, K, d2t), device)
     t_plain = bench(lambda: composite(logits, parents, K, d2t), device)
-    row["ours_ms"] = t_ours["median_ms"]
-    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
-    row["plain_ms"] = t_plain["median_ms"]
-    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
-    if device == "cuda":
-        row["ours_graph_ms"] = t_ours.get("graph_ms")
-        row["plain_graph_ms"] = t_plain.get("graph_ms")
-        if row["ours_graph_ms"] and row["plain_graph_ms"]:
-            row["graph_speedup"] = row["plain_graph_ms"] / row["ours_graph_ms"]
-    return row
+    return add_timings(row, t_ours, t_plain, device, graph_speedup=True)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="only V=32000")
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = bench_args(__doc__, "only V=32000", argv)
+    device, dtype = device_and_dtype()
     if device == "cpu":
-        print("# no GPU: timing the CPU path of the op (reference or native extension), float32; "
-              "the Triton kernels are not timed")
+        print_cpu_note(", float32", kernels="kernels are")
     cases = [(1, 10, 32000, 10, False), (1, 10, 128256, 10, False), (1, 10, 151936, 10, False),
              (1, 1, 128256, 10, False), (1, 10, 32000, 10, True)]
     if args.quick:
         cases = [c for c in cases if c[2] == 32000]
     rows = [run_case(B, R, V, K, device, dtype, m) for B, R, V, K, m in cases]
-    write_results(args.json, "tree_expand vs log_softmax+topk+gather+topk", rows)
-    if any(r["status"] != "ok" for r in rows):
-        raise SystemExit("tree_expand benchmark: output mismatch, no speedup reported")
+    finish(args.json, "tree_expand vs log_softmax+topk+gather+topk", rows, "tree_expand")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ op (reference or native extension) at V = 32000.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import bench, write_results
+from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import DraftTree, verify_greedy, verify_sample
 from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
@@ -130,39 +129,28 @@ def run_case(mode: str, batch: int, vocab: int, device: str, dtype) -> dict:
     got_ours, got_plain = ours(), plain()
     ok = same(got_ours, expected) and same(got_plain, expected)
     row["mean_accept"] = float(expected[1].float().mean())
-    row["status"] = "ok" if ok else "MISMATCH"
-    if not ok:
+    if not check_row(row, ok):
         return row
     t_ours = bench(ours, device)
     t_plain = bench(plain, device, graph=False) if device == "cuda" else bench(plain, device)
-    row["ours_ms"] = t_ours["median_ms"]
-    row["ours_p20_ms"], row["ours_p80_ms"] = t_ours["p20_ms"], t_ours["p80_ms"]
-    row["plain_ms"] = t_plain["median_ms"]
-    row["speedup"] = t_plain["median_ms"] / t_ours["median_ms"]
+    add_timings(row, t_ours, t_plain, device, plain_graph=False)
     if device == "cuda":
-        row["ours_graph_ms"] = t_ours.get("graph_ms")
         if t_ours.get("graph_error"):
             row["graph_error"] = t_ours["graph_error"]
     return row
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="V = 32000 and B = 1 only (the CPU default)")
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = bench_args(__doc__, "V = 32000 and B = 1 only (the CPU default)", argv)
+    device, dtype = device_and_dtype()
     quick = args.quick or device == "cpu"
     vocabs = [32000] if quick else [32000, 128256, 151936]
     batches = [1] if quick else [1, 4]
     if device == "cpu":
-        print("# no GPU: timing the CPU path of the ops (reference or native extension), float32, "
-              "V 32000; the Triton kernels are not timed")
+        print_cpu_note(", float32, V 32000", ops="ops", kernels="kernels are")
     rows = [run_case(m, b, v, device, dtype) for m in ("greedy", "sample") for v in vocabs for b in batches]
-    write_results(args.json, f"verify (T {T}; sampling: temperature {SAMPLE_PARAMS[0]}, top_p {SAMPLE_PARAMS[1]})", rows)
-    if any(r["status"] != "ok" for r in rows):
-        raise SystemExit("verify benchmark: output mismatch, no speedup reported")
+    finish(args.json, f"verify (T {T}; sampling: temperature {SAMPLE_PARAMS[0]}, top_p {SAMPLE_PARAMS[1]})", rows,
+           "verify")
 
 
 if __name__ == "__main__":
