@@ -53,7 +53,11 @@ void kv_compact(const Tensor& cache, const Tensor& prefix_len, const Tensor& pat
                 sl = cache.stride(3) * es, sd = cache.stride(4) * es;
   const bool rows_contiguous = cache.stride(4) == 1 || Dh == 1;
   const int64_t row_bytes = Dh * es;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, T * row_bytes / 64));
+  // A round moves a few rows per head: waking threads costs more than the copy unless the
+  // move is large, so each task block moves at least ~4 MiB (a typical round runs serially).
+  int64_t max_a = 1;
+  for (int64_t b = 0; b < B; ++b) max_a = std::max(max_a, acc(b));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, max_a * row_bytes));
 
   at::parallel_for(0, N * B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<char> buf;
