@@ -562,6 +562,12 @@ def _group_summary(records: Sequence[TurnRecord], methods: Sequence[str]) -> dic
     out["speedup"] = {
         m: {b: _ratio(records, m, b) for b in baselines} for m in speculative
     }
+    # tokens/s ratio: equals the speedup when both produced the same number of tokens; the
+    # fairer figure when outputs diverge (bf16) and end at different lengths
+    out["throughput_ratio"] = {
+        m: {b: out["methods"][m]["tokens_per_s"] / out["methods"][b]["tokens_per_s"] for b in baselines}
+        for m in speculative
+    }
     return out
 
 
@@ -639,6 +645,9 @@ def format_report(summary: dict, speculative: str = SPEC, baselines: Sequence[st
     spec = methods[speculative]
     parts = [f"speedup vs {b}: {overall['speedup'][speculative][b]:.2f}x" for b in baselines]
     lines.append(f"overall: {', '.join(parts)}, tau {spec.get('tau', float('nan')):.2f}")
+    ratios = [f"{overall['throughput_ratio'][speculative][b]:.2f}x vs {b}" for b in baselines]
+    lines.append(f"tokens/s ratio (differs from the time ratio when outputs end at different lengths): "
+                 f"{', '.join(ratios)}")
     for name, m in methods.items():
         if "match_fraction" in m:
             mfd = m["mean_first_divergence"]

@@ -165,6 +165,8 @@ def test_summary_speedup_and_tau_come_from_the_records():
     spec_s = sum(r.results["spec"].seconds for r in records)
     assert o["speedup"]["spec"]["hf"] == pytest.approx(hf_s / spec_s)
     assert o["speedup"]["spec"]["loop"] == pytest.approx(loop_s / spec_s)
+    # equal token counts: the tokens/s ratio is the time ratio
+    assert o["throughput_ratio"]["spec"]["hf"] == pytest.approx(hf_s / spec_s)
     # 20 tokens in rounds of 3,1,2,3,1,2,3,1,2,2 -> 10 rounds per turn; 6 turns
     assert o["methods"]["spec"]["rounds"] == 60
     assert o["methods"]["spec"]["tau"] == pytest.approx(120 / 60)
