@@ -579,7 +579,8 @@ def summarize(records: Sequence[TurnRecord]) -> dict:
     than the reference the fraction of turns matching the reference exactly, the number of
     mismatches, the mean first-divergence position (over mismatching turns) and the mean
     common prefix (over all turns). ``speedup[m][b]`` = total seconds of baseline ``b`` / total
-    seconds of speculative method ``m`` over the group's turns.
+    seconds of speculative method ``m`` over the group's turns; ``throughput_ratio[m][b]`` =
+    tokens/s of ``m`` / tokens/s of ``b`` (equal to the speedup when both produced as many tokens).
     """
     if not records:
         raise ValueError("no records to summarize")
