@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-# Tree shape (T, D, K) when none is given: small trees on CPU, where the target's forward cost
-# grows with T (DESIGN.md section 5); the paper's shape on a GPU.
-CPU_DEFAULT_TREE = (8, 3, 4)
-GPU_DEFAULT_TREE = (60, 5, 10)
+# Tree shape (T, D, K) when none is given: measured per device with the default model.
+from eagle2_kernels.models.default import CPU_TREE as CPU_DEFAULT_TREE
+from eagle2_kernels.models.default import GPU_TREE as GPU_DEFAULT_TREE
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
 

@@ -33,6 +33,19 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the cached layout changes, so stale copies are rebuilt instead of misread.
 _CACHE_VERSION = "v1"
 
+# Tree shape (total_tokens, depth, top_k) used with the default model when none is given.
+# CPU: picked by measured tokens/s on MT-bench first turns (bench/results/cpu/): the target's
+# forward cost grows with T on a CPU, so with the shipped head the smallest tree won
+# ((4,2,2) 1.31x vs (8,3,4) 1.09x and (16,4,8) 0.93x over transformers generate, 2-core CPU).
+# GPU: the paper's shape, where a forward over 60 tokens costs about as much as over one.
+CPU_TREE = (4, 2, 2)
+GPU_TREE = (60, 5, 10)
+
+
+def default_tree(device) -> tuple[int, int, int]:
+    """The default (total_tokens, depth, top_k) for the default model on ``device``."""
+    return GPU_TREE if torch.device(device).type == "cuda" else CPU_TREE
+
 
 def cache_dir() -> Path:
     """Root of the user cache (``$EAGLE2_KERNELS_CACHE``, default ``~/.cache/eagle2_kernels``)."""

@@ -165,6 +165,8 @@ class TreeSpecDecoder:
             dtype, device: used when loading a target by name or the default (default: the
                 file's dtype, or bf16 for the default model; CPU).
             **config: DecodeConfig fields (total_tokens, depth, top_k, max_length, backend).
+                For the default model the tree shape defaults to the one measured best on the
+                device (``eagle2_kernels.models.default.default_tree``), not the GPU paper shape.
         """
         tokenizer = None
         if target is None:
@@ -174,6 +176,9 @@ class TreeSpecDecoder:
             target, tokenizer = default_model.load_default(device=device or "cpu", **kwargs)
             if draft is None:
                 draft = default_model.default_head_path()
+            # The default model's tree shape was measured per device; explicit fields win.
+            shape = dict(zip(("total_tokens", "depth", "top_k"), default_model.default_tree(device or "cpu")))
+            config = {**shape, **config}
         elif isinstance(target, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
