@@ -315,8 +315,13 @@ class EagleDraftHead(nn.Module):
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
-    def _qkv(self, hidden_states, input_ids, position_ids):
-        """Input projection and rotated q, k, v: h [B,N,H], q [B,Hq,N,Dh], k/v [B,Hkv,N,Dh]."""
+    def project(self, hidden_states, input_ids, position_ids):
+        """First half of the head, up to attention: the input projection and rotated q, k, v.
+
+        With :meth:`finish` this lets a caller run its own attention pattern (the cached tree
+        steps, the training-time test's rolled steps). Returns h [B,N,H], q [B,Hq,N,Dh],
+        k and v [B,Hkv,N,Dh].
+        """
         x = self.embed(input_ids).to(hidden_states.dtype)
         h = self.fc(torch.cat((x, hidden_states), dim=-1))
         attn = self.layers[0].self_attn
@@ -330,8 +335,9 @@ class EagleDraftHead(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         return h, q, k, v
 
-    def _finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output projection, residuals and MLP; attn_out [B, Hq, N, Dh] -> [B, N, H]."""
+    def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Second half of the head, after attention: output projection, residuals and MLP.
+        ``h`` [B,N,H] from :meth:`project`, ``attn_out`` [B,Hq,N,Dh] -> [B,N,H]."""
         layer = self.layers[0]
         b, _, n, _ = attn_out.shape
         o = attn_out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
@@ -373,8 +379,8 @@ class EagleDraftHead(nn.Module):
             position_ids = torch.arange(n, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(b, n)
-        h, q, k, v = self._qkv(hidden_states, input_ids, position_ids)
-        return self._finish(h, self._causal_attention(q, k, v))
+        h, q, k, v = self.project(hidden_states, input_ids, position_ids)
+        return self.finish(h, self._causal_attention(q, k, v))
 
     # ------------------------------------------------------------------ cached decoding
     def prefill(self, hidden_states, input_ids, cache, start: int = 0) -> torch.Tensor:
@@ -389,9 +395,9 @@ class EagleDraftHead(nn.Module):
             raise ValueError("EagleDraftHead.prefill: only an empty cache (start=0) is supported")
         n = input_ids.shape[1]
         pos = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], n)
-        h, q, k, v = self._qkv(hidden_states, input_ids, pos)
+        h, q, k, v = self.project(hidden_states, input_ids, pos)
         cache.write(0, 0, k, v)
-        return self._finish(h, self._causal_attention(q, k, v))
+        return self.finish(h, self._causal_attention(q, k, v))
 
     def tree_step(
         self,
@@ -421,14 +427,14 @@ class EagleDraftHead(nn.Module):
         """
         from eagle2_kernels.ops import tree_attention
 
-        h, q, k, v = self._qkv(hidden_states, input_ids, position_ids)
+        h, q, k, v = self.project(hidden_states, input_ids, position_ids)
         cache.write(0, slot, k, v)
         kwargs = {} if backend is None else {"backend": backend}
         out = tree_attention(
             q, cache.keys(0), cache.values(0), cache.lengths, tree_mask, tree_len,
             scale=self.layers[0].self_attn.scaling, **kwargs,
         )
-        return self._finish(h, out)
+        return self.finish(h, out)
 
     # ------------------------------------------------------------------ save / load
     def _config_dict(self) -> dict[str, Any]:

@@ -15,9 +15,9 @@ whole sequence at once, for every start position in parallel:
 Step j's output at index i predicts f_{i+j}, i.e. the token x_{i+j+1}. Indices whose inputs would
 run past the sequence produce garbage that the callers mask out (``valid_length``).
 
-This needs the head's projection / attention / output pieces separately (``_qkv``, ``_finish``
-of :class:`~eagle2_kernels.models.draft_head.EagleDraftHead`): its public ``forward`` is plain
-causal attention over one sequence, which is step 1 only.
+This runs the head's halves around its own attention (``project`` and ``finish`` of
+:class:`~eagle2_kernels.models.draft_head.EagleDraftHead`): ``forward`` is plain causal
+attention over one sequence, which is step 1 only.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def rollout(head, features: torch.Tensor, input_ids: torch.Tensor, steps: int,
         return [head(f_in, input_ids[:, 1:n], pos)]
 
     dev = features.device
-    h, q, k1, v1 = head._qkv(f_in, input_ids[:, 1:n], pos.unsqueeze(0).expand(b, m))
+    h, q, k1, v1 = head.project(f_in, input_ids[:, 1:n], pos.unsqueeze(0).expand(b, m))
     scale = head.layers[0].self_attn.scaling
     k1e, v1e = _expand_kv(head, k1), _expand_kv(head, v1)
-    out = head._finish(h, F.scaled_dot_product_attention(q, k1e, v1e, is_causal=True,
+    out = head.finish(h, F.scaled_dot_product_attention(q, k1e, v1e, is_causal=True,
                                                          scale=scale))
     outputs = [out]
     causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
@@ -80,7 +80,7 @@ def rollout(head, features: torch.Tensor, input_ids: torch.Tensor, steps: int,
         tok_idx = (torch.arange(m, device=dev) + j).clamp(max=n - 1)
         ids_j = input_ids[:, tok_idx]
         pos_j = (pos + (j - 1)).unsqueeze(0).expand(b, m)
-        h, q, k, v = head._qkv(outputs[-1], ids_j, pos_j)
+        h, q, k, v = head.project(outputs[-1], ids_j, pos_j)
         ke, ve = _expand_kv(head, k), _expand_kv(head, v)
         diag_keys.append(ke)
         diag_vals.append(ve)
@@ -94,5 +94,5 @@ def rollout(head, features: torch.Tensor, input_ids: torch.Tensor, steps: int,
         attn = torch.matmul(probs[..., :m], v1e)
         for d, vd in enumerate(diag_vals):
             attn = attn + probs[..., m + d:m + d + 1] * vd
-        outputs.append(head._finish(h, attn))
+        outputs.append(head.finish(h, attn))
     return outputs
