@@ -17,20 +17,13 @@ from eagle2_kernels.train.data import (  # noqa: E402
     sharegpt_messages,
     tokenize_conversation,
 )
+from tiny_models import one_thread  # noqa: E402,F401  (autouse: tiny shapes run on one thread)
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: one thread avoids thread hand-off costs (large on a busy 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 WORDS = ("the a cat dog sat on mat ran to park is big small red blue one two three four five "
