@@ -419,8 +419,8 @@ class EagleDraftHead(nn.Module):
         Args:
             hidden_states: [B, N, H] parent features; input_ids: [B, N] tokens;
             position_ids: [B, N] draft positions; cache: one-layer StaticKVCache;
-            slot: first slot to write (lengths + offset in the tree region), an int or a list
-                of B ints;
+            slot: first slot to write (lengths + offset in the tree region), an int, a list
+                of B ints, or a [B] integer device tensor (no host read; the static round);
             tree_mask: [B, N, W] int32 packed mask; tree_len: tree slots in use after the write.
         Returns:
             [B, N, H] predicted features.

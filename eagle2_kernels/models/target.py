@@ -85,7 +85,7 @@ _registered = False
 
 
 def register_attention() -> str:
-    """Register the tree attention (and its mask function) with transformers; idempotent."""
+    """Register the tree attention with transformers (no mask function, see below); idempotent."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface

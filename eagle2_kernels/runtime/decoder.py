@@ -164,7 +164,8 @@ class TreeSpecDecoder:
                 None with target None = the default head shipped with the package.
             dtype, device: used when loading a target by name or the default (default: the
                 file's dtype, or bf16 for the default model; CPU).
-            **config: DecodeConfig fields (total_tokens, depth, top_k, max_length, backend).
+            **config: the constructor's keyword arguments (total_tokens, depth, top_k,
+                max_length, backend, static_round, cuda_graphs, or config=DecodeConfig(...)).
                 For the default model the tree shape defaults to the one measured best on the
                 device (``eagle2_kernels.models.default.default_tree``), not the GPU paper shape.
         """

@@ -75,7 +75,9 @@ class StaticRound:
     Args:
         decoder: the owning TreeSpecDecoder (its adapter, head, config, caches and constants).
         batch: B.
-        temperature, top_p, top_k: sampling parameters baked into the verify phase (0 = greedy).
+
+    The sampling parameters baked into the verify phase are set with :meth:`set_sampling`
+    (default greedy); each setting gets its own verify graph.
     """
 
     def __init__(self, decoder, batch: int):
