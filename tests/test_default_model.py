@@ -33,6 +33,18 @@ def test_bad_dtype():
         default_mod.load_default(dtype=torch.int64)
 
 
+def test_default_tree_is_valid_and_per_device():
+    from eagle2_kernels.runtime.config import DecodeConfig
+
+    cpu, gpu = default_mod.default_tree("cpu"), default_mod.default_tree("cuda:0")
+    assert default_mod.default_tree(torch.device("cpu")) == cpu
+    assert cpu != gpu
+    for t, d, k in (cpu, gpu):
+        DecodeConfig(total_tokens=t, depth=d, top_k=k)  # raises for a shape the draft cannot fill
+    # The CPU tree must stay small: a CPU verify forward costs about linearly in T.
+    assert cpu[0] <= 16
+
+
 def test_default_head_path_is_package_data():
     path = default_mod.default_head_path()
     assert path.parent.name == "heads" and path.parent.parent.name == "eagle2_kernels"
