@@ -48,8 +48,8 @@ def tree_build(
         total_tokens: T, nodes in the tree including the root; 2 <= T <= C + 1.
         backend: "reference", "triton" or "ext"; default by device (see ``_backend``).
         error_flag: optional [B] int32 output, overwritten with a per-sequence error code:
-            0 = ok, bit 1 = a kept candidate's parent was dropped, bit 2 = some candidate's
-            parent index is invalid.
+            0 = ok, else the OR of 1 (a kept candidate's parent was dropped) and 2 (some
+            candidate's parent index is invalid).
 
     Returns:
         DraftTree: tokens [B, T] int64 (root token at node 0), parents [B, T] int32 (-1 for
