@@ -412,6 +412,11 @@ def cmd_generate(args) -> int:
         speed = (len(new) / seconds) / (len(plain_new) / plain_s)
         if args.temperature == 0:
             same = new == plain_new
+            if not same and args.dtype == "fp32":
+                print(f"[compare] LOSSLESS CHECK FAILED in fp32: the output differs from plain "
+                      f"decoding from token {common_prefix(new, plain_new)} on; no speedup is reported",
+                      file=sys.stderr)
+                return 1
             agree = "identical to plain decoding" if same else (
                 f"differs from plain decoding from token {common_prefix(new, plain_new)} on")
         else:
@@ -583,6 +588,10 @@ def cmd_demo(args) -> int:
     # tokens/s ratio: equals the time ratio when both produce the same number of tokens
     speedup = (len(new) / seconds) / (len(plain.new_ids) / plain.seconds)
     same = plain.new_ids == new
+    if not same and args.dtype == "fp32":
+        print(f"\nLOSSLESS CHECK FAILED in fp32: the outputs differ from token "
+              f"{ev.common_prefix(new, plain.new_ids)} on; no speedup is reported")
+        return 1
     agree = "identical output" if same else (
         f"outputs agree on the first {ev.common_prefix(new, plain.new_ids)} of {len(plain.new_ids)} tokens "
         f"({args.dtype} rounding can flip near-ties; fp32 matches exactly)")

@@ -174,6 +174,35 @@ def test_generate_streams_and_compares_with_plain(tiny, capsys):
     assert "identical to plain decoding" in err  # fp32 greedy: lossless
 
 
+def _corrupt_speculative_stream(monkeypatch):
+    """Make the speculative (not the plain) stream emit a wrong first token."""
+    real = cli._stream
+
+    def corrupted(dec, ids, printer, max_new_tokens, eos, plain=False, **kw):
+        new, seconds, rounds = real(dec, ids, printer, max_new_tokens, eos, plain=plain, **kw)
+        if not plain:
+            new = [new[0] + 1] + new[1:]
+        return new, seconds, rounds
+
+    monkeypatch.setattr(cli, "_stream", corrupted)
+
+
+def test_generate_plain_fp32_mismatch_prints_no_speedup(tiny, monkeypatch, capsys):
+    _corrupt_speculative_stream(monkeypatch)
+    assert cli.main(["generate", "Hi", "--max-new-tokens", "6", "--plain"] + _model_args(tiny)) == 1
+    err = capsys.readouterr().err
+    assert "LOSSLESS CHECK FAILED in fp32" in err and "from token 0 on" in err
+    assert "speedup" not in err.replace("no speedup is reported", "")
+
+
+def test_demo_fp32_mismatch_prints_no_speedup(tiny, monkeypatch, capsys):
+    _corrupt_speculative_stream(monkeypatch)
+    assert cli.main(["demo", "--prompt", "Why?", "--max-new-tokens", "6"] + _model_args(tiny)) == 1
+    out = capsys.readouterr().out
+    assert "LOSSLESS CHECK FAILED in fp32" in out
+    assert "speedup" not in out.replace("no speedup is reported", "")
+
+
 def test_generate_overrides_tree_fields_and_rejects_bad_ones(tiny, capsys):
     assert cli.main(["generate", "Hi", "--max-new-tokens", "3", "--total-tokens", "4",
                      "--tree-top-k", "2"] + _model_args(tiny)) == 0
