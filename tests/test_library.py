@@ -132,6 +132,17 @@ def test_ops_inside_torch_compile():
     assert want[1].shape == (B, T, mask_words(T))
 
 
+def test_extension_is_built(monkeypatch):
+    """`make test` builds the extension: its absence is a failure unless the build was
+    switched off on purpose (EAGLE2_KERNELS_BUILD_EXT=0). Kept out of tests/test_native.py,
+    whose module-wide skip without the extension would hide exactly this failure."""
+    if os.environ.get("EAGLE2_KERNELS_BUILD_EXT", "").strip() == "0":
+        pytest.skip("EAGLE2_KERNELS_BUILD_EXT=0: pure-Python install")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.ext_available(), "eagle2_kernels._C does not import; reinstall with a C++ compiler"
+    assert _backend.select_backend(torch.zeros(1)) == "ext"
+
+
 def test_cpu_kernel_falls_back_to_reference_without_extension(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     monkeypatch.setattr(_backend, "ext_available", lambda: False)
