@@ -7,7 +7,9 @@ in a single call, and keeps the decode state static (no reallocation inside a ro
 
 Lengths are held twice: ``lengths`` is a [B] int32 device tensor (what the ops read, so no
 host round-trip is needed on a GPU), and the host mirror ``host_lengths`` (a list of ints)
-is what the Python loop uses to slice. The decoder keeps both in step.
+is what the Python loop uses to slice. The dynamic round keeps both in step (``set_length`` /
+``set_lengths``); the static round (``runtime/graphs.py``) advances only the device tensor, so
+there ``host_lengths`` is stale until the next ``set_length(s)`` at the start of a call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class StaticKVCache:
     Attributes:
         kv: [2 * layers, B, Hkv, Lmax, Dh] tensor; keys of layer l at 2l, values at 2l + 1.
         lengths: [B] int32 device tensor, committed slots per sequence (the prefix length).
-        host_lengths: list of B ints, host copy of ``lengths``.
+        host_lengths: list of B ints, host copy of ``lengths`` (not updated by the static
+            round's device-side ``lengths.add_``).
     """
 
     def __init__(
