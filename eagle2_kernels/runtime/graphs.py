@@ -103,7 +103,7 @@ class StaticRound:
         self.uniforms = torch.zeros(B, T, dtype=torch.float32, device=dev)
         self.err = torch.zeros(B, dtype=torch.int32, device=dev)
         self.record = torch.zeros(B, 3 + P, dtype=torch.int64, device=dev)
-        self.rows = torch.arange(max(P, T), dtype=torch.int64, device=dev)
+        self.rows = torch.arange(P, dtype=torch.int64, device=dev)  # catch-up / path row index
         # Catch-up visibility: row i sees pending rows 0..i (padding rows come after the valid
         # ones, so a valid row never sees one).
         self.chain = decoder._chain[:P].unsqueeze(0).expand(B, P, -1).contiguous()
@@ -151,7 +151,7 @@ class StaticRound:
         B, P, K, D, T = self.batch, self.P, self.K, self.D, self.T
         H, backend, d2t = head.hidden_size, self.backend, head.draft_to_target
         with torch.no_grad():
-            positions = dc.lengths[:, None].to(torch.int64) + self.rows[:P]
+            positions = dc.lengths[:, None].to(torch.int64) + self.rows
             hs = head.tree_step(self.pend_feats, self.pend_tokens, positions, dc, dc.lengths, self.chain, P, backend)
             last = (self.pend_n - 1).clamp(min=0)
             h_parent = hs.gather(1, last.view(B, 1, 1).expand(B, 1, H))
@@ -211,7 +211,7 @@ class StaticRound:
             toks = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
             toks.scatter_(1, (alen - 1).view(B, 1), bonus.view(B, 1))
             # Cut at the first EOS (kept) and at the budget, on the device.
-            idx = self.rows[:P].view(1, P)
+            idx = self.rows.view(1, P)
             is_eos = (toks[:, :, None] == self.eos.view(1, 1, -1)).any(-1) & (idx < alen[:, None])
             first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int64).argmax(1), P)
             was_active = self.active

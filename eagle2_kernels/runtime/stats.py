@@ -21,8 +21,10 @@ class DecodeStats:
             commits 1 per sequence), summed over the batch; the last round is cut at EOS /
             ``max_new_tokens``. Their sum is ``new_tokens``.
         draft_s: seconds in the draft phase (catch-up, expansions, tree build).
-        verify_s: seconds in target forwards (prefill and verification) and acceptance.
-        other_s: the rest of the call (KV compaction, bookkeeping, output assembly).
+        verify_s: seconds in target forwards (prefill and verification) and acceptance; in
+            the static round (runtime/graphs.py) also KV compaction and the device-side commit.
+        other_s: the rest of the call (KV compaction in the dynamic round, bookkeeping,
+            output assembly).
     """
 
     rounds: int = 0
