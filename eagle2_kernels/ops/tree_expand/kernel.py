@@ -38,6 +38,24 @@ def _worst_slot(top_v, top_i, offs_k, K, SENTINEL: tl.constexpr):
 
 
 @triton.jit
+def _select_top_k(v, i, offs_k, K, K_PAD: tl.constexpr, SENTINEL: tl.constexpr):
+    """The K best (value, index) pairs of the candidates ``v``/``i`` in descending value, ties
+    to the lower index, as [K_PAD] vectors (slots >= K are zero). Repeated max-and-remove:
+    K is at most a few dozen here."""
+    out_v = tl.zeros([K_PAD], tl.float32)
+    out_i = tl.zeros([K_PAD], tl.int32)
+    for j in range(K):
+        best_v = tl.max(v, 0)
+        best_i = tl.min(tl.where(v == best_v, i, SENTINEL), 0)
+        out_v = tl.where(offs_k == j, best_v, out_v)
+        out_i = tl.where(offs_k == j, best_i, out_i)
+        taken = i == best_i
+        v = tl.where(taken, float("-inf"), v)
+        i = tl.where(taken, SENTINEL, i)
+    return out_v, out_i
+
+
+@triton.jit
 def _expand_partial_kernel(
     logits_ptr,
     part_m_ptr,
@@ -147,16 +165,7 @@ def _expand_row_kernel(
     v = tl.load(part_v_ptr + base + offs, mask=ok, other=float("-inf"))
     i = tl.load(part_i_ptr + base + offs, mask=ok, other=SENTINEL)
     offs_k = tl.arange(0, K_PAD)
-    out_v = tl.zeros([K_PAD], tl.float32)
-    out_i = tl.zeros([K_PAD], tl.int32)
-    for j in range(K):
-        best_v = tl.max(v, 0)
-        best_i = tl.min(tl.where(v == best_v, i, SENTINEL), 0)
-        out_v = tl.where(offs_k == j, best_v, out_v)
-        out_i = tl.where(offs_k == j, best_i, out_i)
-        taken = i == best_i
-        v = tl.where(taken, float("-inf"), v)
-        i = tl.where(taken, SENTINEL, i)
+    out_v, out_i = _select_top_k(v, i, offs_k, K, K_PAD, SENTINEL)
 
     k_ok = offs_k < K
     parent = tl.load(parent_ptr + b * stride_parent_b + r * stride_parent_r)
@@ -185,16 +194,7 @@ def _expand_frontier_kernel(
     v = tl.load(scores_ptr + b * RK + offs, mask=ok, other=float("-inf"))
     i = tl.where(ok, offs, SENTINEL)
     offs_k = tl.arange(0, K_PAD)
-    out_v = tl.zeros([K_PAD], tl.float32)
-    out_i = tl.zeros([K_PAD], tl.int32)
-    for j in range(K):
-        best_v = tl.max(v, 0)
-        best_i = tl.min(tl.where(v == best_v, i, SENTINEL), 0)
-        out_v = tl.where(offs_k == j, best_v, out_v)
-        out_i = tl.where(offs_k == j, best_i, out_i)
-        taken = i == best_i
-        v = tl.where(taken, float("-inf"), v)
-        i = tl.where(taken, SENTINEL, i)
+    out_v, out_i = _select_top_k(v, i, offs_k, K, K_PAD, SENTINEL)
     k_ok = offs_k < K
     tl.store(next_index_ptr + b * K + offs_k, out_i.to(tl.int64), mask=k_ok)
     tl.store(next_scores_ptr + b * K + offs_k, out_v, mask=k_ok)
