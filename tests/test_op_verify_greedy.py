@@ -12,32 +12,9 @@ import pytest
 import torch
 
 from eagle2_kernels.ops import DraftTree, verify_greedy
-from eagle2_kernels.ops.tree import mask_words
 from eagle2_kernels.ops.verify_greedy.reference import verify_greedy as ref_verify_greedy
 from conftest import requires_triton, triton_device
-
-
-def make_tree(parents, tokens, device="cpu", token_dtype=torch.int64, parent_dtype=torch.int32):
-    """A DraftTree from per-sequence parent and token lists (depth and mask derived)."""
-    parents = torch.as_tensor(parents).reshape(-1, len(parents[0]) if isinstance(parents[0], list) else len(parents))
-    tokens = torch.as_tensor(tokens).reshape(parents.shape)
-    B, T = parents.shape
-    depth = torch.zeros(B, T, dtype=torch.int32)
-    mask = torch.zeros(B, T, mask_words(T), dtype=torch.int64)
-    for b in range(B):
-        for i in range(T):
-            j = i
-            while j >= 0:
-                mask[b, i, j // 32] |= 1 << (j % 32)
-                j = int(parents[b, j])
-                depth[b, i] += j >= 0
-    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
-    return DraftTree(
-        tokens.to(token_dtype).to(device),
-        parents.to(parent_dtype).to(device),
-        depth.to(device),
-        mask.to(device),
-    )
+from trees import make_tree
 
 
 def logits_with_argmax(argmax_per_row, vocab, runner_up=None):
