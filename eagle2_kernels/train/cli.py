@@ -78,7 +78,8 @@ def cmd_selfdistill(args) -> int:
     convs, label = _load_conversations("sharegpt", args.start, args.count)
     model, tokenizer = _load_target(args.dtype)
     n = generate_answers(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                         window_batches=args.window_batches)
     print(json.dumps({"source": label, "written": n, "out": str(args.out)}))
     return 0
 
@@ -176,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start", type=int, default=0)
     s.add_argument("--count", type=int, default=256)
     s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="prompts generated together (left-padded; larger is faster per token)")
+    s.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="longer prompts are skipped (recorded as skipped lines)")
+    s.add_argument("--window-batches", type=int, default=8,
+                   help="batches per window inside which prompts are sorted by length")
     s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     s.set_defaults(func=cmd_selfdistill)
 
