@@ -92,7 +92,9 @@ def cmd_fit(args) -> int:
         batch_tokens=args.batch_tokens, seq_len=args.seq_len, noise=args.noise,
         p_weight=args.p_weight, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
         draft_vocab=args.draft_vocab, seed=args.seed, time_limit_s=args.time_limit,
-        init_from=None if args.init_from is None else str(args.init_from), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        init_from=None if args.init_from is None else str(args.init_from),
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, bf16=args.bf16,
+        max_train_tokens=args.max_train_tokens, snapshot_every=args.snapshot_every,
     )
     result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features)
     print(json.dumps(result, indent=2))
@@ -212,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=500, help="steps between held-out checks")
     t.add_argument("--eval-tokens", type=int, default=8000,
                    help="held-out tokens used by the periodic checks")
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the forward and backward (weights stay fp32)")
+    t.add_argument("--max-train-tokens", type=int, default=None,
+                   help="use only the first N tokens of the training features (data-size curves)")
+    t.add_argument("--snapshot-every", type=int, default=0,
+                   help="also save the head every N steps under OUT/snapshots/step_NNNNNN")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_fit)
 
@@ -223,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, default=None, help="write the result here too")
     e.add_argument("--mtbench", type=int, default=0,
                    help="also measure tau with the decoder on this many MT-bench first turns")
-    e.add_argument("--configs", default="8,3,4;16,4,8", help="tree shapes T,D,K;T,D,K")
+    e.add_argument("--configs", default="4,2,2;60,5,10",
+                   help="tree shapes T,D,K;T,D,K (default: the CPU default and the GPU one)")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.set_defaults(func=cmd_eval)
 

@@ -55,6 +55,9 @@ class FitConfig:
     eval_every: int = 500
     eval_tokens: int = 20000
     log_every: int = 20
+    bf16: bool = False
+    max_train_tokens: int | None = None
+    snapshot_every: int = 0
 
     def check(self) -> None:
         if self.ttt_steps < 1:
@@ -67,6 +70,10 @@ class FitConfig:
                              f"{self.draft_vocab}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_train_tokens is not None and self.max_train_tokens < 2:
+            raise ValueError(f"max_train_tokens must be >= 2, got {self.max_train_tokens}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
 
 
 def choose_draft_vocab(sequences, size: int, vocab_size: int) -> torch.Tensor:
@@ -246,7 +253,7 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
     rng = random.Random(cfg.seed)
     if isinstance(feature_dirs, (str, Path)):
         feature_dirs = [feature_dirs]
-    train_seqs = load_sequences(feature_dirs)
+    train_seqs = load_sequences(feature_dirs, max_tokens=cfg.max_train_tokens)
     if not train_seqs:
         raise ValueError(f"no features found in {[str(d) for d in feature_dirs]}")
     eval_seqs = load_sequences(eval_dirs, max_tokens=cfg.eval_tokens) if eval_dirs else []
@@ -352,8 +359,11 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
             for g in opt.param_groups:
                 g["lr"] = lr
             feats, ids, pmask = collate(windows, idx)
-            results = step_losses(head, feats, ids, pmask, cfg.ttt_steps, cfg.p_weight,
-                                  noise_amp)
+            # bf16 autocast: the matmuls run in bf16 (about 1.5x faster on a CPU with AVX-512
+            # BF16), the weights, optimizer state and losses stay in fp32.
+            with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                results = step_losses(head, feats, ids, pmask, cfg.ttt_steps, cfg.p_weight,
+                                      noise_amp)
             loss = sum(w * r[0] for w, r in zip(weights, results))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -381,6 +391,12 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
                 run_count = [0.0] * cfg.ttt_steps
             if cfg.eval_every and step % cfg.eval_every == 0:
                 checkpoint(final=False)
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                snap = out_dir / "snapshots" / f"step_{step:06d}"
+                save_head(head, snap)
+                (snap / "progress.json").write_text(json.dumps(
+                    {"step": step, "tokens_seen": tokens_seen,
+                     "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
         epoch += 1
     if bar is not None:
         bar.close()

@@ -1,0 +1,126 @@
+"""Summarise ``bench/head_curve.sh`` results: a markdown table and a plot of tau against data.
+
+    python bench/head_curve_report.py RESULTS_DIR
+
+Reads ``<head>.json`` (from ``eagle2 train eval``) and ``<head>.train_log.json`` (from ``eagle2
+train fit``) for every head in RESULTS_DIR and writes ``curve.md``, ``curve.json`` and, when
+matplotlib is installed, ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _tau(result: dict, shape: tuple[int, int, int]) -> tuple[float | None, float | None]:
+    for c in result.get("mtbench", {}).get("configs", []):
+        if (c["T"], c["D"], c["K"]) == shape:
+            return c["tau"], c.get("speedup_vs_plain_loop")
+    return None, None
+
+
+def collect(results: Path) -> list[dict]:
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        if path.name.endswith(".train_log.json") or path.name.startswith("curve"):
+            continue
+        name = path.stem
+        result = json.loads(path.read_text())
+        log_path = results / f"{name}.train_log.json"
+        summary = json.loads(log_path.read_text())["summary"] if log_path.exists() else {}
+        tau_cpu, speedup_cpu = _tau(result, (4, 2, 2))
+        tau_60, speedup_60 = _tau(result, (60, 5, 10))
+        rows.append({
+            "head": name,
+            "source": "self-distilled" if "selfdistill" in name else "dataset answers",
+            "train_tokens": summary.get("train_tokens"),
+            "train_loss_tokens": summary.get("train_loss_tokens"),
+            "steps": summary.get("steps"),
+            "epochs": summary.get("epochs"),
+            "tokens_seen": summary.get("tokens_seen"),
+            "train_seconds": summary.get("seconds"),
+            "vocab_miss_train": summary.get("vocab_miss_train"),
+            "heldout_acc": result.get("acc"),
+            "heldout_chain_tokens": result.get("expected_chain_tokens"),
+            "greedy_outside_draft_vocab": result.get("target_greedy_outside_draft_vocab"),
+            "tau_4_2_2": tau_cpu, "speedup_4_2_2": speedup_cpu,
+            "tau_60_5_10": tau_60, "speedup_60_5_10": speedup_60,
+        })
+    return rows
+
+
+def _fmt(x, digits=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| head | answers | train tokens (reply) | epochs | held-out acc 1/2/3 | "
+             "tau (4,2,2) | vs plain loop | tau (60,5,10) | vs plain loop |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["source"], r["train_tokens"] or 0)):
+        acc = "/".join(f"{a:.3f}" for a in (r["heldout_acc"] or [])[:3]) or "-"
+        tokens = (f"{_fmt(r['train_tokens'])} ({_fmt(r['train_loss_tokens'])})"
+                  if r["train_tokens"] else "-")
+        lines.append(f"| {r['head']} | {r['source']} | {tokens} | {_fmt(r['epochs'])} | {acc} | "
+                     f"{_fmt(r['tau_4_2_2'])} | {_fmt(r['speedup_4_2_2'])}x | "
+                     f"{_fmt(r['tau_60_5_10'])} | {_fmt(r['speedup_60_5_10'])}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for key, label, style in (("tau_4_2_2", "T,D,K = 4,2,2 (CPU default)", "o"),
+                              ("tau_60_5_10", "T,D,K = 60,5,10", "s")):
+        for source, fill in (("dataset answers", True), ("self-distilled", False)):
+            pts = sorted((r["train_loss_tokens"], r[key]) for r in rows
+                         if r["source"] == source and r[key] is not None and r["train_loss_tokens"])
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, style + ("-" if fill else ""), markerfacecolor=None if fill else "none",
+                    markersize=8, label=f"{label}, {source}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training reply tokens (equal optimizer steps per head)")
+    ax.set_ylabel("tau on MT-bench first turns")
+    ax.axhline(3.0, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    results = Path(argv[0])
+    rows = collect(results)
+    if not rows:
+        print(f"no eval JSON files in {results}", file=sys.stderr)
+        return 1
+    (results / "curve.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / "curve.md").write_text(markdown(rows))
+    plotted = plot(rows, results / "curve.png")
+    print(markdown(rows))
+    if not plotted:
+        print("(no plot: matplotlib is not installed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
