@@ -5,6 +5,7 @@ rollout, and a tiny end-to-end train on a random Llama (real target: SmolLM2-135
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -313,3 +314,31 @@ def test_selfdistill_batched_windows_match_one_by_one_and_resume(tmp_path):
         assert line["finished"] == bool(len(ref) < 6)
     with pytest.raises(ValueError, match="window_batches"):
         generate_answers(model, tok, convs, tmp_path / "c.jsonl", window_batches=0, **kwargs)
+
+
+def test_fit_bf16_autocast_data_limit_and_snapshots(tmp_path):
+    from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.train.features import generate_features, load_sequences
+    from eagle2_kernels.train.fit import FitConfig, fit
+
+    tok = tiny_tokenizer()
+    target = tiny_target(len(tok))
+    generate_features(target, tok, synthetic_conversations(12), tmp_path / "train", chunk_size=4,
+                      progress=False)
+    all_tokens = sum(len(s[0]) for s in load_sequences([tmp_path / "train"]))
+    limit = all_tokens // 3
+    cfg = FitConfig(max_steps=4, batch_tokens=256, draft_vocab=24, eval_every=0, bf16=True,
+                    max_train_tokens=limit, snapshot_every=2, log_every=1)
+    summary = fit([tmp_path / "train"], tmp_path / "head", cfg, target=target, progress=False)
+    # Whole sequences are taken until the limit is reached: at least `limit`, far from all.
+    assert limit <= summary["train_tokens"] < all_tokens
+    assert summary["steps"] == 4
+    assert summary["first_train_loss"] > 0 and math.isfinite(summary["last_train_loss"])
+    snaps = sorted(p.name for p in (tmp_path / "head" / "snapshots").iterdir())
+    assert snaps == ["step_000002", "step_000004"]
+    progress = json.loads((tmp_path / "head" / "snapshots" / "step_000002" / "progress.json")
+                          .read_text())
+    assert progress["step"] == 2 and progress["tokens_seen"] > 0
+    EagleDraftHead.from_pretrained(tmp_path / "head" / "snapshots" / "step_000004", target=target)
+    with pytest.raises(ValueError, match="max_train_tokens"):
+        FitConfig(max_train_tokens=1).check()
