@@ -7,16 +7,19 @@
 # stopped, and a head whose eval JSON exists is not trained again. Features live outside the
 # repository, under $EAGLE2_KERNELS_CACHE/train (default ~/.cache/eagle2_kernels/train).
 #
-# Stages (all with the same fit options and the same training budget, STEPS optimizer steps of
-# 2,048 tokens, so that only the data changes between heads):
-#   1. features of ShareGPT conversations [0, 2400) with the dataset's answers, and of
+# Stages:
+#   1. features of ShareGPT conversations [0, SHAREGPT_CONVS) with the dataset's answers, and of
 #      held-out conversations [12000, 12048);
 #   2. the target's own greedy answers to the first prompts of conversations [0, SD_PROMPTS)
 #      (self-distillation), and their features;
-#   3. heads: self-distilled answers; dataset answers with the same number of tokens; dataset
-#      answers with 4x and with all the tokens;
-#   4. for each head: held-out 1..5-step accuracy and tau on MT-bench first turns at the CPU
-#      default tree (4,2,2) and at (60,5,10), into RESULTS_DIR/<head>.json.
+#   3. data source at equal token counts: a head on the self-distilled answers and one on the same
+#      number of dataset-answer tokens, same options, SMALL_EPOCHS epochs each;
+#   4. data size: one head trained for one epoch over all the dataset-answer features (no token
+#      seen twice), saved every 1/SNAPSHOTS of the epoch, so that snapshot k has seen
+#      k/SNAPSHOTS of the data once;
+#   5. for each head: held-out 1..5-step accuracy and tau on MT-bench first turns at the CPU
+#      default tree (4,2,2) (and, for the final heads, at (60,5,10)), into RESULTS_DIR/*.json;
+#      then bench/head_curve_report.py writes the table and the plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-bench/results/cpu/head_curve}
@@ -39,26 +42,47 @@ $TRAIN features --out "$WORK/selfdistill" --source "$WORK/selfdistill.jsonl" --m
 
 tokens() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens'])" "$1/meta.json"; }
 SD_TOKENS=$(tokens "$WORK/selfdistill")
-ALL_TOKENS=$(tokens "$WORK/sharegpt")
 
 FIT_OPTS=(--bf16 --ttt-steps 2 --lr 1e-3 --warmup 30 --batch-tokens 2048 --seq-len 768
-          --noise 0.05 --draft-vocab 8192 --max-steps "$STEPS" --epochs 1000
-          --eval-features "$WORK/heldout" --eval-every 50 --eval-tokens 4000)
+          --noise 0.05 --draft-vocab 8192 --eval-features "$WORK/heldout" --eval-tokens 4000)
+EVAL=(eval --features "$WORK/heldout" --max-tokens 8000 --max-new-tokens 128
+      --mtbench "${MTBENCH_QUESTIONS:-5}")
 
-head() {  # head NAME FEATURE_DIR [MAX_TRAIN_TOKENS]
-    local name=$1 dir=$2 limit=${3:-}
-    if [ ! -f "$RESULTS/$name.json" ]; then
-        $TRAIN fit --features "$dir" --out "$WORK/heads/$name" "${FIT_OPTS[@]}" \
-            ${limit:+--max-train-tokens $limit}
+fit_head() {  # fit_head NAME FEATURE_DIR EPOCHS [MAX_TRAIN_TOKENS] [more fit options]
+    local name=$1 dir=$2 epochs=$3 limit=${4:-}
+    shift 4 || shift $#
+    if [ ! -f "$WORK/heads/$name/model.safetensors" ] || [ ! -f "$RESULTS/$name.train_log.json" ]; then
+        $TRAIN fit --features "$dir" --out "$WORK/heads/$name" "${FIT_OPTS[@]}" --epochs "$epochs" \
+            ${limit:+--max-train-tokens $limit} "$@"
         cp "$WORK/heads/$name/train_log.json" "$RESULTS/$name.train_log.json"
-        $TRAIN eval --head "$WORK/heads/$name" --features "$WORK/heldout" --max-tokens 8000 \
-            --mtbench "${MTBENCH_QUESTIONS:-5}" --configs "4,2,2;60,5,10" --max-new-tokens 128 \
-            --json "$RESULTS/$name.json"
     fi
 }
+eval_head() {  # eval_head HEAD_DIR NAME CONFIGS
+    [ -f "$RESULTS/$2.json" ] || $TRAIN "${EVAL[@]}" --head "$1" --configs "$3" --json "$RESULTS/$2.json"
+}
 
-head selfdistill "$WORK/selfdistill"
-head sharegpt_same_tokens "$WORK/sharegpt" "$SD_TOKENS"
-head sharegpt_4x "$WORK/sharegpt" $((4 * SD_TOKENS))
-head sharegpt_all "$WORK/sharegpt" "$ALL_TOKENS"
+SMALL_EPOCHS=${SMALL_EPOCHS:-2}
+fit_head selfdistill "$WORK/selfdistill" "$SMALL_EPOCHS" "" --eval-every 50
+eval_head "$WORK/heads/selfdistill" selfdistill "4,2,2;60,5,10"
+fit_head sharegpt_same_tokens "$WORK/sharegpt" "$SMALL_EPOCHS" "$SD_TOKENS" --eval-every 50
+eval_head "$WORK/heads/sharegpt_same_tokens" sharegpt_same_tokens "4,2,2;60,5,10"
+
+# One epoch over everything, a snapshot every 1/SNAPSHOTS epoch (the cosine schedule spans the
+# whole epoch, so early snapshots are taken at a higher learning rate than a run of their size
+# would end with: they understate what that much data gives).
+SNAPSHOTS=${SNAPSHOTS:-6}
+STEPS_PER_EPOCH=$("$PY" - "$WORK/sharegpt" <<'PYEOF'
+import random, sys
+from eagle2_kernels.train.features import load_sequences
+from eagle2_kernels.train.fit import _windows, make_batches
+print(len(make_batches(_windows(load_sequences([sys.argv[1]]), 768), 2048, random.Random(0))))
+PYEOF
+)
+EVERY=$(( (STEPS_PER_EPOCH + SNAPSHOTS - 1) / SNAPSHOTS ))
+fit_head sharegpt_epoch "$WORK/sharegpt" 1 "" --eval-every 0 --snapshot-every "$EVERY"
+for snap in "$WORK"/heads/sharegpt_epoch/snapshots/step_*; do
+    eval_head "$snap" "sharegpt_epoch_$(basename "$snap")" "4,2,2"
+    cp "$snap/progress.json" "$RESULTS/sharegpt_epoch_$(basename "$snap").progress.json"
+done
+eval_head "$WORK/heads/sharegpt_epoch" sharegpt_epoch "4,2,2;60,5,10"
 "$PY" bench/head_curve_report.py "$RESULTS"

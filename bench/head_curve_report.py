@@ -22,25 +22,35 @@ def _tau(result: dict, shape: tuple[int, int, int]) -> tuple[float | None, float
 
 
 def collect(results: Path) -> list[dict]:
+    """One row per evaluated head. A snapshot ``<run>_step_NNNNNN`` of a one-epoch run has seen
+    the fraction ``step / steps`` of its run's data once; its data columns are scaled by it."""
     rows = []
     for path in sorted(results.glob("*.json")):
-        if path.name.endswith(".train_log.json") or path.name.startswith("curve"):
+        if path.name.endswith((".train_log.json", ".progress.json")) or path.name.startswith("curve"):
             continue
         name = path.stem
         result = json.loads(path.read_text())
-        log_path = results / f"{name}.train_log.json"
+        run, snapshot = name, None
+        if "_step_" in name:
+            run = name.split("_step_")[0]
+            snapshot = json.loads((results / f"{name}.progress.json").read_text())
+        log_path = results / f"{run}.train_log.json"
         summary = json.loads(log_path.read_text())["summary"] if log_path.exists() else {}
+        frac = 1.0
+        if snapshot is not None and summary.get("steps"):
+            frac = snapshot["step"] / summary["steps"]
+        scaled = {k: (round(summary[k] * frac) if summary.get(k) is not None else None)
+                  for k in ("train_tokens", "train_loss_tokens")}
         tau_cpu, speedup_cpu = _tau(result, (4, 2, 2))
         tau_60, speedup_60 = _tau(result, (60, 5, 10))
         rows.append({
             "head": name,
+            "run": run,
             "source": "self-distilled" if "selfdistill" in name else "dataset answers",
-            "train_tokens": summary.get("train_tokens"),
-            "train_loss_tokens": summary.get("train_loss_tokens"),
-            "steps": summary.get("steps"),
-            "epochs": summary.get("epochs"),
-            "tokens_seen": summary.get("tokens_seen"),
-            "train_seconds": summary.get("seconds"),
+            **scaled,
+            "steps": snapshot["step"] if snapshot else summary.get("steps"),
+            "epochs": round(summary["epochs"] * frac, 3) if summary.get("epochs") else None,
+            "train_seconds": snapshot["seconds"] if snapshot else summary.get("seconds"),
             "vocab_miss_train": summary.get("vocab_miss_train"),
             "heldout_acc": result.get("acc"),
             "heldout_chain_tokens": result.get("expected_chain_tokens"),
@@ -63,7 +73,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| head | answers | train tokens (reply) | epochs | held-out acc 1/2/3 | "
              "tau (4,2,2) | vs plain loop | tau (60,5,10) | vs plain loop |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["source"], r["train_tokens"] or 0)):
+    for r in sorted(rows, key=lambda r: (r["run"], r["train_tokens"] or 0)):
         acc = "/".join(f"{a:.3f}" for a in (r["heldout_acc"] or [])[:3]) or "-"
         tokens = (f"{_fmt(r['train_tokens'])} ({_fmt(r['train_loss_tokens'])})"
                   if r["train_tokens"] else "-")
@@ -81,23 +91,32 @@ def plot(rows: list[dict], out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for key, label, style in (("tau_4_2_2", "T,D,K = 4,2,2 (CPU default)", "o"),
-                              ("tau_60_5_10", "T,D,K = 60,5,10", "s")):
-        for source, fill in (("dataset answers", True), ("self-distilled", False)):
-            pts = sorted((r["train_loss_tokens"], r[key]) for r in rows
-                         if r["source"] == source and r[key] is not None and r["train_loss_tokens"])
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, style + ("-" if fill else ""), markerfacecolor=None if fill else "none",
-                    markersize=8, label=f"{label}, {source}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training reply tokens (equal optimizer steps per head)")
-    ax.set_ylabel("tau on MT-bench first turns")
-    ax.axhline(3.0, color="grey", lw=0.8, ls="--")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, (ax_tau, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = sorted({r["run"] for r in rows})
+    for run in runs:
+        pts = sorted((r["train_loss_tokens"], r["tau_4_2_2"], (r["heldout_acc"] or [None])[0])
+                     for r in rows if r["run"] == run and r["train_loss_tokens"])
+        if not pts:
+            continue
+        xs, taus, accs = zip(*pts)
+        many = len(pts) > 1
+        label = (f"{run}: one epoch, snapshots" if many else
+                 f"{run} ({rows[[r['run'] for r in rows].index(run)]['epochs']} epochs)")
+        marker = "o-" if many else ("D" if "selfdistill" in run else "s")
+        ax_tau.plot(xs, taus, marker, markersize=7, label=label)
+        ax_acc.plot(xs, accs, marker, markersize=7, label=label)
+    for r in rows:
+        if r["tau_60_5_10"] is not None and r["train_loss_tokens"]:
+            ax_tau.plot([r["train_loss_tokens"]], [r["tau_60_5_10"]], "x", color="k")
+    ax_tau.plot([], [], "x", color="k", label="same head at T,D,K = 60,5,10")
+    ax_tau.axhline(3.0, color="grey", lw=0.8, ls="--")
+    ax_tau.set_ylabel("tau on MT-bench first turns, T,D,K = 4,2,2")
+    ax_acc.set_ylabel("held-out 1-step top-1 accuracy")
+    for ax in (ax_tau, ax_acc):
+        ax.set_xscale("log")
+        ax.set_xlabel("reply tokens trained on")
+        ax.grid(alpha=0.3)
+    ax_tau.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
