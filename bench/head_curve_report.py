@@ -69,6 +69,10 @@ def _fmt(x, digits=2):
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def _speed(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| head | answers | train tokens (reply) | epochs | held-out acc 1/2/3 | "
              "tau (4,2,2) | vs plain loop | tau (60,5,10) | vs plain loop |",
@@ -78,8 +82,8 @@ def markdown(rows: list[dict]) -> str:
         tokens = (f"{_fmt(r['train_tokens'])} ({_fmt(r['train_loss_tokens'])})"
                   if r["train_tokens"] else "-")
         lines.append(f"| {r['head']} | {r['source']} | {tokens} | {_fmt(r['epochs'])} | {acc} | "
-                     f"{_fmt(r['tau_4_2_2'])} | {_fmt(r['speedup_4_2_2'])}x | "
-                     f"{_fmt(r['tau_60_5_10'])} | {_fmt(r['speedup_60_5_10'])}x |")
+                     f"{_fmt(r['tau_4_2_2'])} | {_speed(r['speedup_4_2_2'])} | "
+                     f"{_fmt(r['tau_60_5_10'])} | {_speed(r['speedup_60_5_10'])} |")
     return "\n".join(lines) + "\n"
 
 
