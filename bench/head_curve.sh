@@ -17,7 +17,8 @@
 #   4. data size: one head trained for one epoch over all the dataset-answer features (no token
 #      seen twice), saved every 1/SNAPSHOTS of the epoch, so that snapshot k has seen
 #      k/SNAPSHOTS of the data once;
-#   5. for each head: held-out 1..5-step accuracy and tau on MT-bench first turns at the CPU
+#   5. the final head: the one-epoch head trained one more epoch on both sources together;
+#   6. for each head (and the head shipped before this study): held-out 1..5-step accuracy and tau on MT-bench first turns at the CPU
 #      default tree (4,2,2) (and, for the final heads, at (60,5,10)), into RESULTS_DIR/*.json;
 #      then bench/head_curve_report.py writes the table and the plot.
 set -euo pipefail
@@ -85,4 +86,18 @@ for snap in "$WORK"/heads/sharegpt_epoch/snapshots/step_*; do
     cp "$snap/progress.json" "$RESULTS/sharegpt_epoch_$(basename "$snap").progress.json"
 done
 eval_head "$WORK/heads/sharegpt_epoch" sharegpt_epoch "4,2,2;60,5,10"
+
+# The shipped head: the one-epoch head trained one more epoch over both sources together, at half
+# the learning rate.
+if [ ! -f "$RESULTS/final.json" ]; then
+    if [ ! -f "$RESULTS/final.train_log.json" ]; then
+        $TRAIN fit --features "$WORK/sharegpt" "$WORK/selfdistill" --out "$WORK/heads/final" \
+            --init-from "$WORK/heads/sharegpt_epoch" "${FIT_OPTS[@]}" --epochs 1 --lr 5e-4 \
+            --warmup 10 --eval-every 200
+        cp "$WORK/heads/final/train_log.json" "$RESULTS/final.train_log.json"
+    fi
+    eval_head "$WORK/heads/final" final "4,2,2;60,5,10"
+fi
+# The head shipped before this study, evaluated the same way, for reference.
+eval_head eagle2_kernels/heads/smollm2-135m-instruct previous_head "4,2,2;60,5,10"
 "$PY" bench/head_curve_report.py "$RESULTS"

@@ -51,6 +51,7 @@ def collect(results: Path) -> list[dict]:
             "steps": snapshot["step"] if snapshot else summary.get("steps"),
             "epochs": round(summary["epochs"] * frac, 3) if summary.get("epochs") else None,
             "train_seconds": snapshot["seconds"] if snapshot else summary.get("seconds"),
+            "init_from": (summary.get("config") or {}).get("init_from"),
             "vocab_miss_train": summary.get("vocab_miss_train"),
             "heldout_acc": result.get("acc"),
             "heldout_chain_tokens": result.get("expected_chain_tokens"),
@@ -104,8 +105,11 @@ def plot(rows: list[dict], out: Path) -> bool:
             continue
         xs, taus, accs = zip(*pts)
         many = len(pts) > 1
+        first = next(r for r in rows if r["run"] == run)
         label = (f"{run}: one epoch, snapshots" if many else
-                 f"{run} ({rows[[r['run'] for r in rows].index(run)]['epochs']} epochs)")
+                 f"{run} ({first['epochs']} epochs"
+                 + (f", continued from {Path(first['init_from']).name})" if first["init_from"]
+                    else ")"))
         marker = "o-" if many else ("D" if "selfdistill" in run else "s")
         ax_tau.plot(xs, taus, marker, markersize=7, label=label)
         ax_acc.plot(xs, accs, marker, markersize=7, label=label)
@@ -113,6 +117,11 @@ def plot(rows: list[dict], out: Path) -> bool:
         if r["tau_60_5_10"] is not None and r["train_loss_tokens"]:
             ax_tau.plot([r["train_loss_tokens"]], [r["tau_60_5_10"]], "x", color="k")
     ax_tau.plot([], [], "x", color="k", label="same head at T,D,K = 60,5,10")
+    for r in rows:  # heads without a training log here (e.g. an earlier shipped head)
+        if not r["train_loss_tokens"] and r["tau_4_2_2"] is not None:
+            ax_tau.axhline(r["tau_4_2_2"], color="grey", ls=":", label=f"{r['head']} (4,2,2)")
+            if r["heldout_acc"]:
+                ax_acc.axhline(r["heldout_acc"][0], color="grey", ls=":", label=r["head"])
     ax_tau.axhline(3.0, color="grey", lw=0.8, ls="--")
     ax_tau.set_ylabel("tau on MT-bench first turns, T,D,K = 4,2,2")
     ax_acc.set_ylabel("held-out 1-step top-1 accuracy")
