@@ -49,13 +49,23 @@ FIT_OPTS=(--bf16 --ttt-steps 2 --lr 1e-3 --warmup 30 --batch-tokens 2048 --seq-l
 EVAL=(eval --features "$WORK/heldout" --max-tokens 8000 --max-new-tokens 128
       --mtbench "${MTBENCH_QUESTIONS:-5}")
 
+keep_log() {  # keep_log HEAD_DIR NAME: the fit log, with paths of this machine cut to their last part
+    "$PY" - "$1/train_log.json" "$RESULTS/$2.train_log.json" <<'PYEOF'
+import json, os, sys
+log = json.load(open(sys.argv[1]))
+cfg = log["summary"]["config"]
+if cfg.get("init_from"):
+    cfg["init_from"] = os.path.basename(cfg["init_from"].rstrip("/"))
+open(sys.argv[2], "w").write(json.dumps(log, indent=2) + "\n")
+PYEOF
+}
 fit_head() {  # fit_head NAME FEATURE_DIR EPOCHS [MAX_TRAIN_TOKENS] [more fit options]
     local name=$1 dir=$2 epochs=$3 limit=${4:-}
     shift 4 || shift $#
     if [ ! -f "$WORK/heads/$name/model.safetensors" ] || [ ! -f "$RESULTS/$name.train_log.json" ]; then
         $TRAIN fit --features "$dir" --out "$WORK/heads/$name" "${FIT_OPTS[@]}" --epochs "$epochs" \
             ${limit:+--max-train-tokens $limit} "$@"
-        cp "$WORK/heads/$name/train_log.json" "$RESULTS/$name.train_log.json"
+        keep_log "$WORK/heads/$name" "$name"
     fi
 }
 eval_head() {  # eval_head HEAD_DIR NAME CONFIGS
@@ -94,7 +104,7 @@ if [ ! -f "$RESULTS/final.json" ]; then
         $TRAIN fit --features "$WORK/sharegpt" "$WORK/selfdistill" --out "$WORK/heads/final" \
             --init-from "$WORK/heads/sharegpt_epoch" "${FIT_OPTS[@]}" --epochs 1 --lr 5e-4 \
             --warmup 10 --eval-every 200
-        cp "$WORK/heads/final/train_log.json" "$RESULTS/final.train_log.json"
+        keep_log "$WORK/heads/final" final
     fi
     eval_head "$WORK/heads/final" final "4,2,2;60,5,10"
 fi
