@@ -527,9 +527,8 @@ class TreeSpecDecoder:
         t_mark = time.perf_counter()
         first_catchup = True
         cfg = self.config
-        K, D, T = cfg.top_k, cfg.depth, cfg.total_tokens
+        K, T = cfg.top_k, cfg.total_tokens
         head = self.draft
-        d2t = head.draft_to_target
         hidden = head.hidden_size
         while any(active):
             self._check_epoch(epoch)
@@ -552,34 +551,8 @@ class TreeSpecDecoder:
                 # Stopped sequences keep their lengths (their tokens are discarded).
                 stable = [s + (pend_n[b] if active[b] else 0) for b, s in enumerate(stable)]
                 dc.set_lengths(stable)
-                ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
-                cand_tokens, cand_scores, cand_parents = [ct.view(batch, K)], [cs.view(batch, K)], [self._root_parent]
-                f_tokens = ct.view(batch, K).gather(1, ni)
-                f_index = ni  # candidate index of each frontier row
-                f_scores = ns
-                f_feats = h_parent.expand(batch, K, -1)
-                f_mask = self._own_bits[0]
-                base = K
-                draft_pos = dc.lengths[:, None].to(torch.int64).expand(batch, K)
-                for j in range(1, D + 1):
-                    slots = [s + (j - 1) * K for s in stable]
-                    hs = head.tree_step(f_feats, f_tokens, draft_pos + (j - 1), dc, slots, f_mask, j * K, backend)
-                    ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
-                    cand_tokens.append(ct.view(batch, K * K))
-                    cand_scores.append(cs.view(batch, K * K))
-                    cand_parents.append(f_index.repeat_interleave(K, dim=1))
-                    if j < D:
-                        rows = ni // K  # frontier row that is each new frontier node's parent
-                        f_tokens = ct.view(batch, K * K).gather(1, ni)
-                        f_index = ni + base
-                        f_scores = ns
-                        f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hidden))
-                        f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
-                    base += K * K
-                draft_tree = ops.tree_build(
-                    torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), root, T,
-                    backend=backend,
-                )
+                draft_tree = self._expand_and_build(
+                    h_parent, root, lambda j: [s + (j - 1) * K for s in stable], backend)
             self._sync()
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t_mark
@@ -640,6 +613,47 @@ class TreeSpecDecoder:
         if sr is None:
             return "dynamic"
         return "graphs" if sr.graphs else f"eager ({sr.graph_error or 'cuda_graphs off'})"
+
+    def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None):
+        """Root expansion, the D expansion levels and ``tree_build``: the draft tree of a round.
+
+        ``h_parent`` [B, 1, H] is the draft feature of each sequence's last committed token and
+        ``root`` [B] that token; the draft cache's lengths already count the catch-up rows.
+        ``level_slots(j)`` gives the first draft-cache slot of level ``j`` (1-based): a host list
+        in the dynamic round, a device tensor in the static (graph-captured) one, whose trip
+        count and shapes are fixed by the config alone.
+        """
+        head, dc = self.draft, self._dcache
+        K, D, T = self.config.top_k, self.config.depth, self.config.total_tokens
+        d2t = head.draft_to_target
+        batch, hidden = h_parent.shape[0], head.hidden_size
+        ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
+        cand_tokens, cand_scores, cand_parents = [ct.view(batch, K)], [cs.view(batch, K)], [self._root_parent]
+        f_tokens = ct.view(batch, K).gather(1, ni)
+        f_index = ni  # candidate index of each frontier row
+        f_scores = ns
+        f_feats = h_parent.expand(batch, K, hidden)
+        f_mask = self._own_bits[0]
+        base = K
+        draft_pos = dc.lengths[:, None].to(torch.int64).expand(batch, K)
+        for j in range(1, D + 1):
+            hs = head.tree_step(f_feats, f_tokens, draft_pos + (j - 1), dc, level_slots(j), f_mask, j * K, backend)
+            ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
+            cand_tokens.append(ct.view(batch, K * K))
+            cand_scores.append(cs.view(batch, K * K))
+            cand_parents.append(f_index.repeat_interleave(K, dim=1))
+            if j < D:
+                rows = ni // K  # frontier row that is each new frontier node's parent
+                f_tokens = ct.view(batch, K * K).gather(1, ni)
+                f_index = ni + base
+                f_scores = ns
+                f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hidden))
+                f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
+            base += K * K
+        return ops.tree_build(
+            torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), root, T,
+            backend=backend, error_flag=error_flag,
+        )
 
     def _static_round(self, batch: int):
         from eagle2_kernels.runtime.graphs import StaticRound

@@ -148,41 +148,16 @@ class StaticRound:
         No host reads, no data-dependent Python control flow.
         """
         dec, head, dc = self.dec, self.dec.draft, self.dcache
-        B, P, K, D, T = self.batch, self.P, self.K, self.D, self.T
-        H, backend, d2t = head.hidden_size, self.backend, head.draft_to_target
+        B, P, K = self.batch, self.P, self.K
+        H, backend = head.hidden_size, self.backend
         with torch.no_grad():
             positions = dc.lengths[:, None].to(torch.int64) + self.rows
             hs = head.tree_step(self.pend_feats, self.pend_tokens, positions, dc, dc.lengths, self.chain, P, backend)
             last = (self.pend_n - 1).clamp(min=0)
             h_parent = hs.gather(1, last.view(B, 1, 1).expand(B, 1, H))
             dc.lengths.add_(self.pend_n.to(torch.int32))
-            ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), dec._zero_scores, K, d2t, backend=backend)
-            cand_tokens, cand_scores, cand_parents = [ct.view(B, K)], [cs.view(B, K)], [dec._root_parent]
-            f_tokens = ct.view(B, K).gather(1, ni)
-            f_index, f_scores = ni, ns
-            f_feats = h_parent.expand(B, K, H)
-            f_mask = dec._own_bits[0]
-            base = K
-            pos0 = dc.lengths[:, None].to(torch.int64).expand(B, K)
-            for j in range(1, D + 1):  # static trip count
-                slot = dc.lengths + (j - 1) * K
-                hs = head.tree_step(f_feats, f_tokens, pos0 + (j - 1), dc, slot, f_mask, j * K, backend)
-                ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
-                cand_tokens.append(ct.view(B, K * K))
-                cand_scores.append(cs.view(B, K * K))
-                cand_parents.append(f_index.repeat_interleave(K, dim=1))
-                if j < D:
-                    rows = ni // K
-                    f_tokens = ct.view(B, K * K).gather(1, ni)
-                    f_index = ni + base
-                    f_scores = ns
-                    f_feats = hs.gather(1, rows[:, :, None].expand(B, K, H))
-                    f_mask = f_mask.gather(1, rows[:, :, None].expand(B, K, f_mask.shape[-1])) | dec._own_bits[j]
-                base += K * K
-            self.tree = ops.tree_build(
-                torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), self.root, T,
-                backend=backend, error_flag=self.err,
-            )
+            self.tree = dec._expand_and_build(
+                h_parent, self.root, lambda j: dc.lengths + (j - 1) * K, backend, error_flag=self.err)
 
     def verify_phase(self) -> None:
         """Target forward over ``self.tree``, acceptance, compaction, device-side commit.
