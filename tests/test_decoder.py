@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from eagle2_kernels import DecodeConfig, EagleDraftHead, TreeSpecDecoder  # noqa: E402
 from tiny_models import (  # noqa: E402
     ARCHS,
+    LONG_PATH_TREES,
     check_stats,
     hf_greedy,
     one_thread,  # noqa: F401  (autouse fixture)
@@ -48,11 +49,7 @@ def test_greedy_lossless_random_head(arch, T, D, K):
 
 
 # ---------------------------------------------------------------------- a head that predicts well
-@pytest.mark.parametrize(
-    "T,D,K",
-    [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),
-     pytest.param(60, 5, 10, id="T60-D5-K10")],
-)
+@pytest.mark.parametrize("T,D,K", LONG_PATH_TREES)
 def test_greedy_lossless_trained_head_long_paths(T, D, K):
     model, head, prompts = trained_setup()
     dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K)

@@ -29,6 +29,7 @@ from eagle2_kernels import DecodeConfig, TreeSpecDecoder  # noqa: E402
 from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
 from eagle2_kernels.runtime import graphs  # noqa: E402
 from tiny_models import (  # noqa: E402
+    LONG_PATH_TREES,
     check_stats,
     hf_greedy,
     one_thread,  # noqa: F401  (autouse fixture)
@@ -63,11 +64,7 @@ def test_static_greedy_lossless_random_head(arch, T, D, K):
     assert dec.graph_status.startswith("eager")  # CPU: no graphs, the static round eagerly
 
 
-@pytest.mark.parametrize(
-    "T,D,K",
-    [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),
-     pytest.param(60, 5, 10, id="T60-D5-K10")],
-)
+@pytest.mark.parametrize("T,D,K", LONG_PATH_TREES)
 def test_static_greedy_lossless_trained_head_long_paths(T, D, K):
     model, head, prompts = trained_setup()
     dec = static_decoder(model, head, T, D, K)

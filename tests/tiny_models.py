@@ -26,6 +26,11 @@ from transformers import (
 
 from eagle2_kernels import EagleDraftHead
 
+# Tree shapes whose accepted paths get long with the trained head: a chain, a mid tree, the
+# paper default.
+LONG_PATH_TREES = [pytest.param(7, 5, 1, id="T7-D5-K1-chain"), pytest.param(16, 3, 4, id="T16-D3-K4"),
+                   pytest.param(60, 5, 10, id="T60-D5-K10")]
+
 ARCHS = {
     "llama": (LlamaForCausalLM, LlamaConfig),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config),
