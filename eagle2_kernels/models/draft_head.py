@@ -282,6 +282,16 @@ class EagleDraftHead(nn.Module):
     def attached(self) -> bool:
         return self._lm_weight is not None
 
+    # What the decoder asks of any draft head (EAGLE-1/2 here; other kinds answer the same):
+    feature_layers = None
+    """Which target hidden states the head consumes: None = the post-norm last hidden state
+    (EAGLE-1/2); a tuple of ``output_hidden_states`` indices, concatenated, otherwise."""
+
+    @property
+    def target_feature_size(self) -> int:
+        """Width of the target features fed to :meth:`prefill` / catch-up :meth:`tree_step`."""
+        return self.hidden_size
+
     @property
     def draft_vocab_size(self) -> int:
         """Vd: rows of the draft logits (the target's V without a reduced vocabulary)."""
@@ -409,6 +419,7 @@ class EagleDraftHead(nn.Module):
         tree_mask: torch.Tensor,
         tree_len: int,
         backend: str | None = None,
+        from_target: bool = False,
     ) -> torch.Tensor:
         """Forward of N new nodes with tree attention over the head's cache.
 
@@ -422,6 +433,9 @@ class EagleDraftHead(nn.Module):
             slot: first slot to write (lengths + offset in the tree region), an int, a list
                 of B ints, or a [B] integer device tensor (no host read; the static round);
             tree_mask: [B, N, W] int32 packed mask; tree_len: tree slots in use after the write.
+            from_target: True when ``hidden_states`` are target features (the catch-up),
+                False when they are the head's own outputs (the expansion). An EAGLE-1/2
+                head treats both alike; heads whose inputs differ by source read it.
         Returns:
             [B, N, H] predicted features.
         """

@@ -118,7 +118,7 @@ class TargetAdapter:
     switched to ours for the duration of one forward and then restored.
     """
 
-    def __init__(self, model, backend: str | None = None):
+    def __init__(self, model, backend: str | None = None, feature_layers: tuple[int, ...] | None = None):
         if not hasattr(model, "set_attn_implementation") or not hasattr(model, "get_output_embeddings"):
             raise TypeError(
                 f"the target must be a transformers causal LM (a PreTrainedModel with an lm_head), "
@@ -134,6 +134,10 @@ class TargetAdapter:
             )
         self.model = model
         self.backend = backend
+        # None: the post-norm last hidden state (EAGLE-1/2 heads); else hidden-state indices.
+        self.feature_layers = None if feature_layers is None else tuple(int(i) for i in feature_layers)
+        if self.feature_layers is not None:
+            raise NotImplementedError("multi-layer target features are not supported yet")
         cfg = _text_config(model)
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -116,7 +116,7 @@ class TreeSpecDecoder:
         backend, max_length = config.backend, config.max_length
         if not isinstance(draft, EagleDraftHead):
             raise TypeError(f"draft must be an EagleDraftHead, got {type(draft).__name__}")
-        self._adapter = TargetAdapter(target, backend=backend)
+        self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
@@ -543,7 +543,8 @@ class TreeSpecDecoder:
                     # Rows past a sequence's own count are padding: later slots, never visible.
                     mask = self._chain[:n].unsqueeze(0).expand(batch, n, -1)
                     positions = dc.lengths[:, None].to(torch.int64) + self._positions[:n]
-                    hs = head.tree_step(pend_feats, pend_tokens, positions, dc, stable, mask, n, backend)
+                    hs = head.tree_step(pend_feats, pend_tokens, positions, dc, stable, mask, n, backend,
+                                        from_target=True)
                 if last_row is None:
                     h_parent = hs[:, -1:]  # [B, 1, H]
                 else:

@@ -92,7 +92,7 @@ class StaticRound:
         dev, dtype = ad.device, ad.dtype
         self.device = dev
         B, P, T = batch, self.P, self.T
-        H = head.hidden_size
+        H = head.target_feature_size
         self.root = torch.zeros(B, dtype=torch.int64, device=dev)
         self.pend_feats = torch.zeros(B, P, H, dtype=dtype, device=dev)
         self.pend_tokens = torch.zeros(B, P, dtype=torch.int64, device=dev)
@@ -152,7 +152,8 @@ class StaticRound:
         H, backend = head.hidden_size, self.backend
         with torch.no_grad():
             positions = dc.lengths[:, None].to(torch.int64) + self.rows
-            hs = head.tree_step(self.pend_feats, self.pend_tokens, positions, dc, dc.lengths, self.chain, P, backend)
+            hs = head.tree_step(self.pend_feats, self.pend_tokens, positions, dc, dc.lengths, self.chain, P, backend,
+                                from_target=True)
             last = (self.pend_n - 1).clamp(min=0)
             h_parent = hs.gather(1, last.view(B, 1, 1).expand(B, 1, H))
             dc.lengths.add_(self.pend_n.to(torch.int32))
