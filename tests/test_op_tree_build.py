@@ -3,6 +3,8 @@ numbering, parents, depth and the packed ancestor mask; errors eagerly and as a 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -337,23 +339,32 @@ def test_triton_chain_and_strided_inputs():
 
 
 @requires_triton
-def test_triton_errors_raise_and_set_flag():
+def test_triton_errors_go_to_the_flag_or_raise_without_one(monkeypatch):
     device = triton_device()
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], device=device)
     scores = torch.tensor(
         [[-1.0, -2.0, -3.0], [-1.0, -2.0, -0.5], [-1.0, -2.0, -3.0]], device=device
     )
     parents = torch.tensor([[-1, -1, 0], [-1, -1, 1], [-1, 2, 0]], device=device)
-    flag = torch.full((3,), 99, dtype=torch.int32, device=device)
-    # the message names the first failing sequence: b=1 keeps child 2 (-0.5) of the dropped
-    # candidate 1 (-2.0); b=2 has an invalid parent (candidate 1's parent is 2)
-    with pytest.raises(ValueError, match="sequence 1 a kept candidate's parent was not kept"):
-        tree_build(tokens, scores, parents, torch.zeros(3, dtype=torch.int64, device=device), 3,
-                   backend="triton", error_flag=flag)
+    roots = torch.zeros(3, dtype=torch.int64, device=device)
+    # b=1 keeps child 2 (-0.5) of the dropped candidate 1 (-2.0); b=2 has an invalid parent
+    # (candidate 1's parent is 2). With a flag the codes stay on the device: no raise, and
+    # the launcher never reads them on the host (the caller checks the flag a round late).
+    kernel = importlib.import_module("eagle2_kernels.ops.tree_build.kernel")
+
+    def no_host_read(*args):
+        raise AssertionError("the launcher read the error codes although a flag was passed")
+
+    with monkeypatch.context() as m:
+        m.setattr(kernel, "raise_for_error_codes", no_host_read)
+        flag = torch.full((3,), 99, dtype=torch.int32, device=device)
+        tree_build(tokens, scores, parents, roots, 3, backend="triton", error_flag=flag)
     assert flag.tolist() == [0, 1, 2]
+    # Without a flag (eager use) the launcher raises, naming the first failing sequence.
+    with pytest.raises(ValueError, match="sequence 1 a kept candidate's parent was not kept"):
+        tree_build(tokens, scores, parents, roots, 3, backend="triton")
     with pytest.raises(ValueError, match=r"cand_parents\[0, 1\] = 2 is invalid"):
-        root = torch.zeros(1, dtype=torch.int64, device=device)
-        tree_build(tokens[2:], scores[2:], parents[2:], root, 3, backend="triton")
+        tree_build(tokens[2:], scores[2:], parents[2:], roots[2:], 3, backend="triton")
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -371,6 +382,24 @@ def test_cuda_matches_reference(K, D, T):
     got16 = tree_build(tokens.cuda(), scores.cuda().bfloat16(), parents.cuda(), roots.cuda(), T)
     want16 = tree_build(tokens, scores.bfloat16(), parents, roots, T, backend="reference")
     assert_tree_equal(got16, want16)
+
+
+@pytest.mark.cuda
+def test_cuda_eager_with_flag_does_not_sync():
+    B, K, D, T = 2, 10, 5, 60
+    tokens, scores, parents = (x.cuda() for x in draft_candidates(B, K, D, seed=4))
+    roots = torch.zeros(B, dtype=torch.int64, device="cuda")
+    flag = torch.zeros(B, dtype=torch.int32, device="cuda")
+    tree_build(tokens, scores, parents, roots, T, error_flag=flag)  # warm-up (compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync raises
+    try:
+        tree = tree_build(tokens, scores, parents, roots, T, error_flag=flag)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flag.tolist() == [0, 0]
+    assert_tree_equal(tree, tree_build(tokens.cpu(), scores.cpu(), parents.cpu(), roots.cpu(), T,
+                                       backend="reference"))
 
 
 @pytest.mark.cuda

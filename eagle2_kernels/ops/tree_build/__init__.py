@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops.tree import DraftTree
 from eagle2_kernels.ops.tree_build.reference import tree_build as _reference
 
@@ -36,9 +36,13 @@ def tree_build(
 
     Errors: when a kept candidate's parent was not kept (impossible with log-probability
     path scores, where a child never outscores its parent), or a parent index is not in
-    [-1, own index), the op raises ValueError. It reads a device-side per-sequence error
-    code on the host to do so, except while a CUDA graph is being captured (no host reads
-    allowed): then only ``error_flag`` reports it, to be checked after the graph replay.
+    [-1, own index), the op writes a per-sequence error code to ``error_flag`` when given
+    and raises ValueError, except on the Triton backend (the CUDA default) when a flag is
+    passed: there the codes stay on the device (no host read, no sync, graph-capturable)
+    and the caller checks the flag later, e.g. one round late. Without a flag the Triton
+    launcher reads the codes on the host and raises, except while a CUDA graph is being
+    captured (no host reads allowed). The CPU backends (reference, native) compute on the
+    host and always raise.
 
     Args:
         cand_tokens: [B, C] int32/int64 candidate token ids.
@@ -105,12 +109,11 @@ def tree_build(
     name = select_backend(cand_scores, backend)
     if name == "triton":
         from eagle2_kernels.ops.tree_build.kernel import tree_build as impl
-
-        return impl(cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag)
-    if name == "ext":
+    elif name == "ext":
         from eagle2_kernels import _native
 
-        return _native.tree_build(
-            cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag
-        )
-    return _reference(cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag)
+        impl = _native.tree_build
+    else:
+        impl = _reference
+    with device_guard(cand_scores):
+        return impl(cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag)

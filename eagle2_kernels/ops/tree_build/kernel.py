@@ -154,8 +154,11 @@ def tree_build(
 ) -> DraftTree:
     """Triton launcher of ``tree_build`` (see ``eagle2_kernels.ops.tree_build``).
 
-    Reads the error code on the host (raising ValueError) unless the current CUDA stream
-    is capturing a graph; pass ``error_flag`` to check it yourself after a replay.
+    With ``error_flag`` the error codes are only written there, never read on the host (no
+    device sync: eager static rounds and captured graphs alike; the caller checks the flag
+    later). Without it they are read on the host and an error raises ValueError, except
+    while the current CUDA stream is capturing a graph (no host reads allowed: the codes are
+    then lost, so pass a flag when capturing).
     """
     B, C = cand_scores.shape
     T = total_tokens
@@ -205,6 +208,6 @@ def tree_build(
         num_warps=4,
     )
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing:
+    if error_flag is None and not capturing:
         raise_for_error_codes(flag, cand_parents)
     return DraftTree(tokens=tokens, parents=parents, depth=depth, mask=mask)
