@@ -4,10 +4,15 @@
 Without it, CUDA tensors go to the Triton kernels and CPU tensors to the native
 extension when it is built, else to the pure-torch reference. Nothing here touches a
 GPU driver: the choice is made from ``tensor.device`` at call time.
+
+``device_guard`` makes a CUDA input's device the current one around an op or a graph
+capture: Triton launches (and ``torch.cuda.Stream()`` / ``current_stream()`` without an
+argument) use the current device, which need not be the input's (a target on ``cuda:1``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -60,3 +65,23 @@ def select_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
     if tensor.device.type == "cpu" and ext_available():
         return "ext"
     return "reference"
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable and reentrant: nothing to allocate on CPU
+
+
+def device_guard(where: torch.Tensor | torch.device):
+    """Context manager that makes ``where``'s device current when it is a CUDA device.
+
+    ``torch.cuda.device(where.device)`` for a CUDA tensor (or device); a shared no-op context
+    for anything else, so CPU calls pay one attribute lookup and no CUDA call.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> with device_guard(x):  # CPU: nothing happens
+        ...     y = x + 1
+    """
+    device = where.device if isinstance(where, torch.Tensor) else where
+    if device.type != "cuda":
+        return _NO_GUARD
+    return torch.cuda.device(device)

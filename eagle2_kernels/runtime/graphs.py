@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from eagle2_kernels import ops
+from eagle2_kernels._backend import device_guard
 from eagle2_kernels.models.target import DecodeContext
 
 __all__ = ["StaticRound", "PlainStep", "graphs_supported"]
@@ -249,7 +250,8 @@ class StaticRound:
                                     f"use the Triton backend (the CUDA default) for graphs"))
             return False
         try:
-            self._pool = torch.cuda.graph_pool_handle()
+            with device_guard(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
             graph = self._capture(self.draft_phase, warm=lambda: (self.draft_phase(), self.verify_phase()))
             self._draft = _Captured(self.draft_phase, graph)
             self.graphs = True
@@ -277,6 +279,11 @@ class StaticRound:
         )
 
     def _capture(self, fn, warm):
+        # On the target's device, whatever device is current (a target on cuda:1).
+        with device_guard(self.device):
+            return self._capture_here(fn, warm)
+
+    def _capture_here(self, fn, warm):
         saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -288,7 +295,9 @@ class StaticRound:
                         t.copy_(s)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # An explicit capture stream: torch.cuda.graph's default one is made once, on
+            # whatever device was current at its first use.
+            with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(self.device)):
                 fn()
             return graph
         finally:
@@ -311,7 +320,8 @@ class PlainStep:
         self.dec = decoder
         self.batch = batch
         self.tcache = decoder._tcache
-        self.token = torch.zeros(batch, dtype=torch.int64, device=decoder._adapter.device)
+        self.device = decoder._adapter.device
+        self.token = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.one_mask = decoder._one_mask
         self._graph = None
 
@@ -325,7 +335,12 @@ class PlainStep:
             tc.lengths.add_(1)
 
     def capture(self) -> None:
-        """Capture ``step`` as a CUDA graph (state saved and restored around the warm-up)."""
+        """Capture ``step`` as a CUDA graph (state saved and restored around the warm-up), on
+        the target's device whatever device is current."""
+        with device_guard(self.device):
+            self._capture_here()
+
+    def _capture_here(self) -> None:
         tc = self.tcache
         saved = (self.token.clone(), tc.lengths.clone())
         stream = torch.cuda.Stream()
@@ -335,7 +350,7 @@ class PlainStep:
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):  # not the shared default one
             self.step()
         self.token.copy_(saved[0])
         tc.lengths.copy_(saved[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 
 __all__ = ["kv_compact"]
 
@@ -57,7 +57,8 @@ def kv_compact(
         from eagle2_kernels import _native
 
         impl = _native.kv_compact
-    out = impl(cache, prefix_len, path, accept_len)
+    with device_guard(cache):
+        out = impl(cache, prefix_len, path, accept_len)
     return cache if out is None else out
 
 

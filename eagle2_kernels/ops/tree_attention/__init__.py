@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 
 __all__ = ["tree_attention"]
 
@@ -74,7 +74,8 @@ def tree_attention(
         from eagle2_kernels import _native
 
         impl = _native.tree_attention
-    return impl(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
+    with device_guard(q):
+        return impl(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
 
 
 def _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale) -> None:

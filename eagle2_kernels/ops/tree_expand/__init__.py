@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops.tree_expand.reference import tree_expand as _reference
 
 __all__ = ["tree_expand"]
@@ -90,10 +90,11 @@ def tree_expand(
     name = select_backend(logits, backend)
     if name == "triton":
         from eagle2_kernels.ops.tree_expand.kernel import tree_expand as impl
-
-        return impl(logits, parent_scores, top_k, draft_to_target)
-    if name == "ext":
+    elif name == "ext":
         from eagle2_kernels import _native
 
-        return _native.tree_expand(logits, parent_scores, top_k, draft_to_target)
-    return _reference(logits, parent_scores, top_k, draft_to_target)
+        impl = _native.tree_expand
+    else:
+        impl = _reference
+    with device_guard(logits):
+        return impl(logits, parent_scores, top_k, draft_to_target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops.tree import DraftTree
 
 __all__ = ["verify_greedy"]
@@ -49,15 +49,14 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, backend: str | N
     name = select_backend(target_logits, backend)
     if name == "reference":
         from eagle2_kernels.ops.verify_greedy.reference import verify_greedy as impl
-
-        return impl(tree, target_logits)
-    if name == "triton":
+    elif name == "triton":
         from eagle2_kernels.ops.verify_greedy.kernel import verify_greedy as impl
+    else:
+        from eagle2_kernels import _native
 
+        impl = _native.verify_greedy
+    with device_guard(target_logits):
         return impl(tree, target_logits)
-    from eagle2_kernels import _native
-
-    return _native.verify_greedy(tree, target_logits)
 
 
 def check_tree_and_logits(tree, target_logits) -> None:

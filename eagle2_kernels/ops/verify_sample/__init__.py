@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops.sampling import check_sampling_params
 from eagle2_kernels.ops.tree import DraftTree
 from eagle2_kernels.ops.verify_greedy import check_tree_and_logits
@@ -85,12 +85,11 @@ def verify_sample(
     args = (tree, target_logits, uniforms, temperature, top_p, top_k)
     if name == "reference":
         from eagle2_kernels.ops.verify_sample.reference import verify_sample as impl
-
-        return impl(*args)
-    if name == "triton":
+    elif name == "triton":
         from eagle2_kernels.ops.verify_sample.kernel import verify_sample as impl
+    else:
+        from eagle2_kernels import _native
 
+        impl = _native.verify_sample
+    with device_guard(target_logits):
         return impl(*args)
-    from eagle2_kernels import _native
-
-    return _native.verify_sample(*args)
