@@ -17,6 +17,10 @@ and ``model.safetensors`` or ``pytorch_model.bin`` holding ``fc.weight``, ``fc.b
 bias is false), ``layers.0.self_attn.{q,k,v,o}_proj.weight`` (+ q/k/v biases when the config
 says so), ``layers.0.mlp.{gate,up,down}_proj.weight``, ``layers.0.post_attention_layernorm.weight``
 and optionally ``embed_tokens.weight`` and ``draft_to_target``.
+
+``EagleDraftHead.from_pretrained`` also recognises EAGLE-3 heads from their files and returns an
+:class:`~eagle2_kernels.models.eagle3_head.Eagle3DraftHead` (a subclass, driven the same way),
+and resolves Hugging Face hub repository ids (:mod:`eagle2_kernels.models.hub`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,28 @@ def _llama_config(values: dict[str, Any]):
     # always a Llama-style layer.
     values.pop("model_type", None)
     return LlamaConfig(**values)
+
+
+def _read_head_files(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, state dict) of the head in ``folder``; safetensors preferred over .bin
+    (loaded with ``weights_only=True``: a downloaded pickle never runs code)."""
+    cfg_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"EagleDraftHead.from_pretrained: no {CONFIG_NAME} in {folder!r}")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    st_path, bin_path = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
+    if os.path.isfile(st_path):
+        from safetensors.torch import load_file
+
+        state = load_file(st_path)
+    elif os.path.isfile(bin_path):
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"EagleDraftHead.from_pretrained: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {folder!r}"
+        )
+    return raw, state
 
 
 class _RMSNorm(nn.Module):
@@ -325,12 +351,13 @@ class EagleDraftHead(nn.Module):
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
-    def project(self, hidden_states, input_ids, position_ids):
+    def project(self, hidden_states, input_ids, position_ids, from_target: bool = False):
         """First half of the head, up to attention: the input projection and rotated q, k, v.
 
         With :meth:`finish` this lets a caller run its own attention pattern (the cached tree
         steps, the training-time test's rolled steps). Returns h [B,N,H], q [B,Hq,N,Dh],
-        k and v [B,Hkv,N,Dh].
+        k and v [B,Hkv,N,Dh]. ``from_target`` (whether ``hidden_states`` are target features or
+        the head's own outputs) makes no difference to an EAGLE-1/2 head.
         """
         x = self.embed(input_ids).to(hidden_states.dtype)
         h = self.fc(torch.cat((x, hidden_states), dim=-1))
@@ -489,43 +516,51 @@ class EagleDraftHead(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> "EagleDraftHead":
-        """Load a head in the released EAGLE-1/2 layout.
+        """Load a head, EAGLE-1/2 or EAGLE-3, recognised from its files.
 
         Args:
             path: a directory holding ``config.json`` and ``model.safetensors`` (preferred) or
-                ``pytorch_model.bin``; or the path of one of those files.
+                ``pytorch_model.bin``; or the path of one of those files; or a Hugging Face hub
+                repository id ("org/name", "org/name@revision"), resolved through
+                ``huggingface_hub`` (``HF_HUB_OFFLINE`` = the local cache only).
             target: optional transformers causal LM to attach (its dtype and device are used
                 unless ``dtype`` / ``device`` say otherwise).
             dtype: dtype of the head (default: the target's, else the file's).
             device: device of the head (default: the target's, else CPU).
 
+        Returns:
+            an :class:`EagleDraftHead` for the released EAGLE-1/2 layout, an
+            :class:`~eagle2_kernels.models.eagle3_head.Eagle3DraftHead` (a subclass) for the
+            EAGLE-3 layouts (``midlayer.*`` / ``d2t`` / own ``lm_head``; see that module).
+
         Raises:
-            FileNotFoundError: no config.json or no weights file.
+            FileNotFoundError: no such path / repository, no config.json or no weights file.
             ValueError: keys that do not match the format (missing / unexpected named), a
                 shape mismatch, or a head that does not fit the target.
         """
-        path = os.fspath(path)
+        from eagle2_kernels.models.hub import resolve_head
+
+        path = resolve_head(path)
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        raw, state = _read_head_files(folder)
+        from eagle2_kernels.models.eagle3_head import Eagle3DraftHead, is_eagle3
+
+        try:
+            eagle3 = is_eagle3(raw, state.keys())
+        except ValueError as exc:
+            raise ValueError(f"{cls.__name__}.from_pretrained({folder!r}): {exc}") from None
+        if eagle3:
+            return Eagle3DraftHead._from_files(folder, raw, state, target=target, dtype=dtype, device=device)
+        if issubclass(cls, Eagle3DraftHead):
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: {folder!r} holds an EAGLE-1/2 head (layers.0.*, no "
+                f"midlayer / lm_head / d2t); load it with EagleDraftHead.from_pretrained"
+            )
         cfg_path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"EagleDraftHead.from_pretrained: no {CONFIG_NAME} in {folder!r}")
-        with open(cfg_path) as f:
-            raw = json.load(f)
         if int(raw.get("num_hidden_layers", 1)) != 1:
             raise ValueError(
                 f"EagleDraftHead.from_pretrained: {cfg_path} has num_hidden_layers="
                 f"{raw['num_hidden_layers']}; an EAGLE-1/2 head has exactly 1"
-            )
-        st_path, bin_path = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
-        if os.path.isfile(st_path):
-            from safetensors.torch import load_file
-
-            state = load_file(st_path)
-        elif os.path.isfile(bin_path):
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(
-                f"EagleDraftHead.from_pretrained: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {folder!r}"
             )
         config = _llama_config(raw)
         if raw.get("qkv_bias"):

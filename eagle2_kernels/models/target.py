@@ -11,12 +11,21 @@ one extra keyword, ``eagle2_ctx``, that transformers passes through to every att
 The attention function writes the layer's rotated k/v into our static cache
 (:class:`eagle2_kernels.cache.StaticKVCache`) at ``ctx.slot`` and runs ``ops.tree_attention``
 over the cache prefix plus the tree region (or a plain causal attention for the prefill).
+Every call is counted on the context: a forward whose count differs from the number of layers
+(transformers bound attention some other way, so the model ran its own attention and our cache
+was not written) raises instead of returning wrong output silently.
+
+Target features: by default the post-norm last hidden state (EAGLE-1/2 heads). With
+``feature_layers`` (EAGLE-3 heads: transformers ``output_hidden_states`` indices, say
+(2, L//2, L-3)) the adapter captures the residual stream entering those decoder layers with
+forward pre-hooks that exist only for the duration of one of our forwards, and returns them
+concatenated, [B, N, len(feature_layers) * H]; no other layer's hidden state is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,8 @@ class DecodeContext:
             None for a causal prefill (empty prefix).
         tree_len: number of new tokens (the tree region's size).
         backend: optional forced ops backend.
+        calls: attention calls of the current forward (set to 0 by ``TargetAdapter.forward``,
+            counted by the attention function, checked against the number of layers).
     """
 
     cache: StaticKVCache
@@ -47,6 +58,7 @@ class DecodeContext:
     tree_mask: torch.Tensor | None
     tree_len: int
     backend: str | None = None
+    calls: int = field(default=0, compare=False)
 
 
 def _tree_attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -60,6 +72,7 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
             f"the {ATTN_NAME!r} attention implementation only runs inside a TreeSpecDecoder "
             f"forward (it needs the {CTX_KWARG} keyword)"
         )
+    ctx.calls += 1
     layer = module.layer_idx
     cache = ctx.cache
     cache.write(layer, ctx.slot, key, value)
@@ -113,9 +126,15 @@ class TargetAdapter:
         model: a transformers causal LM (``PreTrainedModel`` with ``get_output_embeddings``)
             whose attention goes through transformers' attention interface.
         backend: optional forced ops backend for tree attention.
+        feature_layers: None for the post-norm last hidden state as the feature (EAGLE-1/2);
+            else a tuple of transformers ``output_hidden_states`` indices in [0, layers]
+            (0 = the embeddings, i = the input of decoder layer i, layers = the post-norm
+            output), whose hidden states are concatenated in that order (EAGLE-3:
+            (2, L//2, L-3)).
 
     The model is never modified outside :meth:`forward`; its attention implementation is
-    switched to ours for the duration of one forward and then restored.
+    switched to ours for the duration of one forward and then restored, and the feature hooks
+    exist only during that forward too.
     """
 
     def __init__(self, model, backend: str | None = None, feature_layers: tuple[int, ...] | None = None):
@@ -134,12 +153,14 @@ class TargetAdapter:
             )
         self.model = model
         self.backend = backend
-        # None: the post-norm last hidden state (EAGLE-1/2 heads); else hidden-state indices.
-        self.feature_layers = None if feature_layers is None else tuple(int(i) for i in feature_layers)
-        if self.feature_layers is not None:
-            raise NotImplementedError("multi-layer target features are not supported yet")
         cfg = _text_config(model)
         self.num_layers = cfg.num_hidden_layers
+        # None: the post-norm last hidden state (EAGLE-1/2 heads); else hidden-state indices.
+        self.feature_layers = None
+        self._feature_modules: list = []
+        if feature_layers is not None:
+            self.feature_layers = tuple(int(i) for i in feature_layers)
+            self._feature_modules = self._find_feature_modules(self.feature_layers)
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
@@ -157,6 +178,57 @@ class TargetAdapter:
         model.set_attn_implementation(ATTN_NAME)
         for cfg, previous in saved:
             cfg._attn_implementation_internal = previous
+
+    def _find_feature_modules(self, layers: tuple[int, ...]) -> list:
+        """The module whose input (index i < L: decoder layer i) or output (index L: the final
+        norm) is hidden state ``i`` of ``output_hidden_states``, for each requested index."""
+        L = self.num_layers
+        if not layers:
+            raise ValueError("feature_layers must name at least one hidden-state index (or be None)")
+        bad = [i for i in layers if not 0 <= i <= L]
+        if bad:
+            raise ValueError(
+                f"feature_layers {layers} are outside the target's hidden states: valid indices are "
+                f"0..{L} for its {L} layers (0 = embeddings, i = input of layer i, {L} = final norm)"
+            )
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        blocks = getattr(decoder, "layers", None)
+        if blocks is None or len(blocks) < L:
+            raise TypeError(
+                f"cannot find the {L} decoder layers of {type(self.model).__name__} (expected "
+                f"model.get_decoder().layers) to capture the hidden states {layers}"
+            )
+        norm = getattr(decoder, "norm", None)
+        if L in layers and norm is None:
+            raise TypeError(f"{type(self.model).__name__} has no final norm module to capture hidden state {L}")
+        return [("output", norm) if i == L else ("input", blocks[i]) for i in layers]
+
+    @contextlib.contextmanager
+    def _capturing(self, out: list):
+        """Forward hooks on the feature modules for the body only: ``out[j]`` receives hidden
+        state ``feature_layers[j]`` of the forward that runs inside."""
+        handles = []
+
+        def make(j, where):
+            if where == "input":
+                def pre(module, args, kwargs):
+                    out[j] = args[0] if args else kwargs["hidden_states"]
+                return pre
+
+            def post(module, args, output):
+                out[j] = output[0] if isinstance(output, tuple) else output
+            return post
+
+        try:
+            for j, (where, module) in enumerate(self._feature_modules):
+                if where == "input":
+                    handles.append(module.register_forward_pre_hook(make(j, where), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(make(j, where)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @property
     def device(self) -> torch.device:
@@ -219,17 +291,38 @@ class TargetAdapter:
             ctx: the decode context (cache, write slot, tree mask).
             logits_to_keep: 0 for logits at every position, else only the last ones.
         Returns:
-            logits [B, N or logits_to_keep, V] and features [B, N, H] (the post-norm final
-            hidden state, the lm_head input).
+            logits [B, N or logits_to_keep, V] and features [B, N, F]: the post-norm final
+            hidden state (the lm_head input, F = H) without ``feature_layers``, else those
+            hidden states concatenated (F = len(feature_layers) * H).
+        Raises:
+            RuntimeError: the model did not call our attention once per layer (its attention
+                is bound in a way this adapter does not reach; the output would be wrong).
         """
-        with torch.no_grad(), self.scoped():
+        multi = self.feature_layers is not None
+        captured: list = [None] * (len(self.feature_layers) if multi else 0)
+        ctx.calls = 0
+        with torch.no_grad(), self.scoped(), self._capturing(captured):
             out = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 use_cache=False,
-                output_hidden_states=True,
+                output_hidden_states=not multi,
                 return_dict=True,
                 logits_to_keep=logits_to_keep,
                 **{CTX_KWARG: ctx},
             )
-        return out.logits, out.hidden_states[-1]
+        if ctx.calls != self.num_layers:
+            import transformers
+
+            raise RuntimeError(
+                f"{type(self.model).__name__} called the {ATTN_NAME!r} attention {ctx.calls} times in one "
+                f"forward, but it has {self.num_layers} layers: with transformers {transformers.__version__} "
+                f"the per-forward attention switch does not reach every layer (the model ran its own "
+                f"attention, so our KV cache was not written and the output would be wrong)"
+            )
+        if not multi:
+            return out.logits, out.hidden_states[-1]
+        if any(c is None for c in captured):
+            missing = [i for i, c in zip(self.feature_layers, captured) if c is None]
+            raise RuntimeError(f"the target's forward did not pass through hidden states {missing}")
+        return out.logits, torch.cat(captured, dim=-1)
