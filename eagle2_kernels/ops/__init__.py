@@ -12,6 +12,7 @@ from eagle2_kernels.ops.tree_attention import tree_attention
 from eagle2_kernels.ops.verify_greedy import verify_greedy
 from eagle2_kernels.ops.verify_sample import verify_sample
 from eagle2_kernels.ops.kv_compact import kv_compact
+from eagle2_kernels.ops.tree_attention_paged import tree_attention_paged
 
 __all__ = [
     "DraftTree",
@@ -21,4 +22,5 @@ __all__ = [
     "verify_greedy",
     "verify_sample",
     "kv_compact",
+    "tree_attention_paged",
 ]

@@ -1,0 +1,133 @@
+"""``tree_attention_paged``: tree attention over a paged KV pool addressed by a block table."""
+
+from __future__ import annotations
+
+import torch
+
+from eagle2_kernels._backend import select_backend
+from eagle2_kernels.ops._paged import check_block_table, check_index_vector, check_tensor
+
+__all__ = ["tree_attention_paged"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NAME = "tree_attention_paged"
+
+
+def tree_attention_paged(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    tree_len: int,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``tree_attention`` with K/V in pages (vLLM's block-table layout) instead of a dense cache.
+
+    Sequence b's logical position ``pos`` is slot ``pos % page_size`` of page
+    ``block_table[b, pos // page_size]``. Its committed prefix is logical 0 .. prefix_len[b]-1,
+    visible to every query; its ``tree_len`` tree slots follow at logical prefix_len[b] ..
+    prefix_len[b] + tree_len - 1, slot j visible to query row i iff bit j of tree_mask[b, i] is
+    set (word j // 32, bit j % 32; bits past tree_len ignored). Query head h reads kv head
+    h // (Hq // Hkv). The result equals ``tree_attention`` on the dense cache that gathers
+    those logical slots (that is the reference).
+
+    Args:
+        q: [B, Hq, Tq, Dh] float16 / bfloat16 / float32, any strides (Dh <= 256 on Triton).
+        k_pages: [num_blocks, page_size, Hkv, Dh], dtype and device of ``q``, any strides (e.g.
+            ``kv[0]`` of vLLM's stacked [2, num_blocks, page_size, Hkv, Dh], or FlashInfer's
+            NHD ``kv[:, 0]``; its HND pages [num_blocks, Hkv, page_size, Dh] as
+            ``.transpose(1, 2)``).
+        v_pages: like ``k_pages``.
+        block_table: [B, max_blocks] int32 (int64 accepted): the pages of each sequence in
+            logical order; entries past ceil((prefix_len[b] + tree_len) / page_size) are not
+            read. Pages must lie in [0, num_blocks) (the Triton path does not check).
+        prefix_len: [B] int32/int64 on the device of ``q``; read on the device only (Triton).
+        tree_mask: [B, Tq, W] int32, W >= ceil(tree_len / 32).
+        tree_len: Python int >= 0; prefix_len[b] + tree_len <= max_blocks * page_size.
+        scale: softmax scale; default 1 / sqrt(Dh).
+        backend: ``"reference"``, ``"triton"`` or ``"ext"``; default by device. There is no
+            native paged kernel: on CPU (``ext`` included) the pages of each sequence are
+            gathered and the dense ``tree_attention`` runs on them (native when built).
+
+    Returns:
+        out: [B, Hq, Tq, Dh], dtype and layout of ``q``; float32 softmax; a row that sees no
+        slot is zeros. Long prefixes are split across programs (flash-decoding) on Triton.
+
+    Example:
+        >>> k = torch.randn(4, 2, 1, 8); v = torch.randn(4, 2, 1, 8)   # 4 pages of 2 slots
+        >>> table = torch.tensor([[3, 0, 2]], dtype=torch.int32)      # logical 0-1: page 3, ...
+        >>> mask = torch.tensor([[[0b01], [0b11]]], dtype=torch.int32)
+        >>> out = tree_attention_paged(torch.randn(1, 2, 2, 8), k, v, table, torch.tensor([3]),
+        ...                            mask, tree_len=2)
+        >>> out.shape
+        torch.Size([1, 2, 2, 8])
+    """
+    _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+    name = select_backend(q, backend)
+    if name == "triton":
+        from eagle2_kernels.ops.tree_attention_paged.kernel import tree_attention_paged as impl
+
+        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+    from eagle2_kernels.ops.tree_attention_paged.reference import tree_attention_paged as impl
+
+    if name == "ext":
+        from eagle2_kernels import _native
+
+        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
+                    dense=_native.tree_attention)
+    return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+
+
+def _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale) -> None:
+    for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
+                    ("tree_mask", tree_mask)):
+        check_tensor(_NAME, name, t)
+    if q.dim() != 4:
+        raise ValueError(f"{_NAME}: q must be [B, Hq, Tq, Dh], got shape {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_NAME}: q has dtype {q.dtype}; valid: float16, bfloat16, float32")
+    B, Hq, Tq, Dh = q.shape
+    for name, p in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if p.dim() != 4:
+            raise ValueError(
+                f"{_NAME}: {name} must be [num_blocks, page_size, Hkv, Dh], got shape "
+                f"{tuple(p.shape)}"
+            )
+        if p.dtype != q.dtype:
+            raise TypeError(f"{_NAME}: {name} has dtype {p.dtype}, q has {q.dtype}")
+        if p.device != q.device:
+            raise ValueError(f"{_NAME}: {name} is on {p.device}, q on {q.device}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"{_NAME}: k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ"
+        )
+    num_blocks, page_size, Hkv, Dk = k_pages.shape
+    if num_blocks == 0 or page_size == 0:
+        raise ValueError(f"{_NAME}: the pool has no slots (pages of shape {tuple(k_pages.shape)})")
+    if Dk != Dh:
+        raise ValueError(f"{_NAME}: page head dim {Dk} != q head dim Dh={Dh}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{_NAME}: Hq={Hq} must be a multiple of Hkv={Hkv}")
+    check_block_table(_NAME, block_table, B, q.device)
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, q.device)
+    if isinstance(tree_len, bool) or not isinstance(tree_len, int):
+        raise TypeError(f"{_NAME}: tree_len must be a Python int, got {tree_len!r}")
+    capacity = block_table.shape[1] * page_size
+    if not 0 <= tree_len <= capacity:
+        raise ValueError(
+            f"{_NAME}: tree_len={tree_len} is not in [0, max_blocks * page_size = {capacity}]"
+        )
+    words = (tree_len + 31) // 32
+    if (tree_mask.dim() != 3 or tree_mask.dtype != torch.int32 or tree_mask.shape[0] != B
+            or tree_mask.shape[1] != Tq or tree_mask.shape[2] < words):
+        raise ValueError(
+            f"{_NAME}: tree_mask must be [B={B}, Tq={Tq}, W>={words}] int32, got shape "
+            f"{tuple(tree_mask.shape)} dtype {tree_mask.dtype}"
+        )
+    if tree_mask.device != q.device:
+        raise ValueError(f"{_NAME}: tree_mask is on {tree_mask.device}, q on {q.device}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{_NAME}: scale must be a float or None, got {scale!r}")

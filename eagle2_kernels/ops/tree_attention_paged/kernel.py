@@ -1,0 +1,357 @@
+"""Triton kernel for ``tree_attention_paged``: the dense kernel's decomposition over paged K/V.
+
+Same work split as ``ops/tree_attention/kernel.py``: the G = Hq // Hkv query heads of a kv
+head are folded with the Tq query rows into M = G * Tq rows; grid (row blocks, B * Hkv,
+splits); an online softmax walks the logical slots [0, prefix_len + tree_len), first the
+prefix (all visible), then the tree slots (per the packed mask); long contexts are split over
+up to NUM_SPLITS programs, the splits used computed on the device from prefix_len, and merged
+by the dense op's combine kernel (the partial-result layout is the same).
+
+What differs is the address of a key: for a block of BLOCK_N logical slots the program loads
+their pages from the sequence's block-table row (one int per slot, cached in L1 since
+neighbouring slots share a page) and forms int64 row offsets page * stride_page + slot *
+stride_slot, so any page layout (vLLM, FlashInfer NHD/HND views) is read in place. The per-block
+step is not shared with the dense kernel because there the rows are a strided range and here
+they are gathered; the online-softmax arithmetic is the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from eagle2_kernels.ops.tree_attention.kernel import _tree_attention_combine_kernel
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_head_ptr,
+    v_head_ptr,
+    table_row_ptr,
+    offs_n,
+    col_ok,
+    visible,
+    offs_d,
+    d_ok,
+    stride_table_m,
+    stride_k_page,
+    stride_k_slot,
+    stride_k_d,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_d,
+    PAGE_SIZE,
+    qk_scale,
+    EVEN_D: tl.constexpr,
+    COMPUTE_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over BLOCK_N logical slots; returns the updated (acc, m, l)."""
+    # [BLOCK_N] physical page and slot of each logical slot (masked columns read page 0).
+    page = tl.load(table_row_ptr + (offs_n // PAGE_SIZE) * stride_table_m, mask=col_ok, other=0)
+    page = page.to(tl.int64)
+    slot = (offs_n % PAGE_SIZE).to(tl.int64)
+    k_rows = page * stride_k_page + slot * stride_k_slot
+    v_rows = page * stride_v_page + slot * stride_v_slot
+    if EVEN_D:
+        k_mask = col_ok[None, :]
+        v_mask = col_ok[:, None]
+    else:
+        k_mask = d_ok[:, None] & col_ok[None, :]
+        v_mask = col_ok[:, None] & d_ok[None, :]
+    # [BLOCK_D, BLOCK_N]: K transposed
+    kt = tl.load(k_head_ptr + k_rows[None, :] + offs_d[:, None] * stride_k_d, mask=k_mask,
+                 other=0.0)
+    # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_head_ptr + v_rows[:, None] + offs_d[None, :] * stride_v_d, mask=v_mask,
+                other=0.0)
+    if COMPUTE_FP32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    # [BLOCK_M, BLOCK_N] scores in log2 units
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps max -inf; subtract 0 instead to avoid inf - inf.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tree_attention_paged_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    prefix_ptr,
+    mask_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    stride_q_b,
+    stride_q_h,
+    stride_q_t,
+    stride_q_d,
+    stride_k_page,
+    stride_k_slot,
+    stride_k_h,
+    stride_k_d,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_h,
+    stride_v_d,
+    stride_table_b,
+    stride_table_m,
+    stride_mask_b,
+    stride_mask_t,
+    stride_mask_w,
+    stride_out_b,
+    stride_out_h,
+    stride_out_t,
+    stride_out_d,
+    B,
+    HKV,
+    TQ,
+    DH,
+    PAGE_SIZE,
+    TREE_LEN,
+    NUM_SPLITS,
+    MIN_CHUNK,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_WORDS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    COMPUTE_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+
+    prefix = tl.load(prefix_ptr + b).to(tl.int32)
+    total = prefix + TREE_LEN
+    # Splits actually used for this sequence, and this program's slot range [lo, hi).
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(total, MIN_CHUNK), 1), NUM_SPLITS)
+    if pid_s >= n_splits:
+        return
+    chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, total)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < GROUP * TQ
+    t = offs_r % TQ
+    h = kvh * GROUP + offs_r // TQ  # query head of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DH
+
+    # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        q_ptr + b * stride_q_b + h[:, None] * stride_q_h + t[:, None] * stride_q_t
+        + offs_d[None, :] * stride_q_d,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if COMPUTE_FP32:
+        q = q.to(tl.float32)
+    k_head = k_ptr + kvh * stride_k_h
+    v_head = v_ptr + kvh * stride_v_h
+    table_row = table_ptr + b * stride_table_b
+    mask_rows = mask_ptr + b * stride_mask_b + t * stride_mask_t  # [BLOCK_M] pointers
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Prefix slots: visible to every row.
+    p_end = tl.minimum(hi, prefix)
+    for start in range(lo, p_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < p_end
+        visible = row_ok[:, None] & col_ok[None, :]
+        acc, m_i, l_i = _paged_block(
+            acc, m_i, l_i, q, k_head, v_head, table_row, offs_n, col_ok, visible, offs_d, d_ok,
+            stride_table_m, stride_k_page, stride_k_slot, stride_k_d,
+            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
+        )
+    # Tree slots: logical prefix + j is visible to row t iff bit j of tree_mask[b, t] is set.
+    # A block of BLOCK_N slots spans at most NUM_WORDS mask words; each is loaded as a
+    # [BLOCK_M] vector and picked per column.
+    num_words = tl.cdiv(TREE_LEN, 32)
+    for start in range(tl.maximum(lo, prefix), hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < hi
+        j = offs_n - prefix  # tree slot index of each column
+        first = (start - prefix) // 32
+        words = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in tl.static_range(NUM_WORDS):
+            # [BLOCK_M]
+            word_ok = row_ok & (tl.full([BLOCK_M], w, tl.int32) + first < num_words)
+            word = tl.load(mask_rows + (first + w) * stride_mask_w, mask=word_ok, other=0)
+            words = tl.where((j // 32 - first == w)[None, :], word[:, None], words)
+        bits = (words >> (j % 32)[None, :]) & 1
+        visible = row_ok[:, None] & col_ok[None, :] & (bits != 0)
+        acc, m_i, l_i = _paged_block(
+            acc, m_i, l_i, q, k_head, v_head, table_row, offs_n, col_ok, visible, offs_d, d_ok,
+            stride_table_m, stride_k_page, stride_k_slot, stride_k_d,
+            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
+        )
+
+    if n_splits == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + b * stride_out_b + h[:, None] * stride_out_h + t[:, None] * stride_out_t
+            + offs_d[None, :] * stride_out_d,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        # Partials as the dense op lays them out: acc [NUM_SPLITS, B, Hq, Tq, Dh],
+        # (m, l) [2, NUM_SPLITS, B, Hq, Tq], float32.
+        row = ((pid_s * B + b) * (HKV * GROUP) + h) * TQ + t
+        tl.store(part_acc_ptr + row[:, None] * DH + offs_d[None, :], acc,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_ml_ptr + row, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + NUM_SPLITS * B * HKV * GROUP * TQ + row, l_i, mask=row_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tree_attention_paged(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    tree_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton launcher of ``tree_attention_paged`` (see ``eagle2_kernels.ops.tree_attention_paged``)."""
+    return launch(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+
+
+def launch(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    tree_len: int,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    min_chunk: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """``tree_attention_paged`` with the block sizes and split policy overridable (tests).
+
+    The defaults are the dense kernel's: BLOCK_M = next power of two of G * Tq in [16, 128];
+    BLOCK_N = 64 (32 for Dh > 128; 128 under the interpreter); each split covers at least
+    ``min_chunk`` = max(512, 4 * G * Tq) slots; the split cap ``num_splits`` is sized from the
+    block table's capacity max_blocks * page_size (static, so CUDA graphs can be captured) and
+    keeps the grid within one wave of resident programs.
+    """
+    if q.device.type != "cuda" and not _interpreted():
+        raise RuntimeError(
+            f"tree_attention_paged (triton): tensors are on {q.device}; the Triton kernel needs "
+            "CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        )
+    B, Hq, Tq, Dh = q.shape
+    page_size, Hkv = k_pages.shape[1], k_pages.shape[2]
+    capacity = block_table.shape[1] * page_size
+    group = Hq // Hkv
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    if Dh > 256:
+        raise ValueError(f"tree_attention_paged (triton): head dim Dh={Dh} > 256 is not supported")
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dh)
+    rows = group * Tq
+    interp = _interpreted() or q.device.type != "cuda"
+    block_d = max(16, triton.next_power_of_2(Dh))
+    if block_m is None:
+        block_m = min(128, max(16, triton.next_power_of_2(rows)))
+    if block_n is None:
+        block_n = 128 if interp else (64 if block_d <= 128 else 32)
+    num_m = triton.cdiv(rows, block_m)
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    if min_chunk is None:
+        min_chunk = max(512, 4 * rows)
+    if num_splits is None:
+        if interp:
+            num_splits = 1
+        else:
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            resident = _sm_count(index) * (1 if num_warps == 8 else 2)
+            programs = num_m * B * Hkv
+            num_splits = max(1, min(resident // programs, triton.cdiv(capacity, min_chunk), 64))
+    min_chunk = max(int(min_chunk), 1)
+
+    compute_fp32 = interp or q.dtype == torch.float32
+    precision = "ieee" if q.dtype == torch.float32 or interp else "tf32"
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits * B * Hq * Tq * Dh, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(2 * num_splits * B * Hq * Tq, device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out  # never touched: every sequence takes the one-split path
+
+    grid = (num_m, B * Hkv, num_splits)
+    _tree_attention_paged_kernel[grid](
+        q, k_pages, v_pages, block_table, prefix_len, tree_mask, out, part_acc, part_ml,
+        *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
+        *tree_mask.stride(), *out.stride(),
+        B, Hkv, Tq, Dh, page_size, tree_len, num_splits, min_chunk, scale * _LOG2E,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        NUM_WORDS=(block_n + 31) // 32 + 1,
+        EVEN_D=block_d == Dh,
+        COMPUTE_FP32=compute_fp32,
+        DOT_PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        block_t = min(64, max(16, triton.next_power_of_2(Tq)))
+        _tree_attention_combine_kernel[(B * Hq, triton.cdiv(Tq, block_t))](
+            part_acc, part_ml, prefix_len, out, *out.stride(),
+            B, Hq, Tq, Dh, tree_len, num_splits, min_chunk,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
