@@ -12,6 +12,7 @@ fixture that a module activates by importing it.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from eagle2_kernels import EagleDraftHead
+from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
 
 # Tree shapes whose accepted paths get long with the trained head: a chain, a mid tree, the
 # paper default.
@@ -91,11 +92,22 @@ def random_head(arch: str):
     return EagleDraftHead.from_target(tiny_target(arch))
 
 
+def fixed(**kw):
+    """Decoder keyword arguments for an exact, fixed tree shape: ``kw`` plus ``adaptive=False``
+    when the decoder has an adaptive tree-size policy (one that can shrink a round's tree)."""
+    if "adaptive" in inspect.signature(TreeSpecDecoder.__init__).parameters:
+        kw = {**kw, "adaptive": False}
+    return kw
+
+
+def fixed_decoder(model, head, T, D, K, **kw):
+    """A TreeSpecDecoder with exactly the tree (T, D, K) every round."""
+    return TreeSpecDecoder(model, head, **fixed(total_tokens=T, depth=D, top_k=K, **kw))
+
+
 @functools.lru_cache(maxsize=None)
-def trained_setup():
-    """A peaked tiny Llama and a head trained for a few seconds on its own greedy continuations.
-    Returns (model, head, prompts [8, 6] int64)."""
-    model = tiny_target("llama", peaked=True)
+def _trained(arch: str):
+    model = tiny_target(arch, peaked=True)
     vocab = model.config.vocab_size
     torch.manual_seed(7)
     prompts = torch.randint(0, vocab, (8, 6))
@@ -118,6 +130,24 @@ def trained_setup():
     for p in head.parameters():
         p.requires_grad_(False)
     return model, head, prompts
+
+
+def trained_setup(arch: str = "llama"):
+    """A peaked tiny ``arch`` target and a head trained for about a second of CPU on its own
+    greedy continuations of 8 random prompts (trained once per test run, then cached).
+    Returns (model, head, prompts [8, 6] int64); on these prompts the head's accepted paths
+    are long (tau ~4-5 for trees of depth >= 3), on fresh prompts short."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {sorted(ARCHS)}")
+    return _trained(arch)
+
+
+def assert_accepts(stats, tau: float, longest: int = 3):
+    """Drafted tokens were really accepted: some round committed >= ``longest`` tokens and the
+    mean tokens per round exceeds ``tau`` (a head or decoder that stops accepting fails here)."""
+    lengths = stats.accept_lengths
+    assert max(lengths) >= longest, lengths
+    assert stats.mean_accept_length > tau, (stats.mean_accept_length, lengths)
 
 
 def hf_greedy(model, ids, n, eos=None):
