@@ -13,6 +13,7 @@ from eagle2_kernels.ops.verify_greedy import verify_greedy
 from eagle2_kernels.ops.verify_sample import verify_sample
 from eagle2_kernels.ops.kv_compact import kv_compact
 from eagle2_kernels.ops.tree_attention_paged import tree_attention_paged
+from eagle2_kernels.ops.kv_compact_paged import kv_compact_paged
 
 __all__ = [
     "DraftTree",
@@ -23,4 +24,5 @@ __all__ = [
     "verify_sample",
     "kv_compact",
     "tree_attention_paged",
+    "kv_compact_paged",
 ]

@@ -1,0 +1,92 @@
+"""``kv_compact_paged``: the accepted path's KV moved behind the prefix in a paged pool."""
+
+from __future__ import annotations
+
+import torch
+
+from eagle2_kernels._backend import select_backend
+from eagle2_kernels.ops._paged import INT_DTYPES, check_block_table, check_index_vector, check_tensor
+
+__all__ = ["kv_compact_paged"]
+
+_NAME = "kv_compact_paged"
+
+
+def kv_compact_paged(
+    kv_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    path: torch.Tensor,
+    accept_len: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``kv_compact`` at the logical level of a paged pool: every layer's K and V, in place.
+
+    After a verify step the tree's T nodes sit at logical positions prefix_len[b] + 0..T-1 of
+    sequence b (reached through its block-table row: page ``block_table[b, pos // page_size]``,
+    slot ``pos % page_size``). For each j < accept_len[b], logical prefix_len[b] + j receives
+    what logical prefix_len[b] + path[b, j] held, bit-exact, in all N page tensors and heads at
+    once (one launch on Triton). Every source is read before any destination is written, so
+    overlapping moves (path [0, 2, 3]) are safe. Nothing else changes; the caller frees or
+    reuses the pages past the new length.
+
+    Precondition (not checked on Triton): the slots a sequence reads and writes are not those of
+    another sequence of the batch (tree pages are private; copy-on-write of shared prefix pages
+    is the engine's business), and every page reached lies in [0, num_blocks).
+
+    Args:
+        kv_pages: [N, num_blocks, page_size, Hkv, Dh] any dtype, any strides (N = 2 x layers:
+            e.g. vLLM's per-layer (2, num_blocks, page_size, Hkv, Dh) stacked over layers, or
+            FlashInfer's NHD (num_blocks, 2, page_size, Hkv, Dh) per layer as
+            ``torch.stack(...).flatten(0, 1)``-like views); modified in place.
+        block_table: [B, max_blocks] int32 (int64 accepted), on the device of ``kv_pages``.
+        prefix_len: [B] int32/int64.
+        path: [B, T] int32/int64 accepted node indices from the root (path[b, 0] = 0), -1 after
+            accept_len[b] entries (the output of ``verify_greedy`` / ``verify_sample``).
+        accept_len: [B] int32/int64 in [0, T]. The Triton path never reads the index tensors on
+            the host (graph-capturable).
+        backend: ``"reference"``, ``"triton"`` or ``"ext"``; default by device. There is no
+            native kernel: on CPU (``ext`` included) the reference runs (it moves only the
+            accepted rows, a few per sequence).
+
+    Returns:
+        ``kv_pages`` (the same tensor object).
+
+    Example:
+        >>> kv = torch.arange(8.0).reshape(1, 4, 2, 1, 1)   # 4 pages of 2 slots, values = slot id
+        >>> table = torch.tensor([[2, 0, 3]])               # logical 0..5 -> slots 4 5 0 1 6 7
+        >>> _ = kv_compact_paged(kv, table, torch.tensor([1]), torch.tensor([[0, 2, 3]]),
+        ...                      torch.tensor([3]))
+        >>> kv.flatten().tolist()                           # logical 2, 3 <- logical 3, 4
+        [1.0, 6.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    _check(kv_pages, block_table, prefix_len, path, accept_len)
+    name = select_backend(kv_pages, backend)
+    if name == "triton":
+        from eagle2_kernels.ops.kv_compact_paged.kernel import kv_compact_paged as impl
+    else:
+        from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as impl
+    impl(kv_pages, block_table, prefix_len, path, accept_len)
+    return kv_pages
+
+
+def _check(kv_pages, block_table, prefix_len, path, accept_len) -> None:
+    for name, t in (("kv_pages", kv_pages), ("path", path)):
+        check_tensor(_NAME, name, t)
+    if kv_pages.dim() != 5:
+        raise ValueError(
+            f"{_NAME}: kv_pages must be [N, num_blocks, page_size, Hkv, Dh], got shape "
+            f"{tuple(kv_pages.shape)}"
+        )
+    dev = kv_pages.device
+    if path.dim() != 2 or path.dtype not in INT_DTYPES:
+        raise ValueError(
+            f"{_NAME}: path must be [B, T] int32/int64, got shape {tuple(path.shape)} dtype "
+            f"{path.dtype}"
+        )
+    if path.device != dev:
+        raise ValueError(f"{_NAME}: path is on {path.device}, kv_pages on {dev}")
+    B = path.shape[0]
+    check_block_table(_NAME, block_table, B, dev)
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, dev)
+    check_index_vector(_NAME, "accept_len", accept_len, B, dev)
