@@ -158,6 +158,16 @@ def test_every_public_op_runs_its_implementation_under_the_guard(recorder, monke
     assert recorder.entered == [CUDA1] * len(cases)  # once per op call
 
 
+def test_every_public_op_has_a_guard_case():
+    with FakeTensorMode():
+        covered = {op for op, _ in _fake_cuda_calls()}
+    public = {name for name in ops.__all__ if name != "DraftTree"}
+    assert public <= covered, (
+        f"public ops without a device-guard case: {sorted(public - covered)}; wrap their dispatch "
+        f"in _backend.device_guard and add a call to _fake_cuda_calls"
+    )
+
+
 def test_cpu_ops_never_touch_torch_cuda(monkeypatch):
     def no_cuda(device):
         raise AssertionError("torch.cuda.device was called for a CPU op")
