@@ -43,11 +43,13 @@ def rollout(head, features: torch.Tensor, input_ids: torch.Tensor, steps: int,
     """Run the draft ``steps`` times over padded sequences.
 
     Args:
-        head: an attached ``EagleDraftHead``.
-        features: [B, N, H] target features f_0..f_{N-1} (right-padded).
+        head: an attached ``EagleDraftHead`` (EAGLE-1/2 or EAGLE-3: step 1 reads target
+            features, later steps the head's own outputs, ``project(..., from_target=)``).
+        features: [B, N, F] target features f_0..f_{N-1} (right-padded; F =
+            ``head.target_feature_size``).
         input_ids: [B, N] int64 tokens x_0..x_{N-1} (right-padded; pad with any valid id).
         steps: number of draft steps (1 = teacher forcing only).
-        noise: optional [B, N-1, H] added to the step-1 input features (training augmentation).
+        noise: optional [B, N-1, F] added to the step-1 input features (training augmentation).
 
     Returns:
         ``steps`` tensors; element j-1 is [B, N-1, H], step j's predicted features: index i
@@ -67,7 +69,7 @@ def rollout(head, features: torch.Tensor, input_ids: torch.Tensor, steps: int,
         return [head(f_in, input_ids[:, 1:n], pos)]
 
     dev = features.device
-    h, q, k1, v1 = head.project(f_in, input_ids[:, 1:n], pos.unsqueeze(0).expand(b, m))
+    h, q, k1, v1 = head.project(f_in, input_ids[:, 1:n], pos.unsqueeze(0).expand(b, m), from_target=True)
     scale = head.layers[0].self_attn.scaling
     k1e, v1e = _expand_kv(head, k1), _expand_kv(head, v1)
     out = head.finish(h, F.scaled_dot_product_attention(q, k1e, v1e, is_causal=True,
