@@ -14,6 +14,8 @@ from eagle2_kernels.ops.verify_sample import verify_sample
 from eagle2_kernels.ops.kv_compact import kv_compact
 from eagle2_kernels.ops.tree_attention_paged import tree_attention_paged
 from eagle2_kernels.ops.kv_compact_paged import kv_compact_paged
+from eagle2_kernels.ops.remap_slots import remap_slots
+from eagle2_kernels.ops import tree_formats
 
 __all__ = [
     "DraftTree",
@@ -25,4 +27,6 @@ __all__ = [
     "kv_compact",
     "tree_attention_paged",
     "kv_compact_paged",
+    "remap_slots",
+    "tree_formats",
 ]
