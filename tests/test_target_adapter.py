@@ -1,9 +1,12 @@
 """Target adapter: our forwards through transformers' attention interface reproduce the model's
 own logits and features (prefill + tree with a branching mask, GQA) for Llama, Qwen2 and Mistral,
 write the static cache where the model's own cache would hold its keys, and leave the model's
-attention implementation untouched outside our forwards."""
+attention implementation untouched outside our forwards; a forward that misses our attention in
+any layer raises."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -99,3 +102,31 @@ def test_scoped_switch_restores_even_on_error():
     assert model.config._attn_implementation == before
     with pytest.raises(TypeError, match="transformers causal LM"):
         TargetAdapter(torch.nn.Linear(2, 2))
+
+
+class _OwnAttention(torch.nn.Module):
+    """Stands in for a layer whose attention transformers binds some other way: it never calls
+    the registered attention function."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+def test_a_forward_that_misses_our_attention_raises(monkeypatch):
+    model = tiny("mistral")
+    adapter = TargetAdapter(model)
+    cache = adapter.new_cache(1, 16)
+    ids = torch.randint(0, 211, (1, 5))
+    ctx = DecodeContext(cache, 0, None, 5)
+    adapter.forward(ids, torch.arange(5)[None], ctx)
+    assert ctx.calls == 2  # one call per layer
+    # The switch reaches no layer (as if transformers bound attention differently): the model
+    # would run its own attention and leave our cache unwritten.
+    monkeypatch.setattr(adapter, "scoped", contextlib.nullcontext)
+    with pytest.raises(RuntimeError, match=r"attention 0 times in one forward, but it has 2 layers"):
+        adapter.forward(ids, torch.arange(5)[None], DecodeContext(cache, 0, None, 5))
+    monkeypatch.undo()
+    # One layer of two misses it.
+    monkeypatch.setattr(model.model.layers[1], "self_attn", _OwnAttention())
+    with pytest.raises(RuntimeError, match=r"attention 1 times in one forward, but it has 2 layers"):
+        adapter.forward(ids, torch.arange(5)[None], DecodeContext(cache, 0, None, 5))
