@@ -6,6 +6,8 @@ Subcommands::
     eagle2 bench               MT-bench: plain decoding vs EAGLE-2 side by side, table + plots
     eagle2 demo                what `make demo` runs: a short streamed answer, then the same
                                prompt decoded plainly, speedup, tau, peak memory
+    eagle2 tune                measure this machine's cost model, print the curve and the tree
+                               sizes it implies, write a PNG
     eagle2 train ...           the draft-head training pipeline (eagle2_kernels.train)
 
 Without ``--target`` the embedded default model is used (SmolLM2-135M-Instruct from the
@@ -23,10 +25,10 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-# Tree shape (T, D, K) when none is given: measured per device with the default model.
-from eagle2_kernels.models.default import CPU_TREE as CPU_DEFAULT_TREE
-from eagle2_kernels.models.default import GPU_TREE as GPU_DEFAULT_TREE
+# Tree bounds (T, D, K) when none are given: the library's one table of defaults.
+from eagle2_kernels.runtime.config import DEFAULT_BOUNDS, default_tree
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -100,8 +102,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="force the ops' backend (default: by device)")
     t = p.add_argument_group("draft tree")
     t.add_argument("--tree", type=parse_tree, default=None, metavar="T,D,K",
-                   help=f"tree nodes incl. root, depth, branching factor (default {CPU_DEFAULT_TREE} "
-                        f"on CPU, {GPU_DEFAULT_TREE} on GPU)")
+                   help=f"tree nodes incl. root, depth, branching factor: upper bounds of the adaptive "
+                        f"policy, or the exact shape with --fixed (default {DEFAULT_BOUNDS['cpu']} on CPU, "
+                        f"{DEFAULT_BOUNDS['cuda']} on GPU)")
+    t.add_argument("--fixed", action="store_true",
+                   help="verify exactly the --tree shape every round (no adaptive sizing)")
     t.add_argument("--total-tokens", type=int, default=None, metavar="T", help="overrides T of --tree")
     t.add_argument("--depth", type=int, default=None, metavar="D", help="overrides D of --tree")
     t.add_argument("--tree-top-k", type=int, default=None, metavar="K",
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eagle2", description="Lossless EAGLE-2 speculative decoding (eagle2_kernels)."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,demo,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,bench,demo,tune,train}")
     sub.required = True
 
     g = sub.add_parser("generate", help="answer a prompt (chat template applied), streamed",
@@ -162,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.set_defaults(func=cmd_demo)
 
+    u = sub.add_parser("tune", help="measure this machine's cost model and show the tree sizes it implies",
+                       description="Time target forwards over n = 1..T new tokens (short and long prefix) "
+                                   "and draft steps on this machine, cache them (the adaptive decoder "
+                                   "reads the cache), print the curve, decode a short answer to learn the "
+                                   "draft's confidence, and show the tree size each curve implies; writes "
+                                   "tune.png (cost vs n; predicted tokens/s vs tree size) and tune.json.")
+    u.add_argument("--remeasure", action="store_true", help="time again even if a cached measurement exists")
+    u.add_argument("--batch", type=_positive(int), default=1, help="batch size to measure for (default 1)")
+    u.add_argument("--curve", default=None, metavar="N:MS,...",
+                   help="instead of this machine's target curve, evaluate the policy on a given one, e.g. "
+                        "'1:42,2:53,4:92,8:169,16:270' (forward ms over n new tokens, measured elsewhere)")
+    u.add_argument("--prompt", default=DEMO_PROMPT, help="prompt whose answer measures the draft's confidence")
+    u.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    u.add_argument("--out", default="eagle2_tune", help="directory for tune.png and tune.json")
+    u.add_argument("--no-plots", action="store_true", help="skip the PNG")
+    _add_model_args(u)
+    u.set_defaults(func=cmd_tune)
+
     sub.add_parser("train", help="train a draft head (eagle2 train --help for its commands)",
                    add_help=False)
     return parser
@@ -190,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tree_shape(args, device: str) -> tuple[int, int, int]:
-    T, D, K = args.tree or (GPU_DEFAULT_TREE if device == "cuda" else CPU_DEFAULT_TREE)
+    T, D, K = args.tree or default_tree(device)
     T = args.total_tokens if args.total_tokens is not None else T
     D = args.depth if args.depth is not None else D
     K = args.tree_top_k if args.tree_top_k is not None else K
@@ -212,11 +235,12 @@ def _device(args) -> str:
     return args.device
 
 
-def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
+def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_extra: bool = True):
     """Load target, tokenizer and head once; return ``(decoders, tokenizer, info)``.
 
-    One :class:`TreeSpecDecoder` per tree shape (the first is the main one); all share the
-    target and the head. ``info`` describes what was loaded.
+    One :class:`TreeSpecDecoder` per tree shape (the first is the main one: adaptive unless
+    ``--fixed``; the others are fixed shapes when ``fixed_extra``); all share the target and
+    the head. ``info`` describes what was loaded.
     """
     import torch
 
@@ -275,9 +299,10 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
             raise CLIError(f"--draft {args.draft!r} does not exist")
     head = EagleDraftHead.from_pretrained(head_path, target=model)
     decoders = []
-    for T, D, K in trees:
+    for i, (T, D, K) in enumerate(trees):
+        adaptive = not getattr(args, "fixed", False) if i == 0 else not fixed_extra
         try:
-            decoders.append(TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K,
+            decoders.append(TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, adaptive=adaptive,
                                             backend=args.backend, tokenizer=tokenizer))
         except ValueError as exc:
             raise CLIError(f"tree {T},{D},{K}: {exc}") from None
@@ -289,6 +314,7 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None):
         "device": device,
         "threads": torch.get_num_threads(),
         "trees": [list(t) for t in trees],
+        "adaptive": not getattr(args, "fixed", False),
         "load_s": round(time.perf_counter() - t0, 2),
     }
     return decoders, tokenizer, info
@@ -364,6 +390,43 @@ def _stream(dec, ids, printer, max_new_tokens, eos, plain=False, **sampling):
     return new, seconds, rounds
 
 
+def _machine_line(dec) -> str:
+    """CPU model, the bf16 matmul flags, threads, device: what the cost model depends on."""
+    from eagle2_kernels.runtime.costmodel import machine_info
+
+    m = machine_info(dec.target.device)
+    native = "AVX-512-BF16" if m["avx512_bf16"] else "no AVX-512-BF16 (bf16 matmul emulated)"
+    text = f"machine: {m['cpu']}, {native}{', AMX' if m['amx'] else ''}, {m['threads']} threads, {m['device']}"
+    return text + (f" ({m['device_name']})" if "device_name" in m else "")
+
+
+def _policy_lines(dec, stats, scope: str = "this call") -> list[str]:
+    """What the adaptive policy chose in the last call, and the measured costs behind it."""
+    cfg = dec.config
+    if not cfg.adaptive:
+        return [f"policy: fixed tree T={cfg.total_tokens} D={cfg.depth} K={cfg.top_k} (--fixed)"]
+    if dec.uses_static_round:
+        return [f"policy: static round, fixed tree T={cfg.total_tokens} D={cfg.depth} K={cfg.top_k}"]
+    pol = dec.last_policy
+    if pol is None or not pol.sizes:
+        return ["policy: adaptive (no round drafted)"]
+    cm, s = pol.costs, pol.summary()
+    sizes = stats.tree_sizes
+    hist: dict[int, int] = {}
+    for n in sizes:
+        hist[n] = hist.get(n, 0) + 1
+    shown = ", ".join(f"{n}: {c}" for n, c in sorted(hist.items()))
+    t1, t_mean = cm.target(1), cm.target(max(2, round(s["mean_nodes"]) + 1))
+    return [
+        f"policy: adaptive within T<={cfg.total_tokens} D<={cfg.depth} K={cfg.top_k}; verified tree sizes "
+        f"over {scope} (nodes incl. root: rounds) {shown}; last call: mean depth {s['mean_depth']:.1f}, "
+        f"{s['plain_steps']} plain steps by backoff, draft calibration {s['calibration']:.2f}",
+        f"why: measured target forward {1e3 * t1:.1f} ms for 1 token, {1e3 * t_mean:.1f} ms for "
+        f"{max(2, round(s['mean_nodes']) + 1)}; draft step {1e3 * cm.draft(cfg.top_k):.2f} ms; each round "
+        f"verifies the n best candidates maximising (1 + sum of their probabilities) / cost",
+    ]
+
+
 def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) -> str:
     line = f"[{label}] {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s"
     return line + (f", tau {tau:.2f}" if tau is not None else "")
@@ -403,8 +466,11 @@ def cmd_generate(args) -> int:
                               generator=gen(), **sampling)
     stats = dec.last_stats
     T, D, K = info["trees"][0]
-    print(_summary_line(f"eagle2 T={T} D={D} K={K} {args.dtype}", len(new), seconds,
+    shape = f"T={T} D={D} K={K}" if args.fixed else f"adaptive T<={T} D<={D} K={K}"
+    print(_summary_line(f"eagle2 {shape} {args.dtype}", len(new), seconds,
                         stats.mean_accept_length), file=sys.stderr)
+    for line in [_machine_line(dec)] + _policy_lines(dec, stats):
+        print(line, file=sys.stderr)
     if args.plain:
         plain_new, plain_s, _ = _stream(dec, ids, None, args.max_new_tokens, eos, plain=True,
                                         generator=gen(), **sampling)
@@ -538,6 +604,16 @@ def cmd_bench(args) -> int:
         (out / "summary.md").write_text("\n".join(text) + "\n")
         return 1
     baselines = [b for b in (ev.HF, ev.LOOP) if b in methods]
+    text.append(_machine_line(dec))
+    text += _policy_lines(dec, SimpleNamespace(tree_sizes=[
+        n for r in records for n in (r.results[ev.SPEC].tree_sizes or [])]), scope="all turns")
+    rel = summary.get("reliability", {}).get(ev.SPEC)
+    if rel:
+        text.append("draft calibration (verified nodes by path probability: predicted -> actual acceptance): " +
+                    "; ".join(f"[{rel['edges'][i]:.2f}, {min(rel['edges'][i + 1], 1):.2f}) n={n} "
+                              f"{rel['predicted'][i] / n:.2f} -> {rel['accepted'][i] / n:.2f}"
+                              for i, n in enumerate(rel["nodes"]) if n))
+    text.append("")
     text.append(ev.format_report(summary, speculative=ev.SPEC, baselines=baselines))
     if len(spec_names) > 1:
         text += ["", "Tree shapes side by side:", "", ev.format_sweep(summary, spec_names, baselines)]
@@ -550,6 +626,9 @@ def cmd_bench(args) -> int:
         per_q = ev.plot_question_speedup(records, out / "question_speedup.png", method=ev.SPEC,
                                          baseline=reference)
         text += ["", f"![acceptance lengths]({hist.name})", f"![per-question speedup]({per_q.name})"]
+        rel = ev.plot_reliability(records, out / "reliability.png", method=ev.SPEC)
+        sizes = ev.plot_tree_sizes(records, out / "tree_sizes.png", method=ev.SPEC)
+        text += [f"![{p.stem}]({p.name})" for p in (rel, sizes) if p is not None]
     text += ["", "Environment: " + json.dumps(env)]
     report = "\n".join(text)
     print(report)
@@ -569,8 +648,14 @@ def cmd_demo(args) -> int:
     (dec,), tokenizer, info = load_decoder(args)
     tokenizer = _need_tokenizer(tokenizer)
     T, D, K = info["trees"][0]
-    print(f"loaded in {info['load_s']:.1f} s; draft tree T={T} D={D} K={K}, {info['threads']} threads, "
-          f"{info['device']}", flush=True)
+    shape = f"T={T} D={D} K={K} (fixed)" if args.fixed else f"adaptive, bounds T<={T} D<={D} K={K}"
+    print(f"loaded in {info['load_s']:.1f} s; draft tree {shape}", flush=True)
+    print(_machine_line(dec), flush=True)
+    if dec.config.adaptive and not dec.uses_static_round:
+        t0 = time.perf_counter()
+        print("measuring this machine's costs (cached after the first run) ...", flush=True)
+        dec.cost_model(1)
+        print(f"cost model ready in {time.perf_counter() - t0:.1f} s", flush=True)
     ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
     eos = _eos_ids(dec.target, tokenizer)
     hf = ev.hf_generate_method(dec.target, eos_token_id=eos)
@@ -597,6 +682,97 @@ def cmd_demo(args) -> int:
         f"({args.dtype} rounding can flip near-ties; fp32 matches exactly)")
     print(f"\nspeedup {speedup:.2f}x (tokens/s, same prompt, same run), tau {tau:.2f}, "
           f"{agree}; peak memory (RSS) {peak_rss_mib():.0f} MiB")
+    for line in _policy_lines(dec, dec.last_stats):
+        print(line)
+    return 0
+
+
+def parse_curve(text: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """'1:42,2:53,4:92' -> ((1, 2, 4), (0.042, 0.053, 0.092)): forward ms by new tokens."""
+    ns, secs = [], []
+    try:
+        for item in text.split(","):
+            n, ms = item.split(":")
+            ns.append(int(n))
+            secs.append(float(ms) / 1e3)
+    except ValueError:
+        raise CLIError(f"--curve must look like '1:42,2:53,4:92' (new tokens:milliseconds), got {text!r}") from None
+    if ns[0] != 1 or any(b <= a for a, b in zip(ns, ns[1:])) or any(s <= 0 for s in secs):
+        raise CLIError(f"--curve needs increasing token counts starting at 1 and positive times, got {text!r}")
+    return tuple(ns), tuple(secs)
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from eagle2_kernels import evaluation as ev
+    from eagle2_kernels.runtime.costmodel import CostModel
+    from eagle2_kernels.runtime.policy import predicted_rates
+
+    if args.fixed:
+        raise CLIError("tune sizes the adaptive policy; --fixed makes no sense here")
+    curve = parse_curve(args.curve) if args.curve else None
+    (dec,), tokenizer, info = load_decoder(args)
+    tokenizer = _need_tokenizer(tokenizer)
+    print(_machine_line(dec))
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        print(f"\rmeasuring: {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    measured = dec.cost_model(args.batch, remeasure=args.remeasure, progress=progress)
+    print(f"\r", end="", file=sys.stderr)
+    print(f"cost model for batch {args.batch} ({time.perf_counter() - t0:.1f} s; cached for the decoder):")
+    print(measured.describe())
+    costs = measured
+    if curve is not None:
+        costs = CostModel(n_grid=curve[0], target_short_s=curve[1], target_long_s=curve[1], short_prefix=0,
+                          long_prefix=0, k_grid=measured.k_grid, draft_step_s=measured.draft_step_s,
+                          round_overhead_s=measured.round_overhead_s, info={"source": "--curve " + args.curve})
+        print(f"\nevaluating the policy on the given curve ({args.curve}), this machine's draft costs")
+    T, D, K = info["trees"][0]
+    from eagle2_kernels import TreeSpecDecoder
+
+    run = TreeSpecDecoder(dec.target, dec.draft, total_tokens=T, depth=D, top_k=K, cost_model=costs,
+                          backend=args.backend)
+    ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
+    eos = _eos_ids(dec.target, tokenizer)
+    out = run.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    pol = run.last_policy
+    stats = out.stats
+    for line in _policy_lines(run, stats):
+        print(line)
+    plain_s = stats.new_tokens * costs.target(1, ids.shape[1])
+    spent = costs.target(1, ids.shape[1]) + pol.predicted_s  # the prefill's first token, then rounds
+    print(f"predicted by the cost model for this answer: {stats.new_tokens} tokens in {spent:.2f} s vs "
+          f"{plain_s:.2f} s plainly: {plain_s / spent:.2f}x; tau {stats.mean_accept_length:.2f}")
+    depth = round(pol.summary()["mean_depth"])
+    rates = predicted_rates(pol.profile, costs, depth, prefix=ids.shape[1], calibration=pol.calibration)
+    best = max(rates, key=lambda r: r[2])
+    print(f"\npredicted tokens/s by verified drafted nodes n (mean draft confidence of this answer, "
+          f"{depth} expansion levels):")
+    print("   n  E[tokens]  tokens/s  vs plain")
+    plain_rate = rates[0][2]
+    for n, e, r in rates[: min(len(rates), 17)]:
+        mark = "  <- best" if n == best[0] else ""
+        print(f"{n:4d}  {e:9.2f}  {r:8.1f}  {r / plain_rate:7.2f}x{mark}")
+    verdict = ("plain decoding: no tree pays on this curve" if best[0] == 0 else
+               f"verify about {best[0]} drafted nodes (T = {best[0] + 1}) on an average round")
+    print(f"implied policy: {verdict}")
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    result = {"machine": _environment(info), "costs": costs.to_json(), "measured": measured.to_json(),
+              "policy": pol.summary(), "tree_sizes": stats.tree_sizes, "profile": pol.profile,
+              "predicted_rates": rates, "predicted_speedup": plain_s / spent,
+              "mean_accept_length": stats.mean_accept_length}
+    (outdir / "tune.json").write_text(json.dumps(result, indent=1, default=str))
+    if not args.no_plots:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CLIError(f"plots need matplotlib ({INSTALL_PLOTS}), or pass --no-plots")
+        png = ev.plot_tune(costs, rates, outdir / "tune.png", title=_machine_line(dec))
+        print(f"wrote {png} and {outdir / 'tune.json'}")
+    else:
+        print(f"wrote {outdir / 'tune.json'}")
     return 0
 
 

@@ -216,6 +216,9 @@ class Generation:
         seconds: wall-clock time of the call (prefill included).
         accept_lengths: tokens committed per draft-verify round (speculative methods only).
         draft_s, verify_s, other_s: the decoder's own time split (speculative methods only).
+        tree_sizes: tree nodes verified per round after the prefill (1 = plain step).
+        reliability: predicted vs actual node acceptance by probability bin (adaptive only;
+            the dict of :class:`~eagle2_kernels.runtime.stats.Reliability`).
     """
 
     new_ids: list[int]
@@ -224,6 +227,8 @@ class Generation:
     draft_s: float | None = None
     verify_s: float | None = None
     other_s: float | None = None
+    tree_sizes: list[int] | None = None
+    reliability: dict | None = None
 
     @property
     def speculative(self) -> bool:
@@ -315,6 +320,8 @@ def speculative_method(decoder, eos_token_id=None) -> Method:
             draft_s=float(stats.draft_s),
             verify_s=float(stats.verify_s),
             other_s=float(stats.other_s),
+            tree_sizes=list(stats.tree_sizes),
+            reliability=stats.reliability.as_dict() if decoder.config.adaptive else None,
         )
 
     return run
@@ -600,6 +607,25 @@ def summarize(records: Sequence[TurnRecord]) -> dict:
     out["accept_length_histogram"] = {
         m: _histogram([a for r in records for a in r.results[m].accept_lengths]) for m in spec
     }
+    out["tree_size_histogram"] = {
+        m: _histogram([n for r in records for n in (r.results[m].tree_sizes or [])]) for m in spec
+    }
+    out["reliability"] = {m: rel for m in spec if (rel := pooled_reliability(records, m)) is not None}
+    return out
+
+
+def pooled_reliability(records: Sequence[TurnRecord], method: str) -> dict | None:
+    """Predicted vs actual node acceptance per probability bin, summed over the records."""
+    rels = [r.results[method].reliability for r in records if r.results[method].reliability]
+    if not rels:
+        return None
+    out = {"edges": rels[0]["edges"], "nodes": [0] * len(rels[0]["nodes"]),
+           "predicted": [0.0] * len(rels[0]["nodes"]), "accepted": [0] * len(rels[0]["nodes"])}
+    for rel in rels:
+        for i in range(len(out["nodes"])):
+            out["nodes"][i] += rel["nodes"][i]
+            out["predicted"][i] += rel["predicted"][i]
+            out["accepted"][i] += rel["accepted"][i]
     return out
 
 
@@ -751,6 +777,89 @@ def plot_question_speedup(
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(cat_order))]
     ax.legend(handles + [ax.lines[-1]], cat_order + [f"overall {overall:.2f}x"], fontsize=6, ncol=3)
     ax.set_title(f"{method} vs {baseline}: per-question speedup")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path | None:
+    """Reliability diagram: actual vs predicted acceptance of verified draft nodes per bin of
+    path probability, with node counts; None when the method recorded none (fixed trees)."""
+    rel = pooled_reliability(records, method)
+    if rel is None or not sum(rel["nodes"]):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs, ys, labels = [], [], []
+    for i, n in enumerate(rel["nodes"]):
+        if n:
+            xs.append(rel["predicted"][i] / n)
+            ys.append(rel["accepted"][i] / n)
+            labels.append(n)
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--", label="calibrated")
+    ax.plot(xs, ys, "o-", color="#3b7dd8", label=method)
+    for x, y, n in zip(xs, ys, labels):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted: mean path probability exp(score) in the bin")
+    ax.set_ylabel("actual: fraction of nodes accepted")
+    ax.set_title(f"draft calibration over {sum(rel['nodes'])} verified nodes (counts shown)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tree_sizes(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path | None:
+    """Histogram of the tree nodes verified per round (1 = a plain step); None without rounds."""
+    sizes = [n for r in records for n in (r.results[method].tree_sizes or [])]
+    if not sizes:
+        return None
+    plt = _pyplot()
+    hist = _histogram(sizes)
+    xs = [int(k) for k in hist]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(xs, [100 * hist[str(x)] / len(sizes) for x in xs], color="#d8843b")
+    ax.set_xlabel("tree nodes verified in the round, root included (1 = plain step)")
+    ax.set_ylabel("% of rounds")
+    ax.set_title(f"{method}: verified tree size per round, {len(sizes)} rounds, mean {sum(sizes) / len(sizes):.1f}")
+    ax.set_xticks(xs)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tune(costs, rates: Sequence[tuple[int, float, float]], path: str | Path, title: str = "") -> Path:
+    """``eagle2 tune``'s picture: target forward cost vs new tokens (both prefixes) and the
+    predicted tokens/s of verifying n drafted nodes, against plain decoding."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ns = list(costs.n_grid)
+    a.plot(ns, [1e3 * t for t in costs.target_short_s], "o-", label=f"prefix {costs.short_prefix}")
+    if costs.long_prefix != costs.short_prefix:
+        a.plot(ns, [1e3 * t for t in costs.target_long_s], "s-", label=f"prefix {costs.long_prefix}")
+    a.set_xlabel("new tokens in one target forward (n)")
+    a.set_ylabel("ms")
+    a.set_title("target forward cost", fontsize=9)
+    a.legend(fontsize=8)
+    xs = [r[0] for r in rates]
+    b.plot(xs, [r[2] for r in rates], "o-", color="#3b7dd8", label="predicted, tree of n + 1")
+    b.axhline(rates[0][2], color="gray", ls="--", lw=0.8, label="plain decoding")
+    best = max(rates, key=lambda r: r[2])
+    b.plot([best[0]], [best[2]], "*", color="#d83b3b", ms=12, label=f"best n = {best[0]}")
+    b.set_xlabel("drafted nodes verified per round (n)")
+    b.set_ylabel("tokens/s")
+    b.set_title("predicted throughput (draft confidence of a real answer)", fontsize=9)
+    b.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -33,21 +33,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the cached layout changes, so stale copies are rebuilt instead of misread.
 _CACHE_VERSION = "v1"
 
-# Tree shape (total_tokens, depth, top_k) used with the default model when none is given.
-# CPU: picked by measured tokens/s over transformers generate on 8 MT-bench first turns
-# (bench/results/cpu/sweep, a mid-training checkpoint of the head): the target's forward cost
-# grows with T on a CPU, so the smallest tree won ((4,2,2) 1.31x, (8,3,4) 1.09x, (16,4,8)
-# 0.93x); with the shipped head (4,2,2) and (8,3,4) are within noise of each other.
-# GPU: the paper's shape, where a forward over 60 tokens costs about as much as over one.
-CPU_TREE = (4, 2, 2)
-GPU_TREE = (60, 5, 10)
-
-
-def default_tree(device) -> tuple[int, int, int]:
-    """The default (total_tokens, depth, top_k) for the default model on ``device``."""
-    return GPU_TREE if torch.device(device).type == "cuda" else CPU_TREE
-
-
 def cache_dir() -> Path:
     """Root of the user cache (``$EAGLE2_KERNELS_CACHE``, default ``~/.cache/eagle2_kernels``)."""
     env = os.environ.get("EAGLE2_KERNELS_CACHE")

@@ -8,6 +8,22 @@ from dataclasses import dataclass
 from eagle2_kernels._backend import BACKENDS
 
 
+# Upper bounds of the adaptive tree, (total_tokens, depth, top_k), by device type: the one
+# source of defaults for TreeSpecDecoder(...), from_pretrained() and the CLI. The policy sizes
+# each round within them from measured costs; the bounds only cap the draft work. CUDA: the
+# paper's shape (a forward over 60 tokens costs about one over 1 on a GPU). CPU: a smaller cap,
+# since the verified tree rarely exceeds ~10 nodes where a forward grows with its tokens.
+DEFAULT_BOUNDS = {"cuda": (60, 5, 10), "cpu": (32, 5, 8)}
+
+
+def default_tree(device) -> tuple[int, int, int]:
+    """The default (total_tokens, depth, top_k) on ``device`` (a torch device or its name)."""
+    import torch
+
+    kind = torch.device(device).type
+    return DEFAULT_BOUNDS.get(kind, DEFAULT_BOUNDS["cpu"])
+
+
 def _positive_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"DecodeConfig: {name} must be an int >= {minimum}, got {value!r}")
@@ -35,6 +51,11 @@ class DecodeConfig:
             ``runtime/graphs.py``). None (default) = on for CUDA targets, off on CPU, where
             the dynamic round is faster; True forces it (also on CPU, eagerly), False the
             dynamic round.
+        adaptive: size every round from the draft's scores and the machine's measured costs
+            (default True; ``runtime/policy.py``): total_tokens, depth and top_k are then upper
+            bounds, and a round may verify fewer nodes, expand fewer levels, or decode plainly
+            when drafting does not pay. False pins the exact fixed shape. The static round
+            keeps its fixed, captured shape either way.
         cuda_graphs: capture the static round's draft and verify phases as CUDA graphs and
             replay them. "auto" (default) = on when the static round runs on a CUDA target,
             falling back to eager replay (with a warning naming the reason) when capture
@@ -54,6 +75,7 @@ class DecodeConfig:
     backend: str | None = None
     static_round: bool | None = None
     cuda_graphs: bool | str = "auto"
+    adaptive: bool = True
 
     def __post_init__(self):
         _positive_int("total_tokens", self.total_tokens, 2)
@@ -74,6 +96,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         if self.cuda_graphs is True and self.static_round is False:
             raise ValueError("DecodeConfig: cuda_graphs=True needs the static round (static_round None or True)")
+        if self.adaptive not in (True, False):
+            raise ValueError(f"DecodeConfig: adaptive must be True or False, got {self.adaptive!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"DecodeConfig: backend {self.backend!r} is not one of {', '.join(BACKENDS)} or None")
 

@@ -29,7 +29,7 @@ from eagle2_kernels.cache import StaticKVCache
 from eagle2_kernels.models.draft_head import EagleDraftHead
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
 from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
-from eagle2_kernels.runtime.config import DecodeConfig
+from eagle2_kernels.runtime.config import DecodeConfig, default_tree
 from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
 
 __all__ = ["TreeSpecDecoder", "GenerateOutput", "DecodeStats", "InputTypeError"]
@@ -64,8 +64,10 @@ class TreeSpecDecoder:
             attention interface (Llama, Qwen2/3, Mistral, SmolLM, ...). It stays a normal
             model: our attention is switched in only around the decoder's own forwards.
         draft: an :class:`EagleDraftHead` for this target (attached to it if it is not yet).
-        total_tokens: T, tree nodes per round including the root (>= 2).
-        depth: D, expansion steps after the root expansion (>= 1).
+        total_tokens: T, tree nodes per round including the root (>= 2); with ``adaptive`` the
+            most a round verifies. None = ``runtime.config.default_tree(device)``: (60, 5, 10)
+            on CUDA, (32, 5, 8) on CPU, for depth and top_k as well.
+        depth: D, expansion steps after the root expansion (>= 1; with ``adaptive`` at most).
         top_k: K, the tree's branching factor (>= 1). Not the sampling filter: that is
             ``generate(top_k=...)``.
         max_length: KV cache capacity in tokens (prompt + max_new_tokens + T must fit); None
@@ -80,6 +82,12 @@ class TreeSpecDecoder:
         cuda_graphs: "auto" (default) = capture the static round's draft and verify phases as
             CUDA graphs on CUDA targets, falling back to eager with a warning if capture fails;
             True = the same, but an error for a non-CUDA target; False = never capture.
+        adaptive: True (default) = size every round from the draft's scores and this machine's
+            measured costs (``runtime/policy.py``); total_tokens, depth and top_k are then upper
+            bounds and a round may decode plainly. False = exactly the fixed shape.
+        cost_model: a :class:`~eagle2_kernels.runtime.costmodel.CostModel` for the policy; None
+            (default) measures this machine on first use and caches it on disk (see
+            :meth:`cost_model`; ``eagle2 tune`` prints it).
 
     Attributes:
         target, draft, tokenizer, config (:class:`DecodeConfig`).
@@ -95,20 +103,31 @@ class TreeSpecDecoder:
         self,
         target,
         draft: EagleDraftHead,
-        total_tokens: int = 60,
-        depth: int = 5,
-        top_k: int = 10,
+        total_tokens: int | None = None,
+        depth: int | None = None,
+        top_k: int | None = None,
         max_length: int | None = None,
         backend: str | None = None,
         tokenizer=None,
         config: DecodeConfig | None = None,
         static_round: bool | None = None,
         cuda_graphs: bool | str = "auto",
+        adaptive: bool = True,
+        cost_model=None,
     ):
         if config is None:
+            # Unset tree fields come from the one table of defaults, by the target's device.
+            try:
+                device = next(target.parameters()).device
+            except (AttributeError, StopIteration):
+                device = "cpu"  # not a torch model: the adapter below says what is wrong
+            bounds = default_tree(device)
+            total_tokens = bounds[0] if total_tokens is None else total_tokens
+            depth = bounds[1] if depth is None else depth
+            top_k = bounds[2] if top_k is None else top_k
             config = DecodeConfig(
                 total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend,
-                static_round=static_round, cuda_graphs=cuda_graphs,
+                static_round=static_round, cuda_graphs=cuda_graphs, adaptive=adaptive,
             )
         elif not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
@@ -142,6 +161,14 @@ class TreeSpecDecoder:
                 f"cuda_graphs=True needs a CUDA target, the model is on {self._adapter.device}; "
                 f"use cuda_graphs='auto' or False (static_round=True runs the static round eagerly)"
             )
+        from eagle2_kernels.runtime.costmodel import CostModel
+
+        if cost_model is not None and not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a CostModel or None, got {type(cost_model).__name__}")
+        self._cost_model = cost_model
+        self._cost_models: dict[int, CostModel] = {}
+        self._chain_masks: dict[int, torch.Tensor] = {}
+        self.last_policy = None  # the RoundPolicy of the last adaptive call (sizes chosen, ...)
         self._static = None  # StaticRound of the last static call (buffers, captured graphs)
         self._read_lag: int | None = None  # see _static_loop
         self._closed = False
@@ -166,8 +193,7 @@ class TreeSpecDecoder:
                 file's dtype, or bf16 for the default model; CPU).
             **config: the constructor's keyword arguments (total_tokens, depth, top_k,
                 max_length, backend, static_round, cuda_graphs, or config=DecodeConfig(...)).
-                For the default model the tree shape defaults to the one measured best on the
-                device (``eagle2_kernels.models.default.default_tree``), not the GPU paper shape.
+                Unset tree bounds come from ``runtime.config.default_tree`` for every target.
         """
         tokenizer = None
         if target is None:
@@ -177,9 +203,6 @@ class TreeSpecDecoder:
             target, tokenizer = default_model.load_default(device=device or "cpu", **kwargs)
             if draft is None:
                 draft = default_model.default_head_path()
-            # The default model's tree shape was measured per device; explicit fields win.
-            shape = dict(zip(("total_tokens", "depth", "top_k"), default_model.default_tree(device or "cpu")))
-            config = {**shape, **config}
         elif isinstance(target, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,7 +241,7 @@ class TreeSpecDecoder:
         c = self.config
         return (
             f"TreeSpecDecoder(target={type(self.target).__name__}, total_tokens={c.total_tokens}, "
-            f"depth={c.depth}, top_k={c.top_k}, max_length={c.max_length})"
+            f"depth={c.depth}, top_k={c.top_k}, adaptive={c.adaptive}, max_length={c.max_length})"
         )
 
     # ------------------------------------------------------------------ buffers
@@ -518,22 +541,30 @@ class TreeSpecDecoder:
                                         stats, epoch)
             return
         # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L.
-        pend_feats = feats
-        pend_tokens = torch.cat([input_ids[:, 1:], root[:, None]], dim=1)
-        pend_n = [length] * batch  # valid catch-up rows per sequence
-        last_row = None  # [B] index of each sequence's last valid catch-up row (None: the last)
+        pending = _Pending(batch)
+        pending.add(feats, torch.cat([input_ids[:, 1:], root[:, None]], dim=1), [length] * batch)
         stats.other_s += time.perf_counter() - t_verify
         yield chunks
         t_mark = time.perf_counter()
         first_catchup = True
         cfg = self.config
-        K, T = cfg.top_k, cfg.total_tokens
+        K = cfg.top_k
         head = self.draft
-        hidden = head.hidden_size
+        policy = self._policy(batch) if cfg.adaptive else None
+        self.last_policy = policy
         while any(active):
             self._check_epoch(epoch)
-            # ---------------- draft: catch-up, root expansion, D expansions, build
+            if policy is not None and policy.plain_due > 0:
+                # Backoff: drafting has not paid lately. A plain step; its pair waits for the
+                # next catch-up, which takes all the pending pairs in one draft forward.
+                root = yield from self._plain_round(root, pending, active, budgets, temperature, top_p, top_k,
+                                                    eos, generator, stats)
+                policy.take_plain_step()
+                t_mark = time.perf_counter()
+                continue
+            # ---------------- draft: catch-up, root expansion, expansions, build
             stable = dc.host_lengths
+            pend_feats, pend_tokens, pend_n = pending.take(active)
             n = pend_tokens.shape[1]
             with torch.no_grad():
                 if first_catchup:
@@ -541,22 +572,32 @@ class TreeSpecDecoder:
                     first_catchup = False
                 else:
                     # Rows past a sequence's own count are padding: later slots, never visible.
-                    mask = self._chain[:n].unsqueeze(0).expand(batch, n, -1)
+                    mask = self._chain_mask(n).unsqueeze(0).expand(batch, n, -1)
                     positions = dc.lengths[:, None].to(torch.int64) + self._positions[:n]
                     hs = head.tree_step(pend_feats, pend_tokens, positions, dc, stable, mask, n, backend,
                                         from_target=True)
-                if last_row is None:
-                    h_parent = hs[:, -1:]  # [B, 1, H]
-                else:
-                    h_parent = hs.gather(1, last_row.view(batch, 1, 1).expand(batch, 1, hidden))
+                last = torch.tensor([max(c - 1, 0) for c in pend_n], device=hs.device)
+                h_parent = hs.gather(1, last.view(batch, 1, 1).expand(batch, 1, hs.shape[-1]))
                 # Stopped sequences keep their lengths (their tokens are discarded).
-                stable = [s + (pend_n[b] if active[b] else 0) for b, s in enumerate(stable)]
+                stable = [s + c for s, c in zip(stable, pend_n)]
                 dc.set_lengths(stable)
-                draft_tree = self._expand_and_build(
-                    h_parent, root, lambda j: [s + (j - 1) * K for s in stable], backend)
+                slots = lambda j: [s + (j - 1) * K for s in stable]  # noqa: E731
+                if policy is None:
+                    draft_tree, sizing = self._expand_and_build(h_parent, root, slots, backend), None
+                else:
+                    draft_tree, sizing = self._expand_adaptive(h_parent, root, slots, backend, policy, n,
+                                                               tc.host_lengths, active)
             self._sync()
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t_mark
+            if draft_tree is None:
+                # The policy chose n = 0: verifying any draft would not pay. Plain step.
+                t_mark = t_draft
+                root = yield from self._plain_round(root, pending, active, budgets, temperature, top_p, top_k,
+                                                    eos, generator, stats)
+                t_mark = time.perf_counter()
+                continue
+            T = draft_tree.tokens.shape[1]
 
             # ---------------- verify: one target forward over the tree, then acceptance
             prefix = tc.host_lengths
@@ -577,27 +618,53 @@ class TreeSpecDecoder:
             # ---------------- commit: compact KV, one host read, EOS / budget
             ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
             path_tokens = draft_tree.tokens.gather(1, path.clamp(min=0))
-            packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens], dim=1).tolist()
+            P = path.shape[1]
+            packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens, path], dim=1).tolist()
             pend_n = [row[0] for row in packed]
             proposals = [row[3 : 2 + row[0]] + [row[1]] for row in packed]
             was_active = list(active)
             tc.set_lengths([p + (a if was_active[b] else 0) for b, (p, a) in enumerate(zip(prefix, pend_n))])
+            if sizing is not None:
+                paths = [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None for b, row in enumerate(packed)]
+                sizing.record(policy, stats, paths)
             chunks = self._commit(proposals, active, budgets, eos, stats)
+            stats.tree_sizes.append(T)
             if any(active):
                 # Next catch-up: pairs (feature of path node i, token after it), i < accept_len;
                 # the token after the deepest node is the bonus.
                 a_max = max(pend_n)
                 sel = path[:, :a_max].clamp(min=0)
-                pend_feats = feats.gather(1, sel[:, :, None].expand(batch, a_max, feats.shape[-1]))
                 toks = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
                 toks.scatter_(1, (alen - 1).view(batch, 1), bonus.view(batch, 1))
-                pend_tokens = toks[:, :a_max]
-                last_row = None if batch == 1 else (alen - 1).view(batch)
+                pending.add(feats.gather(1, sel[:, :, None].expand(batch, a_max, feats.shape[-1])),
+                            toks[:, :a_max], pend_n)
                 root = bonus.view(batch)
             t_mark = time.perf_counter()
             stats.other_s += t_mark - t_verify
             yield chunks
             t_mark = time.perf_counter()
+
+    def _plain_round(self, root, pending, active, budgets, temperature, top_p, top_k, eos, generator, stats):
+        """One plain step inside the speculative loop: the target over the root alone (the
+        tree of one node). Its pair (feature of the root, next token) joins the pending
+        catch-up. Yields the round's chunks; returns the next root."""
+        t0 = time.perf_counter()
+        tc, ad = self._tcache, self._adapter
+        batch = root.shape[0]
+        prefix = tc.host_lengths
+        ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, self._one_mask, 1, self.config.backend)
+        logits, feats = ad.forward(root.view(batch, 1), tc.lengths.to(torch.int64).view(batch, 1), ctx)
+        counts = [1 if a else 0 for a in active]
+        tc.set_lengths([p + c for p, c in zip(prefix, counts)])
+        token = self._pick(logits[:, -1], temperature, top_p, top_k, generator)
+        pending.add(feats, token.view(batch, 1), counts)
+        t1 = time.perf_counter()
+        stats.verify_s += t1 - t0
+        chunks = self._commit([[t] for t in token.tolist()], active, budgets, eos, stats)
+        stats.tree_sizes.append(1)
+        stats.other_s += time.perf_counter() - t1
+        yield chunks
+        return token
 
     # ------------------------------------------------------------------ the static round
     @property
@@ -615,19 +682,24 @@ class TreeSpecDecoder:
             return "dynamic"
         return "graphs" if sr.graphs else f"eager ({sr.graph_error or 'cuda_graphs off'})"
 
-    def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None):
-        """Root expansion, the D expansion levels and ``tree_build``: the draft tree of a round.
+    def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None, sizer=None):
+        """Root expansion, the expansion levels and ``tree_build``: the draft tree of a round.
 
         ``h_parent`` [B, 1, H] is the draft feature of each sequence's last committed token and
         ``root`` [B] that token; the draft cache's lengths already count the catch-up rows.
         ``level_slots(j)`` gives the first draft-cache slot of level ``j`` (1-based): a host list
-        in the dynamic round, a device tensor in the static (graph-captured) one, whose trip
-        count and shapes are fixed by the config alone.
+        in the dynamic round, a device tensor in the static (graph-captured) one.
+
+        Without ``sizer`` the shape is the config's: D levels, T nodes; trip count and shapes
+        are fixed by the config alone (the static round captures this). With a
+        :class:`_Sizer` (the adaptive dynamic round) the sizer sees each level's scores on the
+        host, decides whether to expand further and how many nodes to keep; it may return
+        None (verify no draft: a plain step).
         """
         head, dc = self.draft, self._dcache
         K, D, T = self.config.top_k, self.config.depth, self.config.total_tokens
         d2t = head.draft_to_target
-        batch, hidden = h_parent.shape[0], head.hidden_size
+        batch, hidden = h_parent.shape[0], h_parent.shape[-1]
         ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
         cand_tokens, cand_scores, cand_parents = [ct.view(batch, K)], [cs.view(batch, K)], [self._root_parent]
         f_tokens = ct.view(batch, K).gather(1, ni)
@@ -637,7 +709,8 @@ class TreeSpecDecoder:
         f_mask = self._own_bits[0]
         base = K
         draft_pos = dc.lengths[:, None].to(torch.int64).expand(batch, K)
-        for j in range(1, D + 1):
+        j = 1
+        while j <= D and (sizer is None or sizer.keep_going(cand_scores[-1], f_scores, j - 1)):
             hs = head.tree_step(f_feats, f_tokens, draft_pos + (j - 1), dc, level_slots(j), f_mask, j * K, backend)
             ct, cs, ni, ns = ops.tree_expand(head.logits(hs), f_scores, K, d2t, backend=backend)
             cand_tokens.append(ct.view(batch, K * K))
@@ -651,10 +724,54 @@ class TreeSpecDecoder:
                 f_feats = hs.gather(1, rows[:, :, None].expand(batch, K, hidden))
                 f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
             base += K * K
+            j += 1
+        if sizer is not None:
+            T = sizer.size(cand_scores[-1], j - 1)
+            if T is None:
+                return None
         return ops.tree_build(
             torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), root, T,
             backend=backend, error_flag=error_flag,
         )
+
+    def _expand_adaptive(self, h_parent, root, level_slots, backend, policy, catchup_rows, prefix, active):
+        """The adaptive round's draft tree (or None for a plain step) and its sizer."""
+        sizer = _Sizer(policy, catchup_rows, max(prefix), active)
+        tree = self._expand_and_build(h_parent, root, level_slots, backend, sizer=sizer)
+        return tree, (None if tree is None else sizer)
+
+    # ------------------------------------------------------------------ the cost model
+    def cost_model(self, batch: int = 1, remeasure: bool = False, progress=None):
+        """The :class:`~eagle2_kernels.runtime.costmodel.CostModel` the adaptive policy uses for
+        ``batch`` sequences: the one given to the constructor, else measured on this machine on
+        first use and cached on disk (``remeasure=True`` times it again)."""
+        from eagle2_kernels.runtime import costmodel
+
+        if self._cost_model is not None and not remeasure:
+            return self._cost_model
+        cm = self._cost_models.get(batch)
+        if cm is None or remeasure:
+            cm = self._cost_models[batch] = costmodel.load(self, batch=batch, remeasure=remeasure, progress=progress)
+        return cm
+
+    def _policy(self, batch: int):
+        from eagle2_kernels.runtime.policy import RoundPolicy
+
+        cfg = self.config
+        return RoundPolicy(self.cost_model(batch), cfg.total_tokens - 1, cfg.depth, cfg.top_k)
+
+    def _chain_mask(self, n: int) -> torch.Tensor:
+        """[n, ceil(n/32)] int32: row i sees rows 0..i (the catch-up's causal mask)."""
+        if n <= self._chain.shape[0]:
+            return self._chain[:n, : (n + 31) // 32]
+        mask = self._chain_masks.get(n)
+        if mask is None:
+            words = torch.zeros(n, (n + 31) // 32, dtype=torch.int64)
+            for i in range(n):
+                for j in range(i + 1):
+                    words[i, j // 32] |= 1 << (j % 32)
+            mask = self._chain_masks[n] = _as_int32_words(words).to(self._adapter.device)
+        return mask
 
     def _static_round(self, batch: int):
         from eagle2_kernels.runtime.graphs import StaticRound
@@ -800,6 +917,105 @@ class TreeSpecDecoder:
             chunks = self._commit(proposals, active, budgets, eos, stats)
             stats.other_s += time.perf_counter() - t1
             yield chunks
+
+
+class _Pending:
+    """Catch-up pairs the draft has not seen yet, in chunks (a tree round's accepted path, the
+    plain steps after it). ``take`` joins them so each sequence's valid rows come first."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+
+    def add(self, feats: torch.Tensor, tokens: torch.Tensor, counts: list[int]) -> None:
+        """feats [B, r, F], tokens [B, r]; sequence b has ``counts[b]`` valid leading rows."""
+        self.chunks.append((feats, tokens, list(counts)))
+
+    def take(self, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(feats [B, n, F], tokens [B, n], valid rows per sequence; 0 for stopped ones)."""
+        chunks, self.chunks = self.chunks, []
+        totals = [sum(c[2][b] for c in chunks) if active[b] else 0 for b in range(self.batch)]
+        if len(chunks) == 1:
+            return chunks[0][0], chunks[0][1], totals
+        feats = torch.cat([c[0] for c in chunks], dim=1)
+        tokens = torch.cat([c[1] for c in chunks], dim=1)
+        widths = [c[1].shape[1] for c in chunks]
+        if all(c[2][b] == w for c, w in zip(chunks, widths) for b in range(self.batch)):
+            return feats, tokens, totals
+        # Ragged: gather each sequence's valid rows to the front (padding repeats its last one).
+        n = max(max(totals), 1)
+        index = torch.zeros(self.batch, n, dtype=torch.int64)
+        for b in range(self.batch):
+            rows, offset = [], 0
+            for c, w in zip(chunks, widths):
+                rows.extend(range(offset, offset + c[2][b]))
+                offset += w
+            rows = rows or [0]
+            index[b] = torch.tensor(rows + [rows[-1]] * (n - len(rows)))
+        index = index.to(tokens.device)
+        feats = feats.gather(1, index[:, :, None].expand(self.batch, n, feats.shape[-1]))
+        return feats, tokens.gather(1, index), totals
+
+
+class _Sizer:
+    """Host side of one adaptive round: collects each level's candidate scores, asks the
+    :class:`RoundPolicy` whether to expand further and how many nodes to verify, and after
+    verification reports predicted vs accepted nodes. The draft seconds it charges come from
+    the cost model (so the choice is reproducible), not from a clock."""
+
+    def __init__(self, policy, catchup_rows: int, prefix: int, active: list[bool]):
+        self.policy = policy
+        self.base_s = policy.costs.draft(catchup_rows)  # catch-up forward + root expansion
+        self.prefix = prefix
+        self.active = [b for b, a in enumerate(active) if a]
+        self.scores: list[list[float]] = [[] for _ in active]  # candidate order, as tree_build
+        self.levels_absorbed = 0
+        self.n = 0
+
+    def _absorb(self, level_scores: torch.Tensor) -> None:
+        rows = level_scores.tolist()
+        for b in self.active:
+            self.scores[b].extend(rows[b])
+        self.levels_absorbed += 1
+
+    def _draft_s(self, levels: int) -> float:
+        return self.base_s + levels * self.policy.step_seconds(self.policy.top_k)
+
+    def _top(self) -> list[list[float]]:
+        from eagle2_kernels.runtime.policy import top_probs
+
+        return top_probs([self.scores[b] for b in self.active], self.policy.max_nodes)
+
+    def keep_going(self, level_scores, frontier_scores, levels_done: int) -> bool:
+        self._absorb(level_scores)
+        f = frontier_scores.tolist()
+        mass = sum(math.exp(x) for b in self.active for x in f[b])
+        return self.policy.keep_expanding(self._top(), mass, self._draft_s(levels_done), levels_done, self.prefix)
+
+    def size(self, level_scores, levels_done: int) -> int | None:
+        """T for tree_build (n + 1), or None for a plain step."""
+        if self.levels_absorbed < levels_done + 1:
+            self._absorb(level_scores)
+        choice = self.policy.choose(self._top(), self._draft_s(levels_done), self.prefix, levels_done)
+        self.n = choice.n
+        return None if choice.n == 0 else choice.n + 1
+
+    def record(self, policy, stats, paths: list[list[int] | None]) -> None:
+        """``paths[b]``: accepted drafted node indices of sequence b (root excluded)."""
+        predicted, accepted = 0.0, 0
+        for b in self.active:
+            if paths[b] is None:
+                continue
+            row = self.scores[b]
+            # tree_build keeps the n best (ties: lower index) and numbers them in candidate order.
+            kept = sorted(sorted(range(len(row)), key=lambda i: (-row[i], i))[: self.n])
+            on_path = set(paths[b])
+            for node, c in enumerate(kept, start=1):
+                p = math.exp(row[c])
+                predicted += p
+                stats.reliability.add(p, node in on_path)
+            accepted += len(paths[b])
+        policy.record(predicted, accepted)
 
 
 def _as_int32_words(words: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
+
+
+RELIABILITY_EDGES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0 + 1e-9)
+
+
+@dataclass
+class Reliability:
+    """Predicted vs actual acceptance of verified draft nodes, per bin of path probability
+    exp(score): ``nodes[i]``, ``predicted[i]`` (sum of p) and ``accepted[i]`` for the bin
+    [edges[i], edges[i+1]). A calibrated draft has accepted ~ predicted in every bin."""
+
+    edges: tuple[float, ...] = RELIABILITY_EDGES
+    nodes: list[int] = field(default_factory=lambda: [0] * (len(RELIABILITY_EDGES) - 1))
+    predicted: list[float] = field(default_factory=lambda: [0.0] * (len(RELIABILITY_EDGES) - 1))
+    accepted: list[int] = field(default_factory=lambda: [0] * (len(RELIABILITY_EDGES) - 1))
+
+    def add(self, p: float, was_accepted: bool) -> None:
+        i = max(0, min(len(self.nodes) - 1, bisect.bisect_right(self.edges, p) - 1))
+        self.nodes[i] += 1
+        self.predicted[i] += p
+        self.accepted[i] += int(was_accepted)
+
+    def merge(self, other: "Reliability") -> None:
+        for i in range(len(self.nodes)):
+            self.nodes[i] += other.nodes[i]
+            self.predicted[i] += other.predicted[i]
+            self.accepted[i] += other.accepted[i]
+
+    def as_dict(self) -> dict:
+        return {"edges": [round(e, 6) for e in self.edges], "nodes": list(self.nodes),
+                "predicted": [round(p, 4) for p in self.predicted], "accepted": list(self.accepted)}
 
 
 @dataclass
@@ -25,6 +57,10 @@ class DecodeStats:
             the static round (runtime/graphs.py) also KV compaction and the device-side commit.
         other_s: the rest of the call (KV compaction in the dynamic round, bookkeeping,
             output assembly).
+        tree_sizes: tree nodes verified per round after the prefill, root included (1 = a
+            plain step chosen by the adaptive policy); empty for plain decoding.
+        reliability: predicted vs actual acceptance of verified nodes by probability bin
+            (adaptive dynamic round only).
     """
 
     rounds: int = 0
@@ -33,6 +69,8 @@ class DecodeStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     other_s: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)
+    reliability: Reliability = field(default_factory=Reliability)
 
     @property
     def mean_accept_length(self) -> float:
@@ -57,6 +95,8 @@ class DecodeStats:
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
             "other_s": self.other_s,
+            "tree_sizes": list(self.tree_sizes),
+            "reliability": self.reliability.as_dict(),
         }
 
     def __repr__(self) -> str:

@@ -1,0 +1,386 @@
+"""A measured cost model of the machine a decoder runs on.
+
+The best draft tree depends on how the target's forward cost grows with the number of new
+tokens n on *this* hardware: flat up to a knee on a GPU, nearly flat on a CPU with native bf16
+matmul (AVX-512-BF16 / AMX), linear on one without (bf16 emulated), a step at n = 2 in fp32
+(GEMV -> GEMM). No fixed tree shape is right everywhere, so the decoder times the pieces of a
+round where it runs and sizes every round from these times (``runtime/policy.py``).
+
+:class:`CostModel` holds seconds of
+    target forward over n new tokens (n on a grid up to ``n_max``) at a short and a long prefix,
+    one draft step (head forward + lm_head + top-k) over k rows (k on a grid),
+    the fixed per-round overhead of building, verifying and committing a tree,
+and interpolates between grid points. :func:`measure` times them for a decoder; :func:`load`
+returns the cached measurement for the same (model, head, dtype, device, CPU, threads, torch,
+batch) from disk, measuring on first use. Cache: ``$EAGLE2_KERNELS_CACHE/costs`` (default
+``~/.cache/eagle2_kernels/costs``), one JSON file per key.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["CostModel", "machine_info", "cost_key", "measure", "load", "cache_path"]
+
+SCHEMA = 2
+# Forward sizes timed (clipped to n_max): dense where curves bend, sparse where they are linear.
+_N_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
+_K_GRID = (1, 2, 4, 8, 16, 32)
+
+
+def _interp(grid: Sequence[int], values: Sequence[float], x: float) -> float:
+    """Piecewise-linear in x over an increasing grid; linear extrapolation past its ends."""
+    if len(grid) == 1:
+        return float(values[0]) * max(x, 1) / grid[0]
+    i = bisect.bisect_left(grid, x)
+    i = min(max(i, 1), len(grid) - 1)
+    x0, x1 = grid[i - 1], grid[i]
+    y0, y1 = values[i - 1], values[i]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return max(float(y), float(min(values)))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of the pieces of a speculative round on one machine, for one batch size.
+
+    Attributes:
+        n_grid: forward sizes timed (new tokens per sequence), increasing, starting at 1.
+        target_short_s: target forward over each ``n_grid`` size at ``short_prefix`` cached tokens.
+        target_long_s: the same at ``long_prefix`` (equal to short when only one was timed).
+        short_prefix, long_prefix: the prefix lengths of the two curves.
+        k_grid: draft rows timed.
+        draft_step_s: one draft step (head forward + lm_head + tree_expand) over each ``k_grid``
+            row count: the catch-up, the root expansion and every expansion level cost one.
+        round_overhead_s: tree_build + verify + KV compaction + host bookkeeping of a round,
+            on top of the target forward (a plain step pays none of it).
+        info: what the measurement was made for (machine, model, dtype, batch, ...).
+
+    Example::
+
+        cm = CostModel.synthetic([0.042, 0.053, 0.070, 0.092])   # t(1..4), seconds
+        cm.target(3), cm.draft(4)
+    """
+
+    n_grid: tuple[int, ...]
+    target_short_s: tuple[float, ...]
+    target_long_s: tuple[float, ...]
+    short_prefix: int
+    long_prefix: int
+    k_grid: tuple[int, ...]
+    draft_step_s: tuple[float, ...]
+    round_overhead_s: float = 0.0
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for name in ("n_grid", "k_grid"):
+            grid = getattr(self, name)
+            if not grid or grid[0] < 1 or any(b <= a for a, b in zip(grid, grid[1:])):
+                raise ValueError(f"CostModel: {name} must be increasing positive ints, got {grid}")
+        for name, grid in (("target_short_s", self.n_grid), ("target_long_s", self.n_grid),
+                           ("draft_step_s", self.k_grid)):
+            vals = getattr(self, name)
+            if len(vals) != len(grid) or any(not (v >= 0.0) for v in vals):
+                raise ValueError(f"CostModel: {name} needs {len(grid)} values >= 0, got {vals}")
+        if self.long_prefix < self.short_prefix:
+            raise ValueError("CostModel: long_prefix must be >= short_prefix")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_max(self) -> int:
+        return self.n_grid[-1]
+
+    def target(self, n: int, prefix: int | None = None) -> float:
+        """Seconds of one target forward over ``n`` new tokens at ``prefix`` cached tokens
+        (linear in the prefix between the two measured curves, clamped below at the short one)."""
+        short = _interp(self.n_grid, self.target_short_s, n)
+        if prefix is None or self.long_prefix == self.short_prefix:
+            return short
+        long = _interp(self.n_grid, self.target_long_s, n)
+        w = (prefix - self.short_prefix) / (self.long_prefix - self.short_prefix)
+        return max(short + w * (long - short), min(short, long))
+
+    def draft(self, rows: int) -> float:
+        """Seconds of one draft step over ``rows`` rows."""
+        return _interp(self.k_grid, self.draft_step_s, rows)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def synthetic(cls, target_s: Sequence[float], draft_s: float | Sequence[float] = 0.0,
+                  round_overhead_s: float = 0.0, n_grid: Sequence[int] | None = None,
+                  k_grid: Sequence[int] | None = None, info: dict | None = None) -> "CostModel":
+        """A cost model from given numbers (tests, or a curve measured elsewhere).
+
+        ``target_s[i]`` is the forward over ``n_grid[i]`` tokens (default n = 1, 2, ...);
+        ``draft_s`` one step's seconds (a constant) or one per ``k_grid`` entry.
+        """
+        n_grid = tuple(range(1, len(target_s) + 1)) if n_grid is None else tuple(n_grid)
+        if isinstance(draft_s, (int, float)):
+            k_grid, draft_s = (1,), (float(draft_s),)
+        else:
+            k_grid = tuple(range(1, len(draft_s) + 1)) if k_grid is None else tuple(k_grid)
+        t = tuple(float(x) for x in target_s)
+        return cls(n_grid=n_grid, target_short_s=t, target_long_s=t, short_prefix=0, long_prefix=0,
+                   k_grid=tuple(k_grid), draft_step_s=tuple(float(x) for x in draft_s),
+                   round_overhead_s=float(round_overhead_s), info=dict(info or {"source": "synthetic"}))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["schema"] = SCHEMA
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"cost model schema {d.get('schema')!r} is not {SCHEMA}")
+        fields = {k: d[k] for k in ("short_prefix", "long_prefix", "round_overhead_s", "info")}
+        for k in ("n_grid", "target_short_s", "target_long_s", "k_grid", "draft_step_s"):
+            fields[k] = tuple(d[k])
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """A short table: t(n) in ms at both prefixes, draft step in ms."""
+        ns = " ".join(f"{n:>6d}" for n in self.n_grid)
+        ts = " ".join(f"{1e3 * t:6.1f}" for t in self.target_short_s)
+        tl = " ".join(f"{1e3 * t:6.1f}" for t in self.target_long_s)
+        ks = ", ".join(f"{k}: {1e3 * s:.2f}" for k, s in zip(self.k_grid, self.draft_step_s))
+        return (f"target forward (ms)  n = {ns}\n"
+                f"  prefix {self.short_prefix:>5d}          {ts}\n"
+                f"  prefix {self.long_prefix:>5d}          {tl}\n"
+                f"draft step (ms) by rows: {ks}; round overhead {1e3 * self.round_overhead_s:.2f} ms")
+
+
+# ---------------------------------------------------------------------------------- the machine
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """CPU model and the matmul-relevant flags, threads, torch version, accelerator name."""
+    device = torch.device(device)
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    info = {
+        "cpu": cpu,
+        "cpu_flags": [f for f in keep if f in flags],
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_bf16" in flags,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cost_key(decoder, batch: int) -> dict:
+    """Everything a measurement depends on, as a JSON-able dict (its hash names the file)."""
+    ad, head = decoder._adapter, decoder.draft
+    cfg = ad.model.config
+    try:
+        model_cfg = cfg.to_json_string(use_diff=False)
+    except Exception:  # an unusual config class: its repr still pins the architecture
+        model_cfg = repr(cfg)
+    head_desc = [type(head).__name__, head.hidden_size, head.draft_vocab_size, head.num_kv_heads,
+                 head.head_dim, getattr(head, "target_feature_size", head.hidden_size)]
+    return {
+        "model": hashlib.sha1(model_cfg.encode()).hexdigest()[:16],
+        "head": head_desc,
+        "dtype": str(ad.dtype),
+        "batch": int(batch),
+        "backend": decoder.config.backend,
+        "top_k": decoder.config.top_k,
+        "n_max": decoder.config.total_tokens,
+        **machine_info(ad.device),
+    }
+
+
+def cache_path(key: dict) -> Path:
+    from eagle2_kernels.models.default import cache_dir
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "costs" / f"{digest}.json"
+
+
+# ---------------------------------------------------------------------------------- measuring
+def _monotone(values: Sequence[float]) -> list[float]:
+    """t(n) <= t(m) for n < m (a forward over fewer tokens can always pad to more): clip each
+    value to the minimum at or after it, which removes upward noise at small n."""
+    out, low = [], float("inf")
+    for v in reversed(values):
+        low = min(low, v)
+        out.append(low)
+    return out[::-1]
+
+
+def _timed(fn, reps: int, sync) -> float:
+    """Min over ``reps`` timed calls after one warm-up (the noise on a shared CPU only adds)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int = 64,
+            long_prefix: int = 512, reps: int = 5, progress=None) -> CostModel:
+    """Time the pieces of a round for ``decoder`` on its device, for ``batch`` sequences.
+
+    Runs target forwards over n = 1..n_max new tokens (on a grid) with our tree attention at a
+    short and a long prefix, draft steps over 1..max(K, D+2) rows, and one round's tree
+    bookkeeping, all over scratch caches (the decoder's own are untouched). A few seconds on
+    a small CPU model. ``progress(done, total)`` is called after every timing when given.
+    """
+    from eagle2_kernels import ops
+    from eagle2_kernels.cache import StaticKVCache
+    from eagle2_kernels.models.target import DecodeContext
+
+    ad, head, cfg = decoder._adapter, decoder.draft, decoder.config
+    dev, dtype = ad.device, ad.dtype
+    n_max = int(n_max or cfg.total_tokens)
+    limit = ad.max_positions or (long_prefix + n_max + 1)
+    long_prefix = max(min(long_prefix, limit - n_max - 1), 1)
+    short_prefix = max(min(short_prefix, long_prefix), 1)
+    n_grid = tuple(n for n in _N_GRID if n < n_max) + (n_max,)
+    k_top = max(cfg.top_k, cfg.depth + 2)
+    k_grid = tuple(k for k in _K_GRID if k < k_top) + (k_top,)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    total = 2 * reps + len(k_grid) + 1
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab = ad.vocab_size
+    tc = ad.new_cache(batch, long_prefix + n_max + 1)
+    chain = torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))
+    words = (n_max + 31) // 32
+    bits = torch.zeros(n_max, words, dtype=torch.int64)
+    for j in range(n_max):
+        bits[:, j // 32] |= chain[:, j].to(torch.int64) << (j % 32)
+    mask = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).to(dev)
+    backend = cfg.backend
+
+    def target_curve(prefix: int) -> list[float]:
+        # Sweep the grid ``reps`` times and keep each size's minimum: a burst of noise from
+        # another process then spoils one sample of several sizes, not every sample of one.
+        tc.set_length(prefix)
+        calls = []
+        for n in n_grid:
+            ids = torch.randint(0, vocab, (batch, n), generator=gen).to(dev)
+            pos = (prefix + torch.arange(n)).to(dev).expand(batch, n)
+            m = mask[:n, : (n + 31) // 32].unsqueeze(0).expand(batch, n, -1).contiguous()
+            ctx = DecodeContext(tc, prefix, m, n, backend)
+            calls.append(lambda ids=ids, pos=pos, ctx=ctx: ad.forward(ids, pos, ctx))
+        for call in calls:  # warm-up: first calls of a shape build kernels / allocate
+            call()
+        best = [float("inf")] * len(calls)
+        for _ in range(reps):
+            for i, call in enumerate(calls):
+                sync()
+                t0 = time.perf_counter()
+                call()
+                sync()
+                best[i] = min(best[i], time.perf_counter() - t0)
+            tick()
+        return _monotone(best)
+
+    with torch.no_grad():
+        short = target_curve(short_prefix)
+        long = target_curve(long_prefix) if long_prefix > short_prefix else list(short)
+        short = [min(a, b) for a, b in zip(short, long)]  # a shorter prefix is never slower
+
+        # Draft steps over k rows: head forward with tree attention, lm_head, tree_expand.
+        H = head.hidden_size
+        dc = StaticKVCache(1, batch, head.num_kv_heads, short_prefix + 2 * k_top + 1, head.head_dim, dtype, dev)
+        dc.set_length(short_prefix)
+        K = cfg.top_k
+        draft = []
+        for k in k_grid:
+            feats = torch.randn(batch, k, H, generator=gen).to(device=dev, dtype=dtype)
+            toks = torch.randint(0, vocab, (batch, k), generator=gen).to(dev)
+            pos = torch.full((batch, k), short_prefix, dtype=torch.int64, device=dev)
+            m = mask[:k, : (k + 31) // 32].unsqueeze(0).expand(batch, k, -1).contiguous()
+            parent = torch.zeros(batch, k, dtype=torch.float32, device=dev)
+
+            def step():
+                hs = head.tree_step(feats, toks, pos, dc, [short_prefix] * batch, m, k, backend)
+                return ops.tree_expand(head.logits(hs), parent, min(K, head.draft_vocab_size),
+                                       head.draft_to_target, backend=backend)
+
+            draft.append(_timed(step, reps, sync))
+            tick()
+
+        # Round overhead: tree_build over the full candidate set, verify, compaction.
+        C = cfg.num_candidates
+        T = min(cfg.total_tokens, C + 1)
+        scores = -torch.rand(batch, C, generator=gen).to(dev).cumsum(1)
+        cand = torch.randint(0, vocab, (batch, C), generator=gen).to(dev)
+        parents = torch.full((batch, C), -1, dtype=torch.int64, device=dev)
+        root = torch.zeros(batch, dtype=torch.int64, device=dev)
+        logits = torch.randn(batch, T, vocab, generator=gen).to(device=dev, dtype=dtype)
+        tc.set_length(short_prefix)
+
+        def overhead():
+            tree = ops.tree_build(cand, scores, parents, root, T, backend=backend)
+            path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
+            ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
+            return torch.cat([alen.view(batch, 1), bonus.view(batch, 1)], 1).tolist()
+
+        over = _timed(overhead, reps, sync)
+        tick()
+    info = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **cost_key(decoder, batch)}
+    return CostModel(n_grid=n_grid, target_short_s=tuple(short), target_long_s=tuple(long),
+                     short_prefix=short_prefix, long_prefix=long_prefix, k_grid=k_grid,
+                     draft_step_s=tuple(draft), round_overhead_s=over, info=info)
+
+
+def load(decoder, batch: int = 1, remeasure: bool = False, progress=None) -> CostModel:
+    """The cost model of ``decoder`` for ``batch``: from the on-disk cache when one was
+    measured for the same key, else measured now and written there (``remeasure`` forces it).
+    The cache write is atomic (temporary file + rename); an unwritable cache only warns."""
+    key = cost_key(decoder, batch)
+    path = cache_path(key)
+    if not remeasure and path.is_file():
+        try:
+            cm = CostModel.from_json(json.loads(path.read_text()))
+            if cm.info.get("key") == key:
+                return cm
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            pass  # stale or damaged: measure again
+    cm = measure(decoder, batch=batch, progress=progress)
+    cm = CostModel(**{**{f: getattr(cm, f) for f in cm.__dataclass_fields__}, "info": {**cm.info, "key": key}})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cm.to_json(), indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        import warnings
+
+        warnings.warn(f"could not cache the cost model at {path}: {exc}", stacklevel=2)
+    return cm
