@@ -1,4 +1,4 @@
-"""Shared pieces of the paged ops: block-table checks and the logical -> physical slot map.
+"""Shared input checks of the paged ops (block tables, per-sequence index vectors).
 
 A paged KV pool holds pages of ``page_size`` token slots; sequence b's logical position ``pos``
 lives in page ``block_table[b, pos // page_size]`` at slot ``pos % page_size`` (vLLM's block
@@ -40,32 +40,3 @@ def check_block_table(fn: str, block_table, B: int, device, name: str = "block_t
     if block_table.device != device:
         raise ValueError(f"{fn}: {name} is on {block_table.device}, expected {device}")
 
-
-def physical_slots(
-    fn: str,
-    block_row: torch.Tensor,
-    positions: torch.Tensor,
-    page_size: int,
-    num_blocks: int,
-    seq: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(page, slot) int64 of the logical ``positions`` of one sequence (its block-table row);
-    ValueError when a position lies past the row or maps to a page outside the pool."""
-    positions = positions.to(torch.int64)
-    if positions.numel() == 0:
-        return positions, positions
-    lo, hi = int(positions.min()), int(positions.max())
-    if lo < 0 or hi >= block_row.numel() * page_size:
-        raise ValueError(
-            f"{fn}: sequence {seq} needs logical positions {lo}..{hi}, but its block-table row "
-            f"holds {block_row.numel()} pages of {page_size} slots"
-        )
-    pages = block_row.to(torch.int64)[positions // page_size]
-    bad = (pages < 0) | (pages >= num_blocks)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise ValueError(
-            f"{fn}: sequence {seq}, logical position {int(positions[i])} maps to page "
-            f"{int(pages[i])}, outside the pool's {num_blocks} pages"
-        )
-    return pages, positions % page_size

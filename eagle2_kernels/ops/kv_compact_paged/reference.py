@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels.ops._paged import physical_slots
-
 _NAME = "kv_compact_paged"
 
 
@@ -28,28 +26,54 @@ def kv_compact_paged(
     Returns:
         ``kv_pages`` itself, after: for each b and j < accept_len[b], the physical slot of
         logical prefix_len[b] + j holds (in every n and head) what the slot of logical
-        prefix_len[b] + path[b, j] held before the call. Sources are read before any
-        destination is written; all other slots are unchanged.
+        prefix_len[b] + path[b, j] held before the call. All sources are gathered (a copy)
+        before any destination is written; all other slots are unchanged.
     """
-    N, num_blocks, page_size = kv_pages.shape[:3]
-    T = path.shape[1]
-    for b in range(path.shape[0]):
-        accepted = int(accept_len[b])
-        prefix = int(prefix_len[b])
-        if not 0 <= accepted <= T:
-            raise ValueError(f"{_NAME}: accept_len[{b}]={accepted} is not in [0, T={T}]")
-        if accepted == 0:
-            continue
-        nodes = path[b, :accepted].to(torch.int64)
-        if int(nodes.min()) < 0 or prefix < 0:
-            raise ValueError(
-                f"{_NAME}: sequence {b}: prefix_len={prefix}, path[:{accepted}]={nodes.tolist()} "
-                "(negative entries, e.g. -1 padding, inside the accepted part)"
-            )
-        dst = prefix + torch.arange(accepted, device=kv_pages.device)
-        s_page, s_slot = physical_slots(_NAME, block_table[b], prefix + nodes, page_size,
-                                        num_blocks, b)
-        d_page, d_slot = physical_slots(_NAME, block_table[b], dst, page_size, num_blocks, b)
-        rows = kv_pages[:, s_page, s_slot]  # [N, a, Hkv, Dh], a copy: read before any write
-        kv_pages[:, d_page, d_slot] = rows
+    num_blocks, page_size = kv_pages.shape[1], kv_pages.shape[2]
+    B, T = path.shape
+    accept = accept_len.to(torch.int64)
+    prefix = prefix_len.to(torch.int64)
+    bad = (accept < 0) | (accept > T)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{_NAME}: accept_len[{b}]={int(accept[b])} is not in [0, T={T}]")
+    j = torch.arange(T, device=path.device)
+    valid = j[None, :] < accept[:, None]  # [B, T]: the accepted entries
+    nodes = path.to(torch.int64)
+    bad = (valid & (nodes < 0)).any(1) | (prefix < 0)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{_NAME}: sequence {b}: prefix_len={int(prefix[b])}, "
+            f"path[:{int(accept[b])}]={nodes[b, : int(accept[b])].tolist()} (negative entries, "
+            "e.g. -1 padding, inside the accepted part)"
+        )
+    seq = torch.arange(B, device=path.device)[:, None].expand(B, T)[valid]
+    src = (prefix[:, None] + nodes)[valid]
+    dst = (prefix[:, None] + j)[valid]
+    s_page, s_slot = _physical(block_table, seq, src, page_size, num_blocks)
+    d_page, d_slot = _physical(block_table, seq, dst, page_size, num_blocks)
+    rows = kv_pages[:, s_page, s_slot]  # [N, moves, Hkv, Dh], a copy: read before any write
+    kv_pages[:, d_page, d_slot] = rows
     return kv_pages
+
+
+def _physical(table, seq, pos, page_size, num_blocks):
+    """(page, slot) of logical positions ``pos`` of sequences ``seq`` (flat), checked."""
+    entry = pos // page_size
+    bad = entry >= table.shape[1]
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{_NAME}: sequence {int(seq[i])} needs logical position {int(pos[i])}, but its "
+            f"block-table row holds {table.shape[1]} pages of {page_size} slots"
+        )
+    page = table.to(torch.int64)[seq, entry]
+    bad = (page < 0) | (page >= num_blocks)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{_NAME}: sequence {int(seq[i])}, logical position {int(pos[i])} maps to page "
+            f"{int(page[i])}, outside the pool's {num_blocks} pages"
+        )
+    return page, pos % page_size

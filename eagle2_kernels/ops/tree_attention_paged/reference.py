@@ -1,10 +1,10 @@
 """Pure-torch ``tree_attention_paged``: the specification.
 
-Gather each sequence's logical slots 0 .. prefix_len + tree_len - 1 out of the pages through
-its block-table row into a dense [1, Hkv, L, Dh] cache, then run the dense ``tree_attention``
-reference on it: the paged op is, by definition, the dense op on the gathered cache. It is
-also the CPU path (with the native dense kernel in place of the dense reference when the
-extension is built).
+Gather every sequence's logical slots 0 .. prefix_len + tree_len - 1 out of the pages through
+its block-table row into a dense [B, Hkv, L, Dh] cache (one advanced-indexing copy), then run
+the dense ``tree_attention`` on it: the paged op is, by definition, the dense op on the
+gathered cache. This is also the CPU path, with the native dense kernel in place of the dense
+reference when the extension is built.
 """
 
 from __future__ import annotations
@@ -13,21 +13,41 @@ from typing import Callable
 
 import torch
 
-from eagle2_kernels.ops._paged import physical_slots
 from eagle2_kernels.ops.tree_attention.reference import tree_attention as dense_reference
 
 _NAME = "tree_attention_paged"
 
 
 def gather_pages(
-    pages: torch.Tensor, block_row: torch.Tensor, length: int, seq: int = 0
+    pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    """Logical slots 0 .. length-1 of one sequence: pages [num_blocks, page_size, Hkv, Dh] ->
-    a dense [1, Hkv, length, Dh] copy."""
+    """Dense copy [B, Hkv, max(lengths), Dh] of each sequence's logical slots 0 .. lengths[b]-1.
+
+    Args:
+        pages: [num_blocks, page_size, Hkv, Dh].
+        block_table: [B, max_blocks] int32/int64.
+        lengths: [B] int64, each <= max_blocks * page_size.
+
+    Slots past a sequence's length read slot 0 of page 0 (any finite or non-finite value;
+    the dense op never reads past prefix_len + tree_len). ValueError when a used table entry
+    is outside [0, num_blocks).
+    """
+    B = block_table.shape[0]
     num_blocks, page_size = pages.shape[0], pages.shape[1]
-    positions = torch.arange(length, device=pages.device)
-    page, slot = physical_slots(_NAME, block_row, positions, page_size, num_blocks, seq)
-    return pages[page, slot].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, length, Dh]
+    L = int(lengths.max()) if B else 0
+    pos = torch.arange(L, device=pages.device)
+    used = pos[None, :] < lengths[:, None]  # [B, L]
+    entry = (pos // page_size).clamp(max=max(block_table.shape[1] - 1, 0)).expand(B, L)
+    page = block_table.to(torch.int64).gather(1, entry) if L else entry
+    bad = used & ((page < 0) | (page >= num_blocks))
+    if bool(bad.any()):
+        b, i = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{_NAME}: sequence {b}, logical position {i} maps to page {int(page[b, i])}, "
+            f"outside the pool's {num_blocks} pages"
+        )
+    page = torch.where(used, page, 0)
+    return pages[page, pos % page_size].permute(0, 2, 1, 3)  # [B, Hkv, L, Dh]
 
 
 def tree_attention_paged(
@@ -43,18 +63,18 @@ def tree_attention_paged(
 ) -> torch.Tensor:
     """Tree attention over a paged cache (shapes: see ``eagle2_kernels.ops.tree_attention_paged``).
 
-    ``dense`` is the dense ``tree_attention`` implementation run on each gathered sequence
-    (the reference by default; the CPU dispatch passes the native kernel).
+    ``dense`` is the dense ``tree_attention`` implementation run on the gathered cache (the
+    reference by default; the CPU dispatch passes the native kernel).
     """
-    B = q.shape[0]
-    out = torch.empty_like(q)
-    for b in range(B):
-        prefix = int(prefix_len[b])
-        if prefix < 0:
-            raise ValueError(f"{_NAME}: prefix_len[{b}]={prefix} is negative")
-        total = prefix + tree_len
-        k = gather_pages(k_pages, block_table[b], total, b)
-        v = gather_pages(v_pages, block_table[b], total, b)
-        p = torch.tensor([prefix], dtype=prefix_len.dtype, device=q.device)
-        out[b] = dense(q[b : b + 1], k, v, p, tree_mask[b : b + 1], tree_len, scale)[0]
-    return out
+    lengths = prefix_len.to(torch.int64) + tree_len
+    capacity = block_table.shape[1] * k_pages.shape[1]
+    if bool((prefix_len < 0).any()) or bool((lengths > capacity).any()):
+        b = int(torch.nonzero((prefix_len < 0) | (lengths > capacity))[0])
+        raise ValueError(
+            f"{_NAME}: sequence {b} needs logical positions 0..{int(lengths[b]) - 1} "
+            f"(prefix_len={int(prefix_len[b])}, tree_len={tree_len}), but its block-table row "
+            f"holds {block_table.shape[1]} pages of {k_pages.shape[1]} slots"
+        )
+    k = gather_pages(k_pages, block_table, lengths)
+    v = gather_pages(v_pages, block_table, lengths)
+    return dense(q, k, v, prefix_len, tree_mask, tree_len, scale)
