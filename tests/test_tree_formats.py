@@ -265,6 +265,25 @@ def test_flashinfer_custom_mask_matches_packbits_and_round_trips(name, prefixes,
     assert_same_tree(back, tree)
 
 
+def test_flashinfer_custom_mask_drives_attention_like_tree_attention():
+    # The unpacked custom_mask of request b, reshaped [T, P + T], as SDPA's boolean mask over
+    # the request's prefix + tree keys gives tree_attention's output.
+    tree = built_tree(B=2, T=12, seed=2)
+    prefixes = [5, 0]
+    mask, qk_ptr = tf.to_flashinfer_custom_mask(tree, prefixes, packed=False)
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Dh = 2, 12, 2, 8
+    q = torch.randn(B, H, T, Dh, generator=g)
+    k = torch.randn(B, H, max(prefixes) + T, Dh, generator=g)
+    v = torch.randn(B, H, max(prefixes) + T, Dh, generator=g)
+    want = ops.tree_attention(q, k, v, torch.tensor(prefixes), tree.mask, T, backend="reference")
+    for b, P in enumerate(prefixes):
+        m = mask[int(qk_ptr[b]): int(qk_ptr[b + 1])].view(T, P + T)
+        got = torch.nn.functional.scaled_dot_product_attention(
+            q[b], k[b, :, : P + T], v[b, :, : P + T], attn_mask=m)
+        torch.testing.assert_close(got, want[b], rtol=0, atol=1e-5)
+
+
 def test_flashinfer_little_bit_order_by_hand():
     # Root + one child, prefix 2: rows [1 1 1 0], [1 1 1 1] -> bits 0-2 and 4-7 -> 0b11110111.
     tree = make_tree([-1, 0], [4, 5])
