@@ -160,6 +160,19 @@ def test_public_input_checks(args, match):
         ops.kv_compact_paged(**kw, backend="reference")
 
 
+def test_torch_op_registration():
+    import eagle2_kernels  # noqa: F401  (registers the ops)
+
+    pool, table = make_pool(4, 2, 2, 8, [9, 6], 4, torch.float32, seed=3)
+    args = (table, torch.tensor([5, 2]), torch.tensor([[0, 2, -1], [0, 1, 3]]),
+            torch.tensor([2, 3]))
+    torch.library.opcheck(torch.ops.eagle2.kv_compact_paged.default, (pool.clone(), *args))
+    a, b = pool.clone(), pool.clone()
+    assert torch.ops.eagle2.kv_compact_paged(a, *args) is None
+    ops.kv_compact_paged(b, *args)
+    assert torch.equal(bits(a), bits(b)) and not torch.equal(bits(a), bits(pool))
+
+
 # ----------------------------------------------------------------------------- triton
 
 

@@ -156,6 +156,20 @@ def test_remapped_table_reads_what_kv_compact_paged_moves():
         assert torch.equal(via_table, via_moves)
 
 
+def test_torch_op_registration():
+    import eagle2_kernels  # noqa: F401  (registers the ops)
+
+    rng = random.Random(4)
+    t, _ = make_case(2, 5, 7, rng)
+    op = torch.ops.eagle2.remap_slots
+    rest = (t["prefix_len"], t["path"], t["accept_len"])
+    torch.library.opcheck(op.default, (t["req_to_token"].clone(), *rest), {"tree_len": 7})
+    a, b = t["req_to_token"].clone(), t["req_to_token"].clone()
+    for got, want in zip(op(a, *rest, 7), ops.remap_slots(b, *rest, 7)):
+        assert torch.equal(got, want)
+    assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- triton
 
 

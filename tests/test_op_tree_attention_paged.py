@@ -223,6 +223,18 @@ def test_public_input_checks(change, match):
         ops.tree_attention_paged(**args, backend="reference")
 
 
+def test_torch_op_registration():
+    # torch.ops.eagle2.tree_attention_paged: opcheck (schema, fake tensor, autograd
+    # registration) and the public op's result.
+    import eagle2_kernels  # noqa: F401  (registers the ops)
+
+    c = make_case(2, 4, 2, 3, 3, 8, [5, 2], 4, seed=4, parents=[[-1, 0, 1]] * 2)
+    args = paged_args(c)
+    op = torch.ops.eagle2.tree_attention_paged
+    torch.library.opcheck(op.default, (*args, 3), {"scale": 0.3})
+    assert torch.equal(op(*args, 3, 0.3), ops.tree_attention_paged(*args, 3, scale=0.3))
+
+
 # ----------------------------------------------------------------------------- triton
 
 # id, B, Hq, Hkv, Tq, T, Dh, prefixes, page_size, dtype, layout, launch overrides

@@ -15,6 +15,16 @@ without our Python wrappers or the ``DraftTree`` dataclass:
                                    top_p=1.0, top_k=0) -> (path, accept_len, bonus)
     torch.ops.eagle2.kv_compact(cache, prefix_len, path, accept_len) -> ()   # mutates cache
 
+and the paged ops for serving engines (``PAGED_OP_NAMES``):
+
+    torch.ops.eagle2.tree_attention_paged(q, k_pages, v_pages, block_table, prefix_len,
+                                          tree_mask, tree_len, scale=None) -> out
+    torch.ops.eagle2.kv_compact_paged(kv_pages, block_table, prefix_len, path, accept_len)
+        -> ()                                                            # mutates kv_pages
+    torch.ops.eagle2.remap_slots(req_to_token, prefix_len, path, accept_len, tree_len=None,
+                                 update=True) -> (accepted_slots, free_slots, num_free)
+                                 # declared as mutating req_to_token (it does when update)
+
 Shapes, dtypes and semantics are those of ``eagle2_kernels.ops.<op>``; a tree is passed as
 its fields (``tokens``, ``parents``, ... of a ``DraftTree``). ``kv_compact`` returns nothing
 (an operator may not return an alias of its input); ``tree_build`` writes ``error_flag`` [B]
@@ -36,7 +46,7 @@ from torch import Tensor
 
 from eagle2_kernels.ops.tree import DraftTree, mask_words
 
-__all__ = ["NAMESPACE", "OP_NAMES"]
+__all__ = ["NAMESPACE", "OP_NAMES", "PAGED_OP_NAMES"]
 
 NAMESPACE = "eagle2"
 OP_NAMES = (
@@ -47,6 +57,7 @@ OP_NAMES = (
     "verify_sample",
     "kv_compact",
 )
+PAGED_OP_NAMES = ("tree_attention_paged", "kv_compact_paged", "remap_slots")
 _DEVICES = ("cpu", "cuda")
 
 
@@ -205,3 +216,77 @@ def kv_compact(cache: Tensor, prefix_len: Tensor, path: Tensor, accept_len: Tens
 @kv_compact.register_fake
 def _(cache, prefix_len, path, accept_len):
     return None
+
+
+# --- paged ops ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::tree_attention_paged", mutates_args=(), device_types=_DEVICES
+)
+def tree_attention_paged(
+    q: Tensor,
+    k_pages: Tensor,
+    v_pages: Tensor,
+    block_table: Tensor,
+    prefix_len: Tensor,
+    tree_mask: Tensor,
+    tree_len: int,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """q [B, Hq, Tq, Dh], k_pages / v_pages [num_blocks, page_size, Hkv, Dh], block_table
+    [B, max_blocks] int, prefix_len [B] int, tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh]."""
+    return _ops().tree_attention_paged(
+        q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale
+    )
+
+
+@tree_attention_paged.register_fake
+def _(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale=None):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::kv_compact_paged", mutates_args=("kv_pages",), device_types=_DEVICES
+)
+def kv_compact_paged(
+    kv_pages: Tensor, block_table: Tensor, prefix_len: Tensor, path: Tensor, accept_len: Tensor
+) -> None:
+    """kv_pages [N, num_blocks, page_size, Hkv, Dh] (modified in place), block_table
+    [B, max_blocks] int, prefix_len / accept_len [B] int, path [B, T] int."""
+    _ops().kv_compact_paged(kv_pages, block_table, prefix_len, path, accept_len)
+
+
+@kv_compact_paged.register_fake
+def _(kv_pages, block_table, prefix_len, path, accept_len):
+    return None
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::remap_slots", mutates_args=("req_to_token",), device_types=_DEVICES
+)
+def remap_slots(
+    req_to_token: Tensor,
+    prefix_len: Tensor,
+    path: Tensor,
+    accept_len: Tensor,
+    tree_len: Optional[int] = None,
+    update: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """req_to_token [B, max_context] int (written when ``update``), prefix_len / accept_len
+    [B] int, path [B, T] int -> accepted_slots [B, T], free_slots [B, tree_len] (dtype of
+    req_to_token, -1 padded), num_free [B] int64."""
+    return tuple(
+        _ops().remap_slots(req_to_token, prefix_len, path, accept_len, tree_len, update)
+    )
+
+
+@remap_slots.register_fake
+def _(req_to_token, prefix_len, path, accept_len, tree_len=None, update=True):
+    B, T = path.shape
+    n = T if tree_len is None else tree_len
+    return (
+        req_to_token.new_empty((B, T)),
+        req_to_token.new_empty((B, n)),
+        req_to_token.new_empty((B,), dtype=torch.int64),
+    )
