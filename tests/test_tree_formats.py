@@ -77,6 +77,16 @@ def assert_same_tree(a, b):
         assert x.dtype == y.dtype and torch.equal(x, y), field
 
 
+def test_readme_example_values():
+    # The example tree of the README's "Tree formats" table, prefix length 2.
+    tree = tf.tree_from_parents(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[-1, 0, 0, 1]]))
+    assert tree.mask.flatten().tolist() == [0b0001, 0b0011, 0b0101, 0b1011]
+    assert [x.tolist() for x in tf.to_sglang(tree)] == [
+        [[0, 1, 2, 3]], [[1, 3, -1, -1]], [[-1, 2, -1, -1]]]
+    mask, ptr = tf.to_flashinfer_custom_mask(tree, [2])
+    assert mask.tolist() == [0xC7, 0x73, 0xBD] and ptr.tolist() == [0, 3]
+
+
 # ----------------------------------------------------------------------------- constructors
 
 
