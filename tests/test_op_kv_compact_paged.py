@@ -262,42 +262,6 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
                              backend="triton")
 
 
-_SM90_COMPILE = """
-import importlib, sys
-import triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:
-    sys.exit(3)
-K = importlib.import_module("eagle2_kernels.ops.kv_compact_paged.kernel")
-fn = K._kv_compact_paged_kernel
-consts = dict(BLOCK_T=64, BLOCK_D=128)
-ptr = {"kv_ptr": "*i16", "table_ptr": "*i32"}
-sig = {n: ("constexpr" if n in consts else (ptr.get(n, "*i64") if n.endswith("_ptr") else "i32"))
-       for n in fn.arg_names}
-try:
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-except (TypeError, KeyError):
-    sys.exit(3)
-triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-"""
-
-
-def test_kernel_compiles_for_sm90():
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True,
-                         text=True, timeout=300)
-    if run.returncode == 3:
-        pytest.skip("this triton has no ahead-of-time compile API (GPUTarget / ASTSource)")
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 # ----------------------------------------------------------------------------- GPU only
 
 
