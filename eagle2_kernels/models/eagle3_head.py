@@ -320,6 +320,18 @@ class Eagle3DraftHead(EagleDraftHead):
         """Draft logits [..., Vd] of head outputs ``hidden`` [..., H]: ``lm_head(norm(h))``."""
         return self.lm_head(self.norm(hidden))
 
+    def target_logits(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """The attached target's logits over the draft vocabulary [..., Vd] of its post-norm
+        hidden states [..., Ht] (the training signal; not used in decoding)."""
+        self._require_attached()
+        lm_head = self._shared["target"].get_output_embeddings()
+        w, b = lm_head.weight, getattr(lm_head, "bias", None)
+        if self.draft_to_target is not None:
+            idx = self.draft_to_target.to(w.device)
+            w = w.index_select(0, idx)
+            b = None if b is None else b.index_select(0, idx)
+        return torch.nn.functional.linear(target_hidden.to(w.dtype), w, b)
+
     def project(self, hidden_states, input_ids, position_ids, from_target: bool = False):
         """First half of the head, up to attention.
 

@@ -64,9 +64,14 @@ def cmd_features(args) -> int:
 
     convs, label = _load_conversations(args.source, args.start, args.count)
     model, tokenizer = _load_target(args.dtype)
+    layers = None
+    if args.arch == "eagle3":
+        from eagle2_kernels.models.eagle3_head import default_feature_layers
+
+        layers = default_feature_layers(int(model.config.num_hidden_layers))
     meta = generate_features(model, tokenizer, convs, args.out, source=label,
                              max_len=args.max_len, chunk_size=args.chunk_size,
-                             stop_after_chunks=args.stop_after_chunks)
+                             stop_after_chunks=args.stop_after_chunks, feature_layers=layers)
     print(json.dumps({k: meta[k] for k in ("source", "tokens", "loss_tokens", "seconds",
                                              "complete")}))
     return 0
@@ -95,6 +100,7 @@ def cmd_fit(args) -> int:
         init_from=None if args.init_from is None else str(args.init_from),
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, bf16=args.bf16,
         max_train_tokens=args.max_train_tokens, snapshot_every=args.snapshot_every,
+        arch=args.arch,
     )
     result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features)
     print(json.dumps(result, indent=2))
@@ -132,17 +138,20 @@ def cmd_run(args) -> int:
     work = Path(args.work_dir)
     train_dir, eval_dir = work / "features-train", work / "features-heldout"
     t0 = time.perf_counter()
+    if args.arch == "eagle3":  # multi-layer features (they also train an EAGLE-1/2 head)
+        train_dir, eval_dir = work / "features3-train", work / "features3-heldout"
+    arch = ["--arch", args.arch]
     sub = [("features", ["--out", str(eval_dir), "--start", str(-args.heldout),
-                         "--count", str(args.heldout), "--max-len", str(args.max_len)]),
+                         "--count", str(args.heldout), "--max-len", str(args.max_len), *arch]),
            ("features", ["--out", str(train_dir), "--start", "0", "--count",
-                         str(args.conversations), "--max-len", str(args.max_len)])]
+                         str(args.conversations), "--max-len", str(args.max_len), *arch])]
     for name, extra in sub:
         rc = main([name, *extra])
         if rc:
             return rc
     fit_args = ["fit", "--features", str(train_dir), "--eval-features", str(eval_dir),
                 "--out", str(args.out), "--epochs", str(args.epochs),
-                "--draft-vocab", str(args.draft_vocab), "--ttt-steps", str(args.ttt_steps)]
+                "--draft-vocab", str(args.draft_vocab), "--ttt-steps", str(args.ttt_steps), *arch]
     if args.time_limit is not None:
         fit_args += ["--time-limit", str(args.time_limit)]
     rc = main(fit_args)
@@ -172,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     f.add_argument("--stop-after-chunks", type=int, default=None,
                    help="write at most this many new chunks, then stop (resume later)")
+    f.add_argument("--arch", choices=["eagle2", "eagle3"], default="eagle2",
+                   help="eagle3: store the hidden states entering layers 2, L//2, L-3 and the "
+                        "post-norm one (4x the disk; trains either head kind)")
     f.set_defaults(func=cmd_features)
 
     s = sp.add_parser("selfdistill", help="target's greedy answers to ShareGPT first prompts")
@@ -221,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snapshot-every", type=int, default=0,
                    help="also save the head every N steps under OUT/snapshots/step_NNNNNN")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", choices=["eagle2", "eagle3"], default="eagle2",
+                   help="head kind: eagle2 (fc + one layer on the last feature) or eagle3 "
+                        "(multi-layer features, own lm_head; token loss only; official "
+                        "--ttt-steps 7); eagle3 needs `features --arch eagle3`")
     t.set_defaults(func=cmd_fit)
 
     e = sp.add_parser("eval", help="held-out 1..N-step draft accuracy")
@@ -247,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--time-limit", type=float, default=None)
     r.add_argument("--draft-vocab", type=int, default=8192)
     r.add_argument("--ttt-steps", type=int, default=1)
+    r.add_argument("--arch", choices=["eagle2", "eagle3"], default="eagle2")
     r.set_defaults(func=cmd_run)
     return p
 

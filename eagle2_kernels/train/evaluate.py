@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from eagle2_kernels.train.features import load_sequences
-from eagle2_kernels.train.fit import collate, make_batches
+from eagle2_kernels.train.fit import collate, make_batches, split_features
 from eagle2_kernels.train.rollout import rollout
 
 
@@ -33,7 +33,7 @@ def draft_accuracy(head, target, sequences, steps: int = 5, batch_tokens: int = 
     """k-step accuracies of ``head`` on ``sequences`` (``(ids, mask, features)`` triples).
 
     Args:
-        head: attached ``EagleDraftHead``.
+        head: attached ``EagleDraftHead`` (EAGLE-1/2, or EAGLE-3 on multi-layer features).
         target: the target causal LM (its lm_head gives the greedy tokens).
         sequences: held-out sequences from :func:`~eagle2_kernels.train.features.load_sequences`.
         steps: number of draft steps N.
@@ -56,12 +56,13 @@ def draft_accuracy(head, target, sequences, steps: int = 5, batch_tokens: int = 
     outside = 0.0
     for idx in make_batches(sequences, batch_tokens, random.Random(0)):
         feats, ids, pmask = collate(sequences, idx, dtype=dtype)
+        feats, last = split_features(head, feats)
         b, n, _ = feats.shape
         m = n - 1
         # Target greedy token at feature position p (the prediction of x_{p+1}).
         # (one row at a time: full-vocabulary logits of a whole batch would be gigabytes)
         greedy = torch.stack([lm_head(row.to(lm_head.weight.dtype)).argmax(-1)
-                              for row in feats])  # [B, N]
+                              for row in last])  # [B, N]
         outs = rollout(head, feats, ids, steps)
         # ok[j][b, i]: step j+1 at index i predicts position i+j+1 correctly.
         alive = None

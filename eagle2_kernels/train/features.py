@@ -1,4 +1,4 @@
-"""Feature generation: the target's post-norm last hidden states, cached on disk in chunks.
+"""Feature generation: the target's hidden states, cached on disk in chunks.
 
 A feature directory holds ``meta.json`` (what was generated, from what, with which settings)
 and ``chunk_00000.safetensors``, ``chunk_00001.safetensors``, ... Each chunk covers a fixed run
@@ -6,7 +6,11 @@ of ``chunk_size`` conversations and stores, concatenated over them:
 
     input_ids  [N] int32      token ids
     loss_mask  [N] uint8      1 on assistant tokens
-    features   [N, H] bf16    the target's last hidden state after the final norm (lm_head input)
+    features   [N, F] bf16    EAGLE-1/2: the target's last hidden state after the final norm
+                              (the lm_head input), F = H. EAGLE-3 (``feature_layers`` set): the
+                              hidden states of those layers, then that post-norm last hidden
+                              state, concatenated: F = (len(feature_layers) + 1) * H, so the same
+                              directory trains either kind (an EAGLE-1/2 fit reads the last H)
     offsets    [S+1] int64    sequence boundaries: sequence s is rows offsets[s]:offsets[s+1]
 
 Chunks are written to a temporary name and renamed, so a chunk file either is complete or does
@@ -59,8 +63,8 @@ def load_chunk(path: str | Path) -> FeatureChunk:
 
 
 def _settings(model, tokenizer, source: str, max_len: int, chunk_size: int,
-              num_conversations: int) -> dict:
-    return {
+              num_conversations: int, feature_layers=None) -> dict:
+    settings = {
         "format_version": FORMAT_VERSION,
         "source": source,
         "max_len": max_len,
@@ -72,22 +76,46 @@ def _settings(model, tokenizer, source: str, max_len: int, chunk_size: int,
         "dtype": "bfloat16",
         "tokenizer_len": len(tokenizer),
     }
+    if feature_layers is not None:  # absent for EAGLE-1/2 features, as before
+        settings["feature_layers"] = [int(i) for i in feature_layers]
+    return settings
+
+
+def feature_layout(meta: dict) -> tuple[tuple[int, ...] | None, int]:
+    """(feature_layers or None, hidden size H) of a feature directory's ``meta.json``."""
+    layers = meta.get("feature_layers")
+    return (None if layers is None else tuple(int(i) for i in layers)), int(meta["hidden_size"])
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The ``meta.json`` of a feature directory."""
+    path = Path(directory) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a feature directory (no meta.json); "
+                                "create one with `eagle2 train features`")
+    return json.loads(path.read_text())
 
 
 @torch.inference_mode()
-def target_features(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Post-norm last hidden states of ``model`` (an HF causal LM) for ``input_ids`` [B, N].
+def target_features(model, input_ids: torch.Tensor, feature_layers=None) -> torch.Tensor:
+    """Target features of ``model`` (an HF causal LM) for ``input_ids`` [B, N].
 
-    Returns [B, N, H] in the model's dtype: exactly what the target's ``lm_head`` consumes.
+    Returns [B, N, H] in the model's dtype, the post-norm last hidden state (exactly what the
+    target's ``lm_head`` consumes); with ``feature_layers`` (``output_hidden_states`` indices)
+    [B, N, (len(feature_layers) + 1) * H]: those hidden states, then the post-norm one.
     """
     device = next(model.parameters()).device
-    out = model.model(input_ids=input_ids.to(device), use_cache=False)
-    return out.last_hidden_state
+    out = model.model(input_ids=input_ids.to(device), use_cache=False,
+                      output_hidden_states=feature_layers is not None)
+    if feature_layers is None:
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[i] for i in feature_layers] + [out.last_hidden_state], dim=-1)
 
 
 def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out_dir: str | Path,
                       *, source: str = "custom", max_len: int = 1024, chunk_size: int = 32,
-                      progress: bool = True, stop_after_chunks: int | None = None) -> dict:
+                      progress: bool = True, stop_after_chunks: int | None = None,
+                      feature_layers=None) -> dict:
     """Run the target over ``conversations`` and store features in resumable chunks.
 
     Args:
@@ -104,6 +132,8 @@ def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out
         progress: show a tqdm bar with tokens/s and ETA.
         stop_after_chunks: write at most this many new chunks, then return (for tests and for
             splitting a long job).
+        feature_layers: None for EAGLE-1/2 features; for EAGLE-3 the ``output_hidden_states``
+            indices to store (see the module docstring; ``(len + 1) * 2 * H`` bytes per token).
 
     Returns:
         The meta dict, with ``complete`` telling whether every chunk exists.
@@ -115,7 +145,14 @@ def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
-    settings = _settings(model, tokenizer, source, max_len, chunk_size, len(conversations))
+    if feature_layers is not None:
+        n_layers = int(model.config.num_hidden_layers)
+        bad = [i for i in feature_layers if not 0 <= int(i) <= n_layers]
+        if bad or not feature_layers:
+            raise ValueError(f"feature_layers {list(feature_layers)} must be hidden-state indices in "
+                             f"[0, {n_layers}] of this {n_layers}-layer target")
+    settings = _settings(model, tokenizer, source, max_len, chunk_size, len(conversations),
+                         feature_layers)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
@@ -146,7 +183,7 @@ def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out
             ex: Example = tokenize_conversation(tokenizer, messages, max_len=max_len)
             if len(ex.input_ids) < 2:
                 continue
-            feats = target_features(model, ex.input_ids[None])[0]
+            feats = target_features(model, ex.input_ids[None], feature_layers)[0]
             ids_l.append(ex.input_ids.to(torch.int32))
             mask_l.append(ex.loss_mask.to(torch.uint8))
             feat_l.append(feats.to("cpu", torch.bfloat16))
@@ -154,7 +191,7 @@ def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(tok=meta["tokens"] + offsets[-1])
-        hidden = settings["hidden_size"]
+        hidden = settings["hidden_size"] * (1 + len(feature_layers or ()))
         tensors = {
             "input_ids": torch.cat(ids_l) if ids_l else torch.zeros(0, dtype=torch.int32),
             "loss_mask": torch.cat(mask_l) if mask_l else torch.zeros(0, dtype=torch.uint8),
@@ -180,9 +217,7 @@ def generate_features(model, tokenizer, conversations: Sequence[list[dict]], out
 def feature_chunks(directory: str | Path) -> list[Path]:
     """The finished chunk files of a feature directory, in order."""
     directory = Path(directory)
-    if not (directory / "meta.json").exists():
-        raise FileNotFoundError(f"{directory} is not a feature directory (no meta.json); "
-                                "create one with `eagle2 train features`")
+    read_meta(directory)
     return sorted(directory.glob("chunk_*.safetensors"))
 
 

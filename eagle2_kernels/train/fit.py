@@ -14,6 +14,16 @@ learning rate, and uniform noise on the step-1 input features.
 
 The reduced draft vocabulary is the ``draft_vocab`` most frequent tokens of the training data
 (:func:`choose_draft_vocab`); the head is saved with it as ``draft_to_target``.
+
+``arch="eagle3"`` trains an EAGLE-3 head (:mod:`eagle2_kernels.models.eagle3_head`) on
+multi-layer features (``eagle2 train features --arch eagle3``), as the official recipe does: no
+feature loss (its outputs are not target features), the loss of step j is the soft
+cross-entropy of the draft against the target's token distribution over the draft vocabulary,
+
+    loss_j = CE(softmax(lm_head_d(f)), log_softmax(head.logits(h^_j)))
+
+with the training-time test over ``ttt_steps`` steps (official: 7, weights 0.8^(j-1)); each
+step's query sees the target-feature prefix and its own earlier steps (:func:`rollout`).
 """
 
 from __future__ import annotations
@@ -58,8 +68,11 @@ class FitConfig:
     bf16: bool = False
     max_train_tokens: int | None = None
     snapshot_every: int = 0
+    arch: str = "eagle2"
 
     def check(self) -> None:
+        if self.arch not in ("eagle2", "eagle3"):
+            raise ValueError(f"arch must be 'eagle2' or 'eagle3', got {self.arch!r}")
         if self.ttt_steps < 1:
             raise ValueError(f"ttt_steps must be >= 1, got {self.ttt_steps}")
         if self.batch_tokens < 2 or self.seq_len < 2:
@@ -154,13 +167,45 @@ def collate(sequences, idx: list[int], dtype=torch.float32):
     return feats, ids, pmask
 
 
+def is_eagle3(head) -> bool:
+    from eagle2_kernels.models.eagle3_head import Eagle3DraftHead
+
+    return isinstance(head, Eagle3DraftHead)
+
+
+def split_features(head, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the head's input features, the target's post-norm last hidden state) of a batch of
+    stored features [B, N, F]: for EAGLE-1/2 both are the whole row, unless the rows are EAGLE-3
+    features, whose last H columns are the post-norm state (see ``train/features.py``)."""
+    hidden = head.hidden_size if not is_eagle3(head) else head.target_hidden_size
+    if is_eagle3(head):
+        width = head.target_feature_size
+        if feats.shape[-1] != width + hidden:
+            raise ValueError(f"EAGLE-3 training rows must hold {width} feature columns plus the {hidden} of "
+                             f"the post-norm state, got {feats.shape[-1]}: make features with "
+                             f"`eagle2 train features --arch eagle3` (same feature layers)")
+        return feats[..., :width], feats[..., width:]
+    last = feats[..., -hidden:]
+    return last, last
+
+
+def target_draft_logits(head, target_last: torch.Tensor) -> torch.Tensor:
+    """The target's logits over the draft vocabulary [.., Vd] of its post-norm states [.., H]."""
+    if not is_eagle3(head):
+        return head.logits(target_last)  # an EAGLE-1/2 head's logits ARE the target's lm_head rows
+    return head.target_logits(target_last)
+
+
 def step_losses(head, feats, ids, pmask, steps: int, p_weight: float, noise_amp: float = 0.0):
     """Per-step losses and accuracies of one batch.
 
     Returns a list of ``(loss, correct, count)`` per step: ``loss`` a scalar tensor (mean over
     weighted positions), ``correct`` how many positions had the draft's top-1 equal to the
-    target's top-1 over the draft vocabulary, ``count`` the weighted positions.
+    target's top-1 over the draft vocabulary, ``count`` the weighted positions. For an EAGLE-3
+    head the loss is the token cross-entropy alone (``p_weight`` is not used).
     """
+    eagle3 = is_eagle3(head)
+    feats, last = split_features(head, feats)
     b, n, _ = feats.shape
     m = n - 1
     noise = None
@@ -168,7 +213,7 @@ def step_losses(head, feats, ids, pmask, steps: int, p_weight: float, noise_amp:
         noise = (torch.rand(b, m, feats.shape[-1], dtype=feats.dtype) * 2 - 1) * noise_amp
     outs = rollout(head, feats, ids, steps, noise=noise)
     with torch.no_grad():
-        tgt_logp = torch.log_softmax(head.logits(feats[:, 1:]).float(), dim=-1)  # [B, M, Vd]
+        tgt_logp = torch.log_softmax(target_draft_logits(head, last[:, 1:]).float(), dim=-1)  # [B, M, Vd]
     results = []
     for j, pred in enumerate(outs, start=1):
         k = n - j  # indices i < k have a target f_{i+j}
@@ -177,22 +222,25 @@ def step_losses(head, feats, ids, pmask, steps: int, p_weight: float, noise_amp:
         w = pmask[:, j:j + k]  # [B, k]
         count = float(w.sum())
         pred_k = pred[:, :k]
-        tgt = feats[:, j:j + k]
-        vloss = F.smooth_l1_loss(pred_k.float(), tgt.float(), reduction="none").mean(-1)
         logq = torch.log_softmax(head.logits(pred_k).float(), dim=-1)
         tp = tgt_logp[:, j - 1:j - 1 + k]
         ploss = -(tp.exp() * logq).sum(-1)
-        loss = ((vloss + p_weight * ploss) * w).sum() / max(count, 1.0)
+        if eagle3:
+            per_pos = ploss
+        else:
+            vloss = F.smooth_l1_loss(pred_k.float(), feats[:, j:j + k].float(), reduction="none").mean(-1)
+            per_pos = vloss + p_weight * ploss
+        loss = (per_pos * w).sum() / max(count, 1.0)
         with torch.no_grad():
             correct = float(((logq.argmax(-1) == tp.argmax(-1)).float() * w).sum())
         results.append((loss, correct, count))
     return results
 
 
-def _feature_std(sequences, limit: int = 50000) -> float:
+def _feature_std(sequences, limit: int = 50000, cols: slice = slice(None)) -> float:
     rows, total = [], 0
     for _, _, f in sequences:
-        rows.append(f[: limit - total].float())
+        rows.append(f[: limit - total, cols].float())
         total += len(rows[-1])
         if total >= limit:
             break
@@ -215,12 +263,20 @@ def quick_eval(head, sequences, steps: int, batch_tokens: int) -> dict:
 
 
 def save_head(head, out_dir: str | Path, dtype=torch.bfloat16) -> None:
-    """Save ``head`` in the released EAGLE layout in ``dtype`` (a cast copy; ``head`` keeps its
-    own precision). No ``embed_tokens``: the target's embedding is used."""
+    """Save ``head`` in the released EAGLE layout (EAGLE-1/2, or EAGLE-3's official one) in
+    ``dtype`` (a cast copy; ``head`` keeps its own precision). No ``embed_tokens`` unless the
+    head owns one: the target's embedding is used."""
     from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.models.eagle3_head import Eagle3DraftHead
 
     d2t = getattr(head, "draft_to_target", None)
-    copy = EagleDraftHead(head.config, bias=head.bias, draft_to_target=d2t)
+    if is_eagle3(head):
+        copy = Eagle3DraftHead(head.config, target_hidden_size=head.target_hidden_size, draft_to_target=d2t,
+                               feature_layers=head._explicit_layers,
+                               norm_before_residual=head.norm_before_residual,
+                               own_embedding=head.embed_tokens is not None)
+    else:
+        copy = EagleDraftHead(head.config, bias=head.bias, draft_to_target=d2t)
     state = {k: (v.to(dtype) if v.is_floating_point() else v)
              for k, v in head.state_dict().items()}
     copy.load_state_dict(state)
@@ -234,7 +290,8 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
 
     Args:
         feature_dirs: feature directories (from ``eagle2 train features``) to train on.
-        out_dir: where the head is saved (bf16, released layout, with ``draft_to_target``),
+        out_dir: where the head is saved (bf16, released layout, with ``draft_to_target``; an
+            EAGLE-3 head in the official EAGLE-3 layout),
             together with ``train_log.json``. With ``eval_dirs``, the saved head is the best by
             held-out accuracy seen at the periodic checks (and at the end).
         cfg: options (:class:`FitConfig`).
@@ -246,6 +303,8 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
         A summary dict (steps, tokens seen, seconds, final losses, held-out accuracies).
     """
     from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.models.eagle3_head import Eagle3DraftHead, default_feature_layers
+    from eagle2_kernels.train.features import feature_layout, read_meta
 
     cfg = cfg or FitConfig()
     cfg.check()
@@ -264,19 +323,38 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
     target.requires_grad_(False)
     vocab_size = int(target.config.vocab_size)
     hidden = int(target.config.hidden_size)
-    if train_seqs[0][2].shape[-1] != hidden:
-        raise ValueError(f"features have hidden size {train_seqs[0][2].shape[-1]}, the target "
-                         f"has {hidden}: they were made with another model")
+    # Every directory must hold the same kind of features (EAGLE-3: the same layers).
+    layouts = {feature_layout(read_meta(d)) for d in list(feature_dirs) + list(eval_dirs or [])}
+    if len(layouts) != 1:
+        raise ValueError(f"the feature directories hold different feature layouts {sorted(map(str, layouts))}")
+    layers, feat_hidden = layouts.pop()
+    if feat_hidden != hidden:
+        raise ValueError(f"features have hidden size {feat_hidden}, the target has {hidden}: they were made "
+                         f"with another model")
+    if cfg.arch == "eagle3" and layers is None:
+        raise ValueError("an EAGLE-3 head trains on multi-layer features: make them with "
+                         "`eagle2 train features --arch eagle3`")
+    n_layers = int(target.config.num_hidden_layers)
 
     if cfg.init_from:
         head = EagleDraftHead.from_pretrained(cfg.init_from, target=target, dtype=torch.float32)
+        if is_eagle3(head) != (cfg.arch == "eagle3"):
+            raise ValueError(f"--init-from {cfg.init_from} is {'an EAGLE-3' if is_eagle3(head) else 'an EAGLE-1/2'} "
+                             f"head, but arch is {cfg.arch!r}")
         d2t = head.draft_to_target
     else:
         d2t = None
         if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
             d2t = choose_draft_vocab(train_seqs, cfg.draft_vocab, vocab_size)
-        head = EagleDraftHead.from_target(target, bias=True, draft_to_target=d2t,
-                                          dtype=torch.float32)
+        if cfg.arch == "eagle3":
+            explicit = None if layers == default_feature_layers(n_layers) else layers
+            head = Eagle3DraftHead.from_target(target, draft_to_target=d2t, feature_layers=explicit,
+                                               dtype=torch.float32)
+        else:
+            head = EagleDraftHead.from_target(target, bias=True, draft_to_target=d2t,
+                                              dtype=torch.float32)
+    if is_eagle3(head) and head.feature_layers != layers:
+        raise ValueError(f"the head reads hidden states {head.feature_layers}, the features hold {layers}")
     head.train()
     summary: dict = {"config": asdict(cfg), "train_tokens": sum(len(s[0]) for s in train_seqs),
                      "train_sequences": len(train_seqs),
@@ -292,7 +370,9 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
     total_steps = max(1, int(math.ceil(cfg.epochs * batches_per_epoch)))
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    noise_amp = cfg.noise * _feature_std(train_seqs) if cfg.noise > 0 else 0.0
+    # The noise scale comes from the columns the head reads (see split_features).
+    cols = slice(0, head.target_feature_size) if is_eagle3(head) else slice(-hidden, None)
+    noise_amp = cfg.noise * _feature_std(train_seqs, cols=cols) if cfg.noise > 0 else 0.0
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     weights = [cfg.ttt_decay ** j for j in range(cfg.ttt_steps)]
