@@ -257,6 +257,16 @@ def test_greedy_lossless_trained_head_long_paths(T, D, K):
             assert max(out.stats.accept_lengths) >= min(D + 1, 4)
 
 
+def test_batch_greedy_lossless():
+    model, head, prompts = eagle3_trained_setup()
+    ids = torch.cat([prompts[2:5], prompt(320, 6, seed=30)])  # three seen prompts and a fresh one
+    ref = [hf_greedy(model, ids[b:b + 1], 24) for b in range(ids.shape[0])]
+    for static in (False, True):
+        out = decoder(model, head, 16, 3, 4, static_round=static).generate(ids, 24)
+        for b in range(ids.shape[0]):
+            assert torch.equal(out.sequences[b:b + 1], ref[b]), (static, b)
+
+
 def test_trained_head_round_trips_and_decodes_after_reload(tmp_path):
     model, head, prompts = eagle3_trained_setup()
     head.save_pretrained(tmp_path / "h")

@@ -128,3 +128,13 @@ def test_eagle3_fit_needs_multi_layer_features(tmp_path):
         generate_features(target, tok, convs, tmp_path / "bad", progress=False, feature_layers=(2, 9))
     with pytest.raises(ValueError, match="arch must be"):
         FitConfig(arch="eagle4").check()
+
+
+def test_train_cli_passes_the_arch():
+    from eagle2_kernels.train.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["fit", "--features", "f", "--out", "o", "--arch", "eagle3"]).arch == "eagle3"
+    assert p.parse_args(["features", "--out", "o", "--arch", "eagle3"]).arch == "eagle3"
+    assert p.parse_args(["run", "--out", "o", "--arch", "eagle3"]).arch == "eagle3"
+    assert p.parse_args(["fit", "--features", "f", "--out", "o"]).arch == "eagle2"
