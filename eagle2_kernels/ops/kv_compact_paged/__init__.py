@@ -35,10 +35,12 @@ def kv_compact_paged(
     is the engine's business), and every page reached lies in [0, num_blocks).
 
     Args:
-        kv_pages: [N, num_blocks, page_size, Hkv, Dh] any dtype, any strides (N = 2 x layers:
-            e.g. vLLM's per-layer (2, num_blocks, page_size, Hkv, Dh) stacked over layers, or
-            FlashInfer's NHD (num_blocks, 2, page_size, Hkv, Dh) per layer as
-            ``torch.stack(...).flatten(0, 1)``-like views); modified in place.
+        kv_pages: [N, num_blocks, page_size, Hkv, Dh] any dtype, any strides, modified in
+            place. N = 2 x layers when all layers live in one allocation (one launch for the
+            model); an engine with one tensor per layer calls once per layer with N = 2:
+            vLLM's (2, num_blocks, page_size, Hkv, Dh) as is, FlashInfer's NHD
+            (num_blocks, 2, page_size, Hkv, Dh) as ``kv.transpose(0, 1)``, HND
+            (num_blocks, 2, Hkv, page_size, Dh) as ``kv.transpose(0, 1).transpose(2, 3)``.
         block_table: [B, max_blocks] int32 (int64 accepted), on the device of ``kv_pages``.
         prefix_len: [B] int32/int64.
         path: [B, T] int32/int64 accepted node indices from the root (path[b, 0] = 0), -1 after
