@@ -232,6 +232,29 @@ def test_triton_random_paths(N, B, Hkv, T, Dh, page_size, layout, index_dtype):
 
 
 @requires_triton
+@pytest.mark.parametrize("engine", ["vllm", "flashinfer-nhd", "flashinfer-hnd"])
+def test_triton_per_layer_engine_views(engine):
+    # One call per layer (N = 2) on the engine's own per-layer tensor, passed as a view.
+    dev = triton_device()
+    rng = random.Random(len(engine))
+    nb, ps, Hkv, Dh, T = 9, 4, 2, 8, 6
+    shape = {"vllm": (2, nb, ps, Hkv, Dh), "flashinfer-nhd": (nb, 2, ps, Hkv, Dh),
+             "flashinfer-hnd": (nb, 2, Hkv, ps, Dh)}[engine]
+    view = {"vllm": lambda kv: kv, "flashinfer-nhd": lambda kv: kv.transpose(0, 1),
+            "flashinfer-hnd": lambda kv: kv.transpose(0, 1).transpose(2, 3)}[engine]
+    kv = random_bits(shape, torch.float16, seed=2)
+    table = torch.tensor([[4, 0, 7, -1], [1, 8, 3, 5]], dtype=torch.int32)
+    prefix = torch.tensor([5, 9])
+    path = torch.tensor([random_path(T, 4, rng), random_path(T, 3, rng)])
+    accept = torch.tensor([4, 3])
+    want = expected(view(kv), table, prefix, path, accept)
+    mine = kv.to(dev)
+    ops.kv_compact_paged(view(mine), table.to(dev), prefix.to(dev), path.to(dev), accept.to(dev),
+                         backend="triton")
+    assert torch.equal(bits(view(mine).cpu()), bits(want))
+
+
+@requires_triton
 def test_triton_matches_reference_randomized():
     rng = random.Random(7)
     dev = triton_device()
