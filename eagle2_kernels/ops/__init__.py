@@ -3,6 +3,12 @@ and (when built) a native CPU kernel, dispatched by tensor device.
 
 ``EAGLE2_KERNELS_BACKEND=reference|triton|ext`` forces a backend. Every function also
 takes ``backend=`` for an explicit per-call choice.
+
+For serving engines: the paged ops ``tree_attention_paged``, ``kv_compact_paged`` and
+``remap_slots`` (KV in pages addressed by a block table; reference and Triton kernel, no native
+kernel yet: on CPU they run on torch, the attention on the native dense kernel), and
+``tree_formats``, converters between ``DraftTree`` and SGLang's / FlashInfer's /
+TensorRT-LLM's tree layouts.
 """
 
 from eagle2_kernels.ops.tree import DraftTree
