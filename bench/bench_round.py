@@ -10,16 +10,29 @@ vocabulary; and SmolLM2-135M shape. Contexts 1k and 8k; trees T=60/D=5/K=10 and 
 Per row: plain decode step (our static-cache loop, CUDA graph and eager; transformers'
 generate per token), one round with graphs and eager, round / plain step, the round's memory
 floor (bytes it must move / measured device copy bandwidth), measured / floor, host time per
-round, and a PROJECTED speedup tau x plain step / round (tau from --tau, default a committed
-CPU MT-bench value, else a labelled placeholder).
+round, and a PROJECTED speedup tau x plain step / round when a tau is given: ``--tau X`` for
+every row, or ``--tau-from PATH``, a committed result with one tau per tree shape in this
+schema (what ``eagle2_kernels.train.evaluate`` writes, e.g. the MT-bench taus of the shipped
+head in ``bench/results/cpu/head_curve/final.json``):
+
+    {"configs": [{"T": 60, "D": 5, "K": 10, "tau": 2.452, ...}, ...]}   (or under "mtbench")
+
+A row whose tree is not in the table gets no projection; without either option no row does.
 
 Correctness gate first: for each target shape, a float32 copy (same shape, fewer layers for the
-8B) decodes a short prompt speculatively with the static round (graphs where available) and
-must equal transformers' greedy generate token for token. On a mismatch nothing is timed and
-the script exits 1. (Whether the timed bf16 model's graph and eager rounds commit the same
-tokens is reported per row.)
+8B; lm_head untied) decodes a prompt speculatively with the static round (graphs where
+available) and must equal transformers' greedy generate token for token, with real multi-token
+acceptance: the copy's lm_head is shaped so that greedy decoding only emits K tokens S (rows
++r_i / -r_i in pairs, all others 0: the largest logit is max_i |r_i . h| > 0) and the draft
+vocabulary is S, so every expanded node has all of S as children. The timed trees are checked
+this way with a head that drafts "the same token again" (the shaped target runs into repeats)
+and must reach tau >= 1.5, and a covering tree (T=15, D=3, K=2: all 1 + K + D*K^2 candidates
+kept) must commit at least 3 tokens in every round but the last (depths 1 and 2 always hold the
+target's next two tokens), which exercises KV compaction and multi-pair catch-up. On a mismatch
+or missing acceptance nothing is timed and the script exits 1. (Whether the timed bf16 model's
+graph and eager rounds commit the same tokens is reported per row.)
 
-    python -m bench.bench_round --json out.json            # GPU: the full set (< ~4 min, H100)
+    python -m bench.bench_round --json out.json --tau-from bench/results/cpu/head_curve/final.json
     python -m bench.bench_round --quick                     # tiny shapes; runs on a CPU
 """
 
@@ -27,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import glob
 import json
 import os
 import statistics
@@ -38,8 +50,14 @@ import torch
 
 from bench.common import environment
 
-PLACEHOLDER_TAU = 2.0
 TREES = [(60, 5, 10), (16, 5, 10)]
+# The gate's covering tree: T - 1 = K + D * K^2, so every candidate is kept and depths 1 and 2
+# hold every continuation of two tokens from S.
+COVERING_TREE = (15, 3, 2)
+GATE_NEW_TOKENS = 24
+# The timed trees in the gate: depth 1 holds all of S, so most rounds accept a drafted token
+# (measured on CPU: tau 2.0-4.8 for the three shapes); the covering tree's bound is exact.
+GATE_MIN_TAU = 1.5
 
 # Real shapes (random weights). max_position_embeddings raised so that an 8k context plus
 # the tree fits (the real SmolLM2-135M has 8192).
@@ -61,13 +79,16 @@ SHAPES = {
 
 
 # ---------------------------------------------------------------------------- set-up
-def build_target(shape: str, dtype, device, layers: int | None = None):
-    """A random-weight LlamaForCausalLM of ``shape``, created directly on ``device``."""
+def build_target(shape: str, dtype, device, layers: int | None = None, untied: bool = False):
+    """A random-weight LlamaForCausalLM of ``shape``, created directly on ``device``
+    (``untied``: its own lm_head even where the shape ties it to the input embedding)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = dict(SHAPES[shape])
     if layers is not None:
         kw["num_hidden_layers"] = layers
+    if untied:
+        kw["tie_word_embeddings"] = False
     cfg = LlamaConfig(max_position_embeddings=16384, bos_token_id=None, eos_token_id=None,
                       pad_token_id=None, **kw)
     torch.manual_seed(0)
@@ -83,11 +104,16 @@ def build_target(shape: str, dtype, device, layers: int | None = None):
     return model
 
 
-def build_head(model, draft_vocab: int | None):
+def build_head(model, draft_vocab):
+    """A random head attached to ``model``; ``draft_vocab``: None (full vocabulary), a size n
+    (the ids 0..n-1) or a tensor of target ids."""
     from eagle2_kernels import EagleDraftHead
 
     dev = model.get_output_embeddings().weight.device
-    d2t = None if draft_vocab is None else torch.arange(draft_vocab, device=dev)
+    if draft_vocab is None or isinstance(draft_vocab, torch.Tensor):
+        d2t = draft_vocab
+    else:
+        d2t = torch.arange(draft_vocab, device=dev)
     torch.manual_seed(1)
     with torch.device(dev):
         head = EagleDraftHead.from_target(model, draft_to_target=d2t).eval()
@@ -283,25 +309,77 @@ def _q(xs, i):
 
 
 # ---------------------------------------------------------------------------- correctness gate
+def accepting_lm_head(model, n: int, seed: int = 11) -> torch.Tensor:
+    """Shape ``model``'s (untied) lm_head so that greedy decoding only emits n tokens S: rows
+    S[2i] = r_i, S[2i+1] = -r_i (random r_i; an odd n adds one more random row), every other
+    row 0. The largest logit is then max_i |r_i . h| > 0 (for any hidden state h not
+    orthogonal to every r_i), above the 0 of every other token. Returns S [n] int64, spread
+    over the vocabulary."""
+    lm = model.get_output_embeddings().weight
+    V, H = lm.shape
+    if model.get_input_embeddings().weight.data_ptr() == lm.data_ptr():
+        raise ValueError("accepting_lm_head needs an untied lm_head (build_target(untied=True))")
+    ids = torch.linspace(0, V - 1, n).round().to(torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn((n + 1) // 2, H, generator=g) * 0.05
+    rows = torch.cat([r, -r], dim=1).view(-1, H)[:n]  # r_0, -r_0, r_1, -r_1, ...
+    with torch.no_grad():
+        lm.zero_()
+        lm[ids.to(lm.device)] = rows.to(lm.device, lm.dtype)
+    return ids.to(lm.device)
+
+
+def repeat_head(model, draft_vocab: torch.Tensor):
+    """A head over the draft vocabulary ``draft_vocab`` whose predicted feature is about its
+    input feature (fc = [0 | I], the layer's output projections at 1e-2 of their random init:
+    attention and MLP still run but barely move it), so it drafts "the target's next token
+    again": right wherever the target repeats a token, as the shaped gate target does in runs."""
+    head = build_head(model, draft_vocab)
+    layer = head.layers[0]
+    with torch.no_grad():
+        H = head.fc.out_features
+        head.fc.weight.zero_()
+        head.fc.weight[:, -H:].copy_(torch.eye(H))  # fc(cat(embed(x), feature)): pass the feature
+        if head.fc.bias is not None:
+            head.fc.bias.zero_()
+        layer.self_attn.o_proj.weight.mul_(1e-2)
+        layer.mlp.down_proj.weight.mul_(1e-2)
+    return head
+
+
 def gate(shape: str, device, layers: int | None, trees) -> list[str]:
-    """float32 copy of the shape: speculative (static round) greedy == transformers greedy."""
+    """float32 copy of the shape: speculative (static round) greedy == transformers greedy, with
+    multi-token acceptance (see the module docstring). Returns the failures (empty: passed)."""
     from eagle2_kernels import TreeSpecDecoder
 
-    model = build_target(shape, torch.float32, device, layers)
-    head = build_head(model, None)
+    model = build_target(shape, torch.float32, device, layers, untied=True)
+    n = GATE_NEW_TOKENS
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5)).to(device)
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0)
-    bad = []
-    for T, D, K in trees:
+    bad, taus = [], {}
+    for T, D, K in list(trees) + [COVERING_TREE]:
+        S = accepting_lm_head(model, K)
+        head = repeat_head(model, S)  # draft vocabulary S: all of it below every expanded node
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
         dec = TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, static_round=True)
-        out = dec.generate(ids, 12)
+        out = dec.generate(ids, n)
+        name = f"{shape} fp32 T={T}/D={D}/K={K}"
+        acc = out.stats.accept_lengths
+        taus[(T, D, K)] = out.stats.mean_accept_length
         if not torch.equal(out.sequences, ref):
-            bad.append(f"{shape} fp32 T={T}/D={D}/K={K}: speculative {out.sequences[0, 16:].tolist()} "
-                       f"!= plain {ref[0, 16:].tolist()}")
+            bad.append(f"{name}: speculative {out.sequences[0, 16:].tolist()} != plain {ref[0, 16:].tolist()}")
+        elif (T, D, K) == COVERING_TREE and (len(acc) < 3 or min(acc[1:-1]) < 3):
+            # acc[0] is the prefill's token, the last round may be cut by the token budget.
+            bad.append(f"{name}: the covering tree must commit >= 3 tokens per round, got {acc}")
+        elif out.stats.mean_accept_length < GATE_MIN_TAU:
+            bad.append(f"{name}: tau {out.stats.mean_accept_length:.2f} < {GATE_MIN_TAU}: drafted tokens "
+                       f"were rarely accepted (accept lengths {acc})")
         dec.close()
-    del model, head
+        del head
+    print(f"# gate {shape}: tau " + ", ".join(f"{t}/{d}/{k}={v:.2f}" for (t, d, k), v in taus.items()),
+          flush=True)
+    del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -309,28 +387,35 @@ def gate(shape: str, device, layers: int | None, trees) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- main
-def default_tau() -> tuple[float, str]:
-    """tau from a committed CPU MT-bench result (bench/results/cpu/*.json with "tau"), else a
-    placeholder."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
-    for path in sorted(glob.glob(os.path.join(here, "*.json"))):
+def read_tau_table(path: str) -> dict[tuple[int, int, int], float]:
+    """tau per tree shape (T, D, K) from a committed result in the schema of the module
+    docstring: ``{"configs": [{"T", "D", "K", "tau", ...}, ...]}``, at the top level or under
+    ``"mtbench"``. Raises ValueError naming the file when it does not hold such a table."""
+    with open(path) as f:
+        data = json.load(f)
+    block = data.get("mtbench", data) if isinstance(data, dict) else None
+    configs = block.get("configs") if isinstance(block, dict) else None
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{path}: no 'configs' list of {{T, D, K, tau}} (at the top level or under 'mtbench')")
+    table = {}
+    for c in configs:
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        rows = data.get("rows", data if isinstance(data, list) else [])
-        taus = [r["tau"] for r in rows if isinstance(r, dict) and isinstance(r.get("tau"), (int, float))]
-        if taus:
-            return max(taus), f"CPU MT-bench tau from {os.path.relpath(path, os.path.dirname(here))}"
-    return PLACEHOLDER_TAU, "PLACEHOLDER tau (no CPU MT-bench result committed under bench/results/cpu/)"
+            table[(int(c["T"]), int(c["D"]), int(c["K"]))] = float(c["tau"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: config {c!r} needs integer T, D, K and a numeric tau") from None
+    return table
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results (with the environment) here")
     ap.add_argument("--quick", action="store_true", help="tiny shapes; for a CPU smoke run")
-    ap.add_argument("--tau", type=float, default=None, help="tau for the projected speedup")
+    taus = ap.add_mutually_exclusive_group()
+    taus.add_argument("--tau", type=float, default=None,
+                      help="tau for the projected speedup of every row (none: no projection)")
+    taus.add_argument("--tau-from", default=None, metavar="PATH",
+                      help="a committed result with a tau per tree shape: {\"configs\": [{\"T\", \"D\", "
+                           "\"K\", \"tau\"}, ...]} at the top level or under \"mtbench\"")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--profile-dir", default=None,
                     help="profile the first context / tree of each model (graph replays on CUDA) and "
@@ -343,8 +428,15 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     if args.tau is not None:
         tau, tau_src = args.tau, "--tau"
+        tau_of = lambda T, D, K: args.tau  # noqa: E731
+    elif args.tau_from is not None:
+        table = read_tau_table(args.tau_from)
+        tau, tau_src = None, f"per tree from {args.tau_from}: " + ", ".join(
+            f"{t},{d},{k}: {v}" for (t, d, k), v in sorted(table.items()))
+        tau_of = lambda T, D, K: table.get((T, D, K))  # noqa: E731
     else:
-        tau, tau_src = default_tau()
+        tau, tau_src = None, "no tau given (--tau or --tau-from): no projected speedup"
+        tau_of = lambda T, D, K: None  # noqa: E731
     if not cuda:
         # Tiny CPU shapes: one thread (thread wake-ups cost more than the matmuls, and a shared
         # machine makes two threads erratic).
@@ -362,7 +454,7 @@ def main(argv=None) -> int:
     graphs_modes = [True, False] if cuda else [False]
     note = ("CUDA" if cuda else "CPU numbers (no CUDA device or --quick): graph rows skipped, "
             "no memory floor (no device copy bandwidth)")
-    print(f"# bench_round: {note}; projected speedups use tau={tau} ({tau_src})", flush=True)
+    print(f"# bench_round: {note}; tau for the projected speedups: {tau_src}", flush=True)
 
     # ---- correctness gate
     trees = TREES
@@ -374,8 +466,8 @@ def main(argv=None) -> int:
         for f in failures:
             print("  " + f, file=sys.stderr)
         return 1
-    print(f"# gate passed: speculative greedy == transformers greedy (fp32) for {[s for s, _ in gate_plan]}",
-          flush=True)
+    print(f"# gate passed: speculative greedy == transformers greedy (fp32), multi-token acceptance, for "
+          f"{[s for s, _ in gate_plan]}", flush=True)
 
     bw = copy_bandwidth(device)
     rows, skipped = [], []
@@ -393,8 +485,9 @@ def main(argv=None) -> int:
             "copy_bandwidth_GBps": None if bw is None else bw / 1e9,
             "tau": tau,
             "tau_source": tau_src,
-            "projected_speedup_is": "projected: tau x plain_step / round (not a measured end-to-end speedup)",
-            "gate": "passed",
+            "projected_speedup_is": "projected: tau x plain_step / round (not a measured end-to-end speedup); "
+                                    "rows without a tau have none",
+            "gate": "passed (fp32, equal to transformers greedy, multi-token acceptance)",
             "skipped": skipped,
             "rows": rows,
             "seconds": time.perf_counter() - t_start,
@@ -404,7 +497,7 @@ def main(argv=None) -> int:
         env = ", ".join(f"{k}={v}" for k, v in result["environment"].items())
         with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
             f.write(f"# Round cost ({note}){'' if finished else ' - UNFINISHED run'}\n\n{env}\n\n"
-                    f"copy bandwidth: {_fmt(result['copy_bandwidth_GBps'])} GB/s; tau = {tau} ({tau_src}); "
+                    f"copy bandwidth: {_fmt(result['copy_bandwidth_GBps'])} GB/s; tau: {tau_src}; "
                     f"projected_speedup = tau x plain / round, projected, not measured end to end\n\n"
                     f"{_table(rows)}\n" + (f"\nskipped: {'; '.join(skipped)}\n" if skipped else ""))
     from eagle2_kernels import TreeSpecDecoder
@@ -479,7 +572,10 @@ def main(argv=None) -> int:
                     row["measured_over_floor"] = rnd / row["floor_ms"]
                     row["plain_floor_ms"] = fb["plain_bytes"] / bw * 1e3
                     row["floor_round_over_plain"] = fb["round_bytes"] / fb["plain_bytes"]
-                row["projected_speedup"] = tau * plain / rnd
+                row_tau = tau_of(T, D, K)
+                if row_tau is not None:
+                    row["tau"] = row_tau
+                    row["projected_speedup"] = row_tau * plain / rnd
                 rows.append(row)
                 print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
                 save(finished=False)

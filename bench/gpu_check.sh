@@ -54,8 +54,10 @@ if [ -f bench/bench_round.py ]; then
   # Rows that would start past the bench's own time budget are skipped (and listed) so that
   # the script as a whole stays inside its budget.
   left=$((budget - SECONDS - 60)); [ $left -gt 170 ] && left=170; [ $left -lt 30 ] && left=30
+  # Projected speedups use the shipped head's committed MT-bench tau per tree shape (CPU,
+  # SmolLM2-135M): a projection, labelled so in the results; trees without one get none.
   step bench_round 230 $py -m bench.bench_round --json "$out/bench_round.json" --profile-dir "$out" \
-    --time-budget "$left" $quick
+    --time-budget "$left" --tau-from bench/results/cpu/head_curve/final.json $quick
 fi
 echo "total $SECONDS s, status $status"
 exit $status
