@@ -137,11 +137,12 @@ def target_features(model, ids, layers):
 
 
 # ---------------------------------------------------------------------------- the head's math
-@pytest.mark.parametrize("variant", ["official", "norm_before_residual", "narrow"])
+@pytest.mark.parametrize("variant", ["official", "norm_before_residual", "narrow", "rope_theta"])
 def test_head_equals_the_rederived_official_head(tmp_path, variant):
     model = deep_target("llama")
     hidden = 48 if variant == "narrow" else 64
-    extra = {"norm_before_residual": True} if variant == "norm_before_residual" else {}
+    extra = {"norm_before_residual": {"norm_before_residual": True},
+             "rope_theta": {"rope_theta": 500000.0}}.get(variant, {})
     state, config = official_files(tmp_path / "h", model, hidden=hidden, inter=80,
                                    draft_ids=reduced_vocab(320, 100), extra_config=extra)
     head = EagleDraftHead.from_pretrained(tmp_path / "h", target=model)
@@ -153,7 +154,7 @@ def test_head_equals_the_rederived_official_head(tmp_path, variant):
     feats = target_features(model, ids, (2, 4, 5))
     embed = state["embed_tokens.weight"] if hidden != 64 else model.get_input_embeddings().weight.detach()
     ref_h, ref_logits = reference_forward(state, config, feats[:, :-1], ids[:, 1:], embed,
-                                          norm_before_residual=bool(extra))
+                                          norm_before_residual=variant == "norm_before_residual")
     with torch.no_grad():
         out = head(feats[:, :-1], ids[:, 1:])
         logits = head.logits(out)

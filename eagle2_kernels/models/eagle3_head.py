@@ -127,7 +127,8 @@ def _llama_config(values: dict[str, Any]):
 
     values = {k: v for k, v in values.items() if k not in _HEAD_ONLY_KEYS}
     values["num_hidden_layers"] = 1
-    values.setdefault("rope_theta", 10000.0)  # the official configs omit it: Llama's default
+    if "rope_theta" not in (values.get("rope_parameters") or {}):
+        values.setdefault("rope_theta", 10000.0)  # the official configs omit it: Llama's default
     return LlamaConfig(**values)
 
 
