@@ -60,6 +60,7 @@ TREES = {
     "chain-T33-W2": lambda rng: [chain(33)],
     "random-T32-B3": lambda rng: [random_parents(32, rng) for _ in range(3)],
     "random-T70-W3-B2": lambda rng: [random_parents(70, rng) for _ in range(2)],
+    "random-T17-B2": lambda rng: [random_parents(17, rng) for _ in range(2)],
     "mixed-T31-B3": lambda rng: [chain(31), star(31), random_parents(31, rng)],
 }
 
@@ -85,6 +86,7 @@ def test_readme_example_values():
         [[0, 1, 2, 3]], [[1, 3, -1, -1]], [[-1, 2, -1, -1]]]
     mask, ptr = tf.to_flashinfer_custom_mask(tree, [2])
     assert mask.tolist() == [0xC7, 0x73, 0xBD] and ptr.tolist() == [0, 3]
+    assert tf.to_sglang_tree_mask(tree, "qlen_only_bitpacking").tolist() == [1, 3, 5, 11]
 
 
 # ----------------------------------------------------------------------------- constructors
@@ -226,6 +228,73 @@ def test_from_sglang_checks_retrive_index():
     idx, nt, ns = tf.to_sglang(tree)
     with pytest.raises(ValueError, match="retrive_index"):
         tf.from_sglang(nt, ns, tree.tokens, retrive_index=idx.flip(1))
+
+
+def sglang_kernel_tree_mask(parent_lists, prefixes, mode):
+    """SGLang's build_tree_efficient mask writes, rebuilt thread by thread: the buffer is
+    pre-filled (True, or 0 when bit-packed); row tid sets its root column, clears the other
+    tree columns, then sets the column of each node on its way up from tid."""
+    T = len(parent_lists[0])
+    if mode == "qlen_only_bitpacking":
+        nbytes = 1 if T <= 8 else (2 if T <= 16 else 4)
+        buf = [0] * (len(parent_lists) * T * nbytes)
+        for b, parents in enumerate(parent_lists):
+            for tid in range(T):
+                row = (b * T + tid) * nbytes
+                buf[row] |= 1
+                n = tid
+                while n > 0:
+                    buf[row + n // 8] |= 1 << (n % 8)
+                    n = parents[n]
+        return buf
+    full = mode == "full"
+    sizes = [T * ((P if full else 0) + T) for P in prefixes]
+    buf = [True] * sum(sizes)
+    for b, parents in enumerate(parent_lists):
+        P = prefixes[b] if full else 0
+        seg = sum(sizes[:b])
+        for tid in range(T):
+            base = seg + (P + T) * tid + P  # column of the root
+            buf[base] = True
+            for i in range(1, T):
+                buf[base + i] = False
+            n = tid
+            while n > 0:
+                buf[base + n] = True
+                n = parents[n]
+    return buf
+
+
+@pytest.mark.parametrize("mode", ["full", "qlen_only", "qlen_only_bitpacking"])
+@pytest.mark.parametrize(
+    "name, prefixes",
+    [("one-node", [3]), ("two-chain", [0]), ("star-T9", [4]), ("random-T32-B3", [0, 7, 30]),
+     ("mixed-T31-B3", [1, 2, 3]), ("random-T17-B2", [5, 0])],
+)
+def test_sglang_tree_mask_matches_build_tree_and_round_trips(name, prefixes, mode):
+    tree = tree_case(name)
+    got = tf.to_sglang_tree_mask(tree, mode, prefix_len=prefixes)
+    want = sglang_kernel_tree_mask(tree.parents.tolist(), prefixes, mode)
+    assert got.dtype == (torch.uint8 if mode == "qlen_only_bitpacking" else torch.bool)
+    assert got.tolist() == want
+    assert_same_tree(tf.from_sglang_tree_mask(got, mode, tree.tokens, prefix_len=prefixes), tree)
+
+
+def test_sglang_tree_mask_limits():
+    with pytest.raises(ValueError, match="32"):
+        tf.to_sglang_tree_mask(tree_case("chain-T33-W2"), "qlen_only_bitpacking")
+    with pytest.raises(ValueError, match="prefix_len"):
+        tf.to_sglang_tree_mask(tree_case("star-T9"), "full")
+    with pytest.raises(ValueError, match="mode"):
+        tf.to_sglang_tree_mask(tree_case("star-T9"), "packed")
+    tree = tree_case("star-T9")
+    packed = tf.to_sglang_tree_mask(tree, "qlen_only_bitpacking")
+    bad = packed.clone()
+    bad[1] |= 0b10  # row 0, node 9: past T = 9
+    with pytest.raises(ValueError, match="past node"):
+        tf.from_sglang_tree_mask(bad, "qlen_only_bitpacking", tree.tokens)
+    with pytest.raises(ValueError, match="uint8"):
+        tf.from_sglang_tree_mask(packed[:-1], "qlen_only_bitpacking", tree.tokens)
 
 
 # ----------------------------------------------------------------------------- FlashInfer

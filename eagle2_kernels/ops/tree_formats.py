@@ -9,6 +9,12 @@ Three formats, each with its inverse (the README's "Tree formats" section has di
   child (its smallest node index), ``retrive_next_sibling[b, i]`` the next larger-index child of
   i's parent; -1 = none. Node indices are ours (node 0 = root, parents first), so KV slots and
   logits rows line up without a permutation. ``to_sglang`` / ``from_sglang``.
+- **SGLang** ``tree_mask`` of ``build_tree_kernel_efficient`` in its three ``TreeMaskMode``s:
+  ``full`` (bool, each request's [T, prefix_len + T] rows, prefix included: FlashInfer's
+  unpacked ``custom_mask``), ``qlen_only`` (bool [B * T * T], the tree columns only) and
+  ``qlen_only_bitpacking`` (one little-endian 1/2/4-byte word per row for T <= 8/16/32, node j
+  at bit j: the first word of ``DraftTree.mask``). ``to_sglang_tree_mask`` /
+  ``from_sglang_tree_mask``.
 - **FlashInfer** ``custom_mask``: one bit per (query, key) element of each request's
   [T, prefix_len + T] attention matrix, row-major (query-major), the prefix keys included
   (all visible); packed ``bitorder="little"`` (element e of a segment is bit e % 8 of its byte
@@ -46,6 +52,8 @@ __all__ = [
     "tree_from_mask",
     "to_sglang",
     "from_sglang",
+    "to_sglang_tree_mask",
+    "from_sglang_tree_mask",
     "to_flashinfer_custom_mask",
     "from_flashinfer_custom_mask",
     "to_trtllm_packed_mask",
@@ -276,6 +284,96 @@ def from_sglang(
             "form a tree rooted at node 0 with every parent before its children (no cycles)"
         )
     return tree_from_parents(tokens, parents)
+
+
+SGLANG_TREE_MASK_MODES = ("full", "qlen_only", "qlen_only_bitpacking")
+
+
+def to_sglang_tree_mask(
+    tree: DraftTree, mode: str = "full", prefix_len: torch.Tensor | Sequence[int] | None = None
+) -> torch.Tensor:
+    """SGLang's flat ``tree_mask`` as ``build_tree_kernel_efficient`` writes it, per mode.
+
+    Args:
+        tree: DraftTree with T nodes.
+        mode: ``"full"`` (TreeMaskMode.FULL_MASK): bool, request b's [T, prefix_len[b] + T]
+            rows flattened query-major and concatenated (prefix columns all True; the same
+            array as FlashInfer's unpacked ``custom_mask``; needs ``prefix_len``, read on the
+            host). ``"qlen_only"`` (QLEN_ONLY): bool [B * T * T], only the tree columns.
+            ``"qlen_only_bitpacking"`` (QLEN_ONLY_BITPACKING): uint8 [B * T * n], n = 1, 2 or
+            4 bytes per row for T <= 8, 16, 32 (SGLang's uint8 / uint16 / uint32 elements,
+            ``.view(torch.uint16)`` etc. on a little-endian machine), node j at bit j % 8 of
+            byte j // 8 of its row; ValueError for T > 32 (SGLang has no wider element).
+        prefix_len: [B] committed lengths, for ``"full"`` only.
+
+    Returns:
+        The flat mask on the tree's device.
+    """
+    B, T = tree.tokens.shape
+    if mode not in SGLANG_TREE_MASK_MODES:
+        raise ValueError(f"to_sglang_tree_mask: mode={mode!r}; valid: {SGLANG_TREE_MASK_MODES}")
+    if mode == "full":
+        if prefix_len is None:
+            raise ValueError("to_sglang_tree_mask: mode 'full' needs prefix_len")
+        return to_flashinfer_custom_mask(tree, prefix_len, packed=False)[0]
+    if mode == "qlen_only":
+        return unpack_tree_mask(tree.mask, T).reshape(-1)
+    nbytes = _sglang_row_bytes(T)
+    word = tree.mask[..., 0].to(torch.int64) & 0xFFFFFFFF  # [B, T], bits 0..T-1
+    shifts = 8 * torch.arange(nbytes, device=word.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def from_sglang_tree_mask(
+    tree_mask: torch.Tensor,
+    mode: str,
+    tokens: torch.Tensor,
+    prefix_len: torch.Tensor | Sequence[int] | None = None,
+) -> DraftTree:
+    """The ``DraftTree`` of an SGLang ``tree_mask`` (the inverse of ``to_sglang_tree_mask``).
+
+    Raises:
+        ValueError: a mask of the wrong size or dtype for ``mode``, a hidden prefix key
+            (``"full"``), or rows that are not the ancestor-or-self sets of a parents-first tree.
+    """
+    name = "from_sglang_tree_mask"
+    _check_int(name, "tokens", tokens, 2)
+    B, T = tokens.shape
+    if mode not in SGLANG_TREE_MASK_MODES:
+        raise ValueError(f"{name}: mode={mode!r}; valid: {SGLANG_TREE_MASK_MODES}")
+    if mode == "full":
+        if prefix_len is None:
+            raise ValueError(f"{name}: mode 'full' needs prefix_len")
+        prefixes = _host_lengths(name, prefix_len, B)
+        sizes = torch.tensor([0] + [T * (P + T) for P in prefixes]).cumsum(0)
+        return from_flashinfer_custom_mask(tree_mask, sizes, prefixes, tokens)
+    if mode == "qlen_only":
+        if tree_mask.dtype != torch.bool or tree_mask.numel() != B * T * T:
+            raise ValueError(
+                f"{name}: a qlen_only mask is bool [B*T*T = {B * T * T}], got "
+                f"{tree_mask.numel()} elements of {tree_mask.dtype}"
+            )
+        return tree_from_mask(pack_bits(tree_mask.reshape(B, T, T).to(tokens.device)), tokens)
+    nbytes = _sglang_row_bytes(T)
+    if tree_mask.dtype != torch.uint8 or tree_mask.numel() != B * T * nbytes:
+        raise ValueError(
+            f"{name}: a qlen_only_bitpacking mask of T={T} is uint8 [B*T*{nbytes} = "
+            f"{B * T * nbytes}] (view SGLang's uint16/uint32 array as uint8), got "
+            f"{tree_mask.numel()} elements of {tree_mask.dtype}"
+        )
+    rows = _unpackbits_little(tree_mask.to(tokens.device)).view(B, T, 8 * nbytes)
+    if bool(rows[..., T:].any()):
+        raise ValueError(f"{name}: a row has a bit set past node T-1={T - 1}")
+    return tree_from_mask(pack_bits(rows[..., :T]), tokens)
+
+
+def _sglang_row_bytes(T: int) -> int:
+    """Bytes per row of SGLang's bit-packed tree mask: its uint8 / uint16 / uint32 element."""
+    if T > 32:
+        raise ValueError(
+            f"SGLang's qlen_only_bitpacking tree mask holds at most 32 nodes per row; T={T}"
+        )
+    return 1 if T <= 8 else (2 if T <= 16 else 4)
 
 
 # ----------------------------------------------------------------------------- FlashInfer
