@@ -405,10 +405,19 @@ def test_inconsistent_files_fail_clearly(tmp_path):
         config={"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 9]}})
     bad("fc", r"fc.weight reads 192 features; three target hidden states of width 32",
         config={"target_hidden_size": 32})
-    # A head for another target: its hidden size or vocabulary differ.
+    # A head for another target: its vocabulary, hidden size or depth differ.
     other = deep_target("qwen2")
     with pytest.raises(ValueError, match="head vocab size 320 does not match the target's vocab size 500"):
         load(tmp_path / "ok", target=other)
+    from tiny_models import tiny_model
+
+    narrow = tiny_model("llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=8)
+    with pytest.raises(ValueError, match="target features of hidden size 64.*the target's hidden size is 32"):
+        load(tmp_path / "ok", target=narrow)
+    _write(tmp_path / "deep-ids", state, {**config, "eagle_aux_hidden_state_layer_ids": [2, 4, 6]})
+    shallow = tiny_model("llama", vocab_size=320, num_hidden_layers=5)
+    with pytest.raises(ValueError, match=r"feature layers \(2, 4, 6\) lie outside the target's hidden states 0..5"):
+        load(tmp_path / "deep-ids", target=shallow)
     # An EAGLE-3 config over EAGLE-1/2 weights, and EAGLE-1/2 files asked for as EAGLE-3.
     from tiny_models import random_head
 
