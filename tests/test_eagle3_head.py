@@ -218,6 +218,20 @@ def test_adapter_captures_the_feature_layers(arch):
     for node, branch in [(1, [0, 1]), (2, [0, 2]), (3, [0, 1, 3])]:
         seq = torch.cat([ids, tokens[:, branch]], 1)
         torch.testing.assert_close(feats_t[0, node], target_features(model, seq, layers)[0, -1], rtol=1e-5, atol=1e-5)
+    # Only the named layers are kept: the model is not asked for all its hidden states.
+    asked = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("output_hidden_states"))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        adapter.forward(ids, torch.arange(L)[None], DecodeContext(cache, 0, None, L))
+    finally:
+        del model.forward
+    assert asked == [False]
     # The hooks live only inside our forward; the embeddings (0) and the post-norm output (L) work too.
     assert all(not blk._forward_pre_hooks for blk in model.model.layers) and not model.model.norm._forward_hooks
     ends = TargetAdapter(model, feature_layers=(0, EAGLE3_LAYERS))
