@@ -166,12 +166,30 @@ def test_reference_equals_dense_reference_bitwise(B, Hq, Hkv, Tq, T, Dh, prefixe
     assert_contract(cpu, c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], T)
 
 
-def test_reference_scale_fp16_int64_indices():
-    c = make_case(2, 4, 2, 6, 6, 16, [5, 12], 4, dtype=torch.float16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reference_scale_half_dtypes_int64_indices(dtype):
+    c = make_case(2, 4, 2, 6, 6, 16, [5, 12], 4, dtype=dtype, seed=3)
     q, kp, vp, table, prefix, mask = paged_args(c)
     got = ref_paged(q, kp, vp, table.long(), prefix.long(), mask, 6, scale=0.3)
     want = dense_reference(c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], 6, scale=0.3)
-    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert got.dtype == dtype and torch.equal(got, want)
+    cpu = ops.tree_attention_paged(q, kp, vp, table, prefix, mask, 6, scale=0.3)
+    assert_contract(cpu, c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], 6, scale=0.3)
+
+
+def decode_case(dtype=torch.float32):
+    """A plain decode step: Tq = 1 query, no tree slots (tree_len 0), prefixes 0 (sees
+    nothing: zeros), 1 and 29 over pages of 4."""
+    c = make_case(3, 4, 2, 1, 1, 16, [0, 1, 29], 4, dtype=dtype, seed=6, parents=[[-1]] * 3)
+    c["mask"].zero_()
+    return c
+
+
+def test_reference_decode_step_without_tree():
+    c = decode_case()
+    got = ops.tree_attention_paged(*paged_args(c), 0, backend="reference")
+    want = dense_reference(c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], 0)
+    assert torch.equal(got, want) and torch.equal(got[0], torch.zeros_like(got[0]))
 
 
 def test_reference_rejects_short_table_and_bad_pages():
@@ -270,6 +288,14 @@ def test_triton_matches_dense(B, Hq, Hkv, Tq, T, Dh, prefixes, page_size, dtype,
         out = ops.tree_attention_paged(*args, T, backend="triton")
     assert out.dtype == dtype and out.shape == (B, Hq, Tq, Dh)
     assert_contract(out, c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], T)
+
+
+@requires_triton
+def test_triton_decode_step_without_tree():
+    c = decode_case()
+    out = ops.tree_attention_paged(*paged_args(c, triton_device()), 0, backend="triton")
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    assert_contract(out, c["q"], c["k"], c["v"], c["prefix_len"], c["mask"], 0)
 
 
 @requires_triton
