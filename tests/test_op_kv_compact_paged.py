@@ -173,6 +173,57 @@ def test_torch_op_registration():
     assert torch.equal(bits(a), bits(b)) and not torch.equal(bits(a), bits(pool))
 
 
+def test_round_on_pages_equals_round_on_dense_cache():
+    # A verify round on pages and on the dense cache: tree attention over prefix + tree,
+    # greedy verify, compaction, then the next step's attention over the committed prefix.
+    # The paged ops must give the dense ops' results at every step.
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, Dh, T, ps = 2, 4, 2, 8, 9, 3
+    prefixes = [7, 2]
+    C = 20
+    cand_parents = torch.full((B, C), -1, dtype=torch.int64)
+    scores = torch.zeros(B, C)
+    for c in range(C):
+        p = torch.randint(-1, c, (B,), generator=g) if c else torch.full((B,), -1)
+        base = torch.where(p < 0, torch.zeros(B), scores.gather(1, p.clamp(min=0)[:, None])[:, 0])
+        cand_parents[:, c], scores[:, c] = p, base - torch.rand(B, generator=g)
+    tokens = torch.randint(0, 16, (B, C), generator=g)
+    tree = ops.tree_build(tokens, scores, cand_parents, torch.tensor([1, 2]), T)
+    lengths = [p + T for p in prefixes]
+    dense_k = torch.randn(B, Hkv, max(lengths) + 4, Dh, generator=g)
+    dense_v = torch.randn(B, Hkv, max(lengths) + 4, Dh, generator=g)
+    # One layer: N = 2 (K, V) page tensors and the [2, B, Hkv, L, Dh] dense cache.
+    pool_k, table = make_pool(1, B, Hkv, Dh, lengths, ps, torch.float32, seed=1)
+    pool_v, _ = make_pool(1, B, Hkv, Dh, lengths, ps, torch.float32, seed=1)
+    pool = torch.cat([pool_k, pool_v])
+    for b in range(B):
+        for pos in range(lengths[b]):
+            pg, sl = int(table[b, pos // ps]), pos % ps
+            pool[0, pg, sl], pool[1, pg, sl] = dense_k[b, :, pos], dense_v[b, :, pos]
+    dense = torch.stack([dense_k, dense_v])
+    prefix = torch.tensor(prefixes)
+    q = torch.randn(B, Hq, T, Dh, generator=g)
+    a_dense = ops.tree_attention(q, dense[0], dense[1], prefix, tree.mask, T)
+    a_paged = ops.tree_attention_paged(q, pool[0], pool[1], table, prefix, tree.mask, T)
+    torch.testing.assert_close(a_paged, a_dense, rtol=0, atol=1e-6)
+    logits = torch.randn(B, T, 16, generator=g)
+    for b in range(B):  # make the target agree with the deepest branch often
+        for i in range(T):
+            kids = (tree.parents[b] == i).nonzero().flatten()
+            if len(kids):
+                logits[b, i, tree.tokens[b, kids[-1]]] = 9.0
+    path, accept, _ = ops.verify_greedy(tree, logits)
+    assert int(accept.min()) >= 2
+    ops.kv_compact(dense, prefix, path, accept)
+    ops.kv_compact_paged(pool, table, prefix, path, accept)
+    committed = prefix + accept
+    q1 = torch.randn(B, Hq, 1, Dh, generator=g)
+    none = torch.zeros(B, 1, 1, dtype=torch.int32)
+    n_dense = ops.tree_attention(q1, dense[0], dense[1], committed, none, 0)
+    n_paged = ops.tree_attention_paged(q1, pool[0], pool[1], table, committed, none, 0)
+    torch.testing.assert_close(n_paged, n_dense, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- triton
 
 
