@@ -1,6 +1,6 @@
 """Tree interchange: ``DraftTree`` to and from the tree layouts other serving engines read.
 
-Three formats, each with its inverse (the README's "Tree formats" section has diagrams):
+Four formats, each with its inverse (the README's "Tree formats" section has an example):
 
 - **SGLang** ``retrive_index / retrive_next_token / retrive_next_sibling``, int64 [B, T]
   (the layout SGLang's ``build_tree_kernel_efficient`` writes and ``verify_tree_greedy`` walks;
@@ -29,9 +29,9 @@ Three formats, each with its inverse (the README's "Tree formats" section has di
 
 Plus two constructors shared by the inverses: ``tree_from_parents`` and ``tree_from_mask``.
 
-The forward converters run on the tree's device without host reads, except the FlashInfer one,
-whose output length depends on the prefix lengths (as FlashInfer's own ``segment_packbits``
-does, it reads them on the host). The inverses validate their input and raise ValueError on a
+The forward converters run on the tree's device without host reads, except those whose output
+length depends on the prefix lengths (FlashInfer's custom mask, SGLang's ``full`` tree mask;
+FlashInfer's own ``segment_packbits`` reads them on the host as well). The inverses validate their input and raise ValueError on a
 layout that is not a parents-first tree (host reads). Tokens are not part of any of these
 layouts (the engines keep them in a separate draft-token array); the inverses take them as
 ``tokens`` [B, T].
