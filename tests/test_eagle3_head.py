@@ -440,7 +440,8 @@ def test_inconsistent_files_fail_clearly(tmp_path):
     (tmp_path / "e2" / "config.json").write_text(json.dumps({**cfg2, "architectures": ["LlamaForCausalLMEagle3"]}))
     with pytest.raises(ValueError, match=r"config says EAGLE-3 .* but the weights are an EAGLE-1/2 head"):
         load(tmp_path / "e2")
-    (tmp_path / "e2" / "config.json").write_text(json.dumps(cfg2))
+    # The weights decide when the config names no kind (a draft_vocab_size alone does not).
+    (tmp_path / "e2" / "config.json").write_text(json.dumps({**cfg2, "draft_vocab_size": 320}))
     assert type(load(tmp_path / "e2")) is EagleDraftHead
     with pytest.raises(ValueError, match="holds an EAGLE-1/2 head"):
         Eagle3DraftHead.from_pretrained(tmp_path / "e2")

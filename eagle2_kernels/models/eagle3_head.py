@@ -633,13 +633,13 @@ def is_eagle3(raw: dict[str, Any], keys) -> bool:
     by_keys = bool(names & {"d2t", "t2d", "norm.weight", "lm_head.weight"}) or any(
         k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in names)
     archs = " ".join(raw.get("architectures") or [])
-    by_config = ("Eagle3" in archs or "EAGLE3" in archs.upper() or raw.get("speculators_model_type") == "eagle3"
-                 or "draft_vocab_size" in raw)
+    # Only explicit names count: a draft_vocab_size alone also appears in other heads' configs.
+    by_config = "EAGLE3" in archs.upper() or raw.get("speculators_model_type") == "eagle3"
     eagle2_keys = "layers.0.post_attention_layernorm.weight" in names and not by_keys
     if by_config and eagle2_keys:
         raise ValueError(
-            f"the head config says EAGLE-3 (architectures={raw.get('architectures')}, draft_vocab_size="
-            f"{raw.get('draft_vocab_size')}) but the weights are an EAGLE-1/2 head's (layers.0.*, no "
+            f"the head config says EAGLE-3 (architectures={raw.get('architectures')}, speculators_model_type="
+            f"{raw.get('speculators_model_type')}) but the weights are an EAGLE-1/2 head's (layers.0.*, no "
             f"midlayer / lm_head / norm / d2t)"
         )
     return by_keys or by_config
