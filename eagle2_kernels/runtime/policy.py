@@ -93,7 +93,7 @@ def expand_bound(top: list[list[float]], frontier_mass: float, costs: CostModel,
     seqs = len(top)
     n_cap = max(0, min(n_cap, min((len(p) for p in top), default=0)))
     mass = _prefix_mass(top, n_cap)
-    best = 0.0
+    best = seqs / (draft_s + step_s + costs.target(1, prefix))  # a plain step after all
     for n in range(0, n_cap + 1):
         gain = seqs + calibration * (mass[n] + frontier_mass)
         cost = draft_s + step_s + costs.round_overhead_s + costs.target(n + 1 + 1, prefix)
