@@ -449,3 +449,17 @@ def test_inconsistent_files_fail_clearly(tmp_path):
     fresh = Eagle3DraftHead.from_pretrained(tmp_path / "ok")
     with pytest.raises(RuntimeError, match="attach it first"):
         fresh.feature_layers
+
+
+def test_loads_in_the_target_dtype(tmp_path):
+    from tiny_models import NO_SPECIAL_TOKENS, tiny_model
+
+    torch.manual_seed(3)
+    model = tiny_model("llama", vocab_size=320, num_hidden_layers=8, **NO_SPECIAL_TOKENS).to(torch.bfloat16)
+    official_files(tmp_path / "h", model, draft_ids=reduced_vocab(320, 64))  # fp32 files
+    head = EagleDraftHead.from_pretrained(tmp_path / "h", target=model)
+    assert head.fc.weight.dtype == torch.bfloat16 and head.inv_freq.dtype == torch.float32
+    assert head.draft_to_target.dtype == torch.int64
+    out = decoder(model, head, 8, 3, 2).generate(prompt(320, 5, seed=2), 12)
+    assert out.sequences.shape == (1, 17)
+    check_stats(out, 5)
