@@ -15,6 +15,10 @@ and head in one pass). ``verify_sample`` processes the target logits with the sh
 ``process_logits`` (temperature / top-k / top-p in torch, so plain sampling and verification
 share one distribution bit for bit) only at the nodes its walk visits, and does the walk and
 the inverse-CDF bonus draw natively.
+
+The paged ops have no native kernel yet: ``tree_attention_paged`` gathers the pages with one
+indexing copy and runs the native dense ``tree_attention``; ``kv_compact_paged`` and
+``remap_slots`` are their torch references (they touch only the accepted rows).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ __all__ = [
     "verify_greedy",
     "verify_sample",
     "kv_compact",
+    "tree_attention_paged",
+    "kv_compact_paged",
+    "remap_slots",
 ]
 
 
@@ -144,3 +151,48 @@ def kv_compact(
     """Native ``kv_compact``, in place on cache [N, B, Hkv, Lmax, Dh]; returns ``cache``."""
     _C.kv_compact(cache, prefix_len, path, accept_len)
     return cache
+
+
+def tree_attention_paged(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    tree_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``tree_attention_paged`` on CPU: the pages gathered into a dense cache (torch), then the
+    native dense kernel; q [B, Hq, Tq, Dh], pages [num_blocks, page_size, Hkv, Dh]."""
+    from eagle2_kernels.ops.tree_attention_paged.reference import tree_attention_paged as ref
+
+    return ref(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
+               dense=tree_attention)
+
+
+def kv_compact_paged(
+    kv_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_len: torch.Tensor,
+    path: torch.Tensor,
+    accept_len: torch.Tensor,
+) -> torch.Tensor:
+    """``kv_compact_paged`` on CPU (the torch reference); in place, returns ``kv_pages``."""
+    from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as ref
+
+    return ref(kv_pages, block_table, prefix_len, path, accept_len)
+
+
+def remap_slots(
+    req_to_token: torch.Tensor,
+    prefix_len: torch.Tensor,
+    path: torch.Tensor,
+    accept_len: torch.Tensor,
+    tree_len: int,
+    update: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``remap_slots`` on CPU (the torch reference)."""
+    from eagle2_kernels.ops.remap_slots.reference import remap_slots as ref
+
+    return ref(req_to_token, prefix_len, path, accept_len, tree_len, update)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops._paged import INT_DTYPES, check_block_table, check_index_vector, check_tensor
 
 __all__ = ["kv_compact_paged"]
@@ -64,12 +64,17 @@ def kv_compact_paged(
     """
     _check(kv_pages, block_table, prefix_len, path, accept_len)
     name = select_backend(kv_pages, backend)
-    if name == "triton":
+    if name == "reference":
+        from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as impl
+    elif name == "triton":
         from eagle2_kernels.ops.kv_compact_paged.kernel import kv_compact_paged as impl
     else:
-        from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as impl
-    impl(kv_pages, block_table, prefix_len, path, accept_len)
-    return kv_pages
+        from eagle2_kernels import _native
+
+        impl = _native.kv_compact_paged
+    with device_guard(kv_pages):
+        out = impl(kv_pages, block_table, prefix_len, path, accept_len)
+    return kv_pages if out is None else out
 
 
 def _check(kv_pages, block_table, prefix_len, path, accept_len) -> None:

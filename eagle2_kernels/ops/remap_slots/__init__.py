@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops._paged import INT_DTYPES, check_block_table, check_index_vector, check_tensor
 
 __all__ = ["remap_slots"]
@@ -65,11 +65,16 @@ def remap_slots(
         tree_len = path.shape[1]
     _check(req_to_token, prefix_len, path, accept_len, tree_len, update)
     name = select_backend(req_to_token, backend)
-    if name == "triton":
+    if name == "reference":
+        from eagle2_kernels.ops.remap_slots.reference import remap_slots as impl
+    elif name == "triton":
         from eagle2_kernels.ops.remap_slots.kernel import remap_slots as impl
     else:
-        from eagle2_kernels.ops.remap_slots.reference import remap_slots as impl
-    return impl(req_to_token, prefix_len, path, accept_len, tree_len, update)
+        from eagle2_kernels import _native
+
+        impl = _native.remap_slots
+    with device_guard(req_to_token):
+        return impl(req_to_token, prefix_len, path, accept_len, tree_len, update)
 
 
 def _check(req_to_token, prefix_len, path, accept_len, tree_len, update) -> None:

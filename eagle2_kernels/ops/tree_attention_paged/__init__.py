@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import select_backend
+from eagle2_kernels._backend import device_guard, select_backend
 from eagle2_kernels.ops._paged import check_block_table, check_index_vector, check_tensor
 
 __all__ = ["tree_attention_paged"]
@@ -67,18 +67,16 @@ def tree_attention_paged(
     """
     _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
     name = select_backend(q, backend)
-    if name == "triton":
+    if name == "reference":
+        from eagle2_kernels.ops.tree_attention_paged.reference import tree_attention_paged as impl
+    elif name == "triton":
         from eagle2_kernels.ops.tree_attention_paged.kernel import tree_attention_paged as impl
-
-        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
-    from eagle2_kernels.ops.tree_attention_paged.reference import tree_attention_paged as impl
-
-    if name == "ext":
+    else:
         from eagle2_kernels import _native
 
-        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
-                    dense=_native.tree_attention)
-    return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+        impl = _native.tree_attention_paged
+    with device_guard(q):
+        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
 
 
 def _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale) -> None:
