@@ -57,7 +57,7 @@ def test_parse_configs():
         (["bench", "--tree", "10,3"], "--tree must be three integers"),
         (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
         (["generate", "hi", "--max-new-tokens", "-3"], "expected a positive int"),
-        ([], "required: {generate,bench,demo,train}|the following arguments are required"),
+        ([], "required: {generate,bench,demo,tune,train}|the following arguments are required"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -169,7 +169,9 @@ def test_generate_streams_and_compares_with_plain(tiny, capsys):
     assert cli.main(["generate", "Hello there", "--max-new-tokens", "10", "--plain"] + _model_args(tiny)) == 0
     out, err = capsys.readouterr()
     assert out.endswith("\n") and len(out) > 1  # streamed text (a random model: any characters)
-    assert "[eagle2 T=6 D=2 K=3 fp32]" in err and "tokens/s, tau" in err
+    assert "[eagle2 adaptive T<=6 D<=2 K=3 fp32]" in err and "tokens/s, tau" in err
+    assert "machine: " in err and "threads" in err
+    assert "policy: adaptive within T<=6 D<=2 K=3" in err and "why: measured target forward" in err
     assert "[plain]" in err
     assert "identical to plain decoding" in err  # fp32 greedy: lossless
 
@@ -206,7 +208,10 @@ def test_demo_fp32_mismatch_prints_no_speedup(tiny, monkeypatch, capsys):
 def test_generate_overrides_tree_fields_and_rejects_bad_ones(tiny, capsys):
     assert cli.main(["generate", "Hi", "--max-new-tokens", "3", "--total-tokens", "4",
                      "--tree-top-k", "2"] + _model_args(tiny)) == 0
-    assert "[eagle2 T=4 D=2 K=2 fp32]" in capsys.readouterr().err
+    assert "[eagle2 adaptive T<=4 D<=2 K=2 fp32]" in capsys.readouterr().err
+    assert cli.main(["generate", "Hi", "--max-new-tokens", "3", "--fixed"] + _model_args(tiny)) == 0
+    err = capsys.readouterr().err
+    assert "[eagle2 T=6 D=2 K=3 fp32]" in err and "policy: fixed tree T=6 D=2 K=3" in err
     assert cli.main(["generate", "Hi", "--total-tokens", "40"] + _model_args(tiny)) == 2
     assert "T-1 = 39 nodes" in capsys.readouterr().err
 
@@ -229,8 +234,12 @@ def test_bench_end_to_end(tiny, tmp_path, capsys):
     spec_s = sum(r["results"]["spec"]["seconds"] for r in data["records"])
     assert s["speedup"]["spec"]["hf"] == pytest.approx(hf_s / spec_s)
     assert f"speedup vs hf: {hf_s / spec_s:.2f}x" in out
-    for png in ("accept_hist.png", "question_speedup.png"):
+    for png in ("accept_hist.png", "question_speedup.png", "tree_sizes.png"):
         assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert "policy: adaptive within T<=6 D<=2 K=3; verified tree sizes over all turns" in out
+    sizes = data["summary"]["tree_size_histogram"]
+    assert sum(sizes["spec"].values()) == sum(len(r["results"]["spec"]["tree_sizes"]) for r in data["records"])
+    assert set(sizes["spec[4,1,2]"]) == {"4"}  # the sweep's shapes are fixed
     assert (out_dir / "summary.md").read_text().startswith("# MT-bench, 6 turns (3 questions), fp32")
 
 
@@ -263,3 +272,28 @@ def test_demo_on_the_tiny_model(tiny, capsys):
     assert "[eagle2 speculative]" in out and "[plain]" in out
     assert "identical output" in out
     assert "peak memory (RSS)" in out and "MiB" in out
+
+
+def test_tune_measures_prints_and_plots(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EAGLE2_KERNELS_CACHE", str(tmp_path / "cache"))
+    out_dir = tmp_path / "tune"
+    argv = ["tune", "--max-new-tokens", "12", "--out", str(out_dir)] + _model_args(tiny)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "machine: " in out and "target forward (ms)" in out and "draft step (ms)" in out
+    assert "implied policy: " in out and "   n  E[tokens]  tokens/s  vs plain" in out
+    assert (out_dir / "tune.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out_dir / "tune.json").read_text())
+    assert data["costs"]["n_grid"][-1] == 6 and len(data["predicted_rates"]) == 6  # n = 0..5
+    assert list((tmp_path / "cache" / "costs").glob("*.json"))  # cached for the decoder
+    # An injected curve (the Zen 3 table: bf16 emulated) steers the policy without measuring it.
+    assert cli.main(["tune", "--max-new-tokens", "12", "--out", str(out_dir), "--no-plots", "--curve",
+                     "1:42,2:53,4:92,8:169,16:270"] + _model_args(tiny)) == 0
+    out = capsys.readouterr().out
+    assert "evaluating the policy on the given curve" in out
+    data = json.loads((out_dir / "tune.json").read_text())
+    assert data["costs"]["n_grid"] == [1, 2, 4, 8, 16]
+    # A random head is not confident: on that curve the policy decodes plainly.
+    assert set(data["tree_sizes"]) == {1} and "plain decoding: no tree pays" in out
+    assert cli.main(["tune", "--curve", "2:40"] + _model_args(tiny)) == 2
+    assert "--curve needs increasing token counts starting at 1" in capsys.readouterr().err
