@@ -293,7 +293,7 @@ def test_cuda_ops_and_captured_round_on_a_non_default_device():
     import warnings
 
     pytest.importorskip("transformers")
-    from tiny_models import hf_greedy, prompt, random_head, tiny_target
+    from tiny_models import hf_greedy, trained_setup
 
     from eagle2_kernels import TreeSpecDecoder
 
@@ -304,11 +304,12 @@ def test_cuda_ops_and_captured_round_on_a_non_default_device():
     logits = torch.randn(2, 1, 300)
     want = ops.tree_expand(logits, torch.zeros(2, 1), 4, backend="reference")
     got = ops.tree_expand(logits.to(dev), torch.zeros(2, 1, device=dev), 4)
-    for a, b in zip(got, want):
-        assert a.device == dev and torch.equal(a.cpu(), b)
+    assert all(a.device == dev for a in got)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[2].cpu(), want[2])  # tokens, picks
+    torch.testing.assert_close(got[1].cpu(), want[1])
     roots = torch.zeros(2, dtype=torch.int64)
     parents = torch.full((2, 4), -1)
-    tree = ops.tree_build(got[0][:, 0], got[1][:, 0], parents.to(dev), roots.to(dev), 4,
+    tree = ops.tree_build(want[0][:, 0].to(dev), want[1][:, 0].to(dev), parents.to(dev), roots.to(dev), 4,
                           error_flag=torch.zeros(2, dtype=torch.int32, device=dev))
     ref = ops.tree_build(want[0][:, 0], want[1][:, 0], parents, roots, 4, backend="reference")
     assert torch.equal(tree.tokens.cpu(), ref.tokens) and torch.equal(tree.mask.cpu(), ref.mask)
@@ -316,15 +317,18 @@ def test_cuda_ops_and_captured_round_on_a_non_default_device():
     for a, b in zip(ops.verify_greedy(tree, target.to(dev)), ops.verify_greedy(ref, target, backend="reference")):
         assert torch.equal(a.cpu(), b)
     assert torch.cuda.current_device() == 0
-    # The captured static round of a decoder whose target is on cuda:1.
-    model = copy.deepcopy(tiny_target("llama")).to(dev)
-    head = copy.deepcopy(random_head("llama")).to(dev)
+    # The captured static round of a decoder whose target is on cuda:1 (a trained head: deep
+    # paths, so compaction and multi-row catch-up run there too).
+    cpu_model, cpu_head, prompts = trained_setup()
+    model = copy.deepcopy(cpu_model).to(dev)
+    head = copy.deepcopy(cpu_head).to(dev)
     head.attach_target(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="TreeSpecDecoder: CUDA graph capture failed")
         dec = TreeSpecDecoder(model, head, total_tokens=16, depth=5, top_k=4, cuda_graphs=True)
-        ids = prompt(model.config.vocab_size, 7, 0).to(dev)
+        ids = prompts[:1].to(dev)
         out = dec.generate(ids, 24)
     assert dec.graph_status == "graphs"
     assert torch.equal(out.sequences, hf_greedy(model, ids, 24))
+    assert max(out.stats.accept_lengths) >= 3
     assert torch.cuda.current_device() == 0
