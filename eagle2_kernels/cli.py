@@ -284,19 +284,22 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not Path(args.target).exists():
-            raise CLIError(f"--target {args.target!r} is not a local model directory")
+        from eagle2_kernels.models.hub import looks_like_repo_id, resolve_head
+
+        if not Path(args.target).exists() and not looks_like_repo_id(args.target):
+            raise CLIError(f"--target {args.target!r} is neither a local model directory nor a hub repository id")
         if args.draft is None:
-            raise CLIError("--target needs --draft (an EAGLE-1/2 head directory for that model)")
+            raise CLIError("--target needs --draft (an EAGLE-1/2 or EAGLE-3 head directory or hub id for that model)")
         model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.target)
         except (OSError, ValueError):
             tokenizer = None
         name = Path(args.target).name
-        head_path = Path(args.draft)
-        if not head_path.exists():
-            raise CLIError(f"--draft {args.draft!r} does not exist")
+        try:
+            head_path = Path(resolve_head(args.draft))
+        except FileNotFoundError as exc:
+            raise CLIError(f"--draft: {exc}") from None
     head = EagleDraftHead.from_pretrained(head_path, target=model)
     decoders = []
     for i, (T, D, K) in enumerate(trees):

@@ -103,7 +103,7 @@ def test_bad_values_get_clear_errors(tmp_path, capsys):
     assert cli.main(["generate", "hi", "--top-p", "1.5"]) == 2
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--target", str(tmp_path / "nope"), "--draft", "x"]) == 2
-    assert "is not a local model directory" in capsys.readouterr().err
+    assert "is neither a local model directory nor a hub repository id" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--draft", str(tmp_path / "nohead"), "--device", "cpu"]) == 2
     assert "no draft head at" in capsys.readouterr().err
     assert cli.main(["bench", "--questions", str(tmp_path / "q.jsonl"), "--no-plots"]) == 2

@@ -135,7 +135,7 @@ class TreeSpecDecoder:
         backend, max_length = config.backend, config.max_length
         if not isinstance(draft, EagleDraftHead):
             raise TypeError(f"draft must be an EagleDraftHead, got {type(draft).__name__}")
-        self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
+        self._adapter = TargetAdapter(target, backend=backend)  # validates the target first
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
@@ -151,7 +151,11 @@ class TreeSpecDecoder:
                 f"EagleDraftHead.from_pretrained(path, target=model) or call head.to(dtype)"
             )
         # (Re-)attach: checks hidden size / vocab against this target and shares its weights.
+        # Then the adapter captures the features this head reads (EAGLE-3: layers that depend
+        # on the target's depth, known once attached).
         draft.attach_target(target)
+        if draft.feature_layers is not None:
+            self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
         if self.config.top_k > draft.draft_vocab_size:
             raise ValueError(
                 f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
@@ -187,8 +191,10 @@ class TreeSpecDecoder:
             target: a transformers causal LM, or a local name/path loaded with
                 ``AutoModelForCausalLM.from_pretrained`` (its tokenizer becomes
                 ``dec.tokenizer``); None = the embedded default (SmolLM2-135M-Instruct).
-            draft: an :class:`EagleDraftHead` or a directory in the released EAGLE-1/2 layout;
-                None with target None = the default head shipped with the package.
+            draft: an :class:`EagleDraftHead`, a directory in the released EAGLE-1/2 or EAGLE-3
+                layout, or a Hugging Face hub repository id (read from the local cache when
+                ``HF_HUB_OFFLINE`` is set); None with target None = the default head shipped
+                with the package.
             dtype, device: used when loading a target by name or the default (default: the
                 file's dtype, or bf16 for the default model; CPU).
             **config: the constructor's keyword arguments (total_tokens, depth, top_k,
