@@ -819,6 +819,9 @@ class TreeSpecDecoder:
         queue: list[tuple[int, object]] = []
         events: list[tuple] = []
         pinned_u = torch.empty((2, batch, T), dtype=torch.float32, pin_memory=cuda)
+        # Events record on the target's stream: a bare record() would use the *current*
+        # device's stream, and for a target on cuda:1 the host could read a stale record.
+        stream = torch.cuda.current_stream(dev) if cuda else None
         u_done: list = [None, None]
         stats.other_s += time.perf_counter() - t0
         r = 0
@@ -836,21 +839,21 @@ class TreeSpecDecoder:
                         torch.rand((batch, T), generator=generator, out=u)
                         sr.uniforms.copy_(u, non_blocking=True)
                         u_done[r % 2] = torch.cuda.Event()
-                        u_done[r % 2].record()
+                        u_done[r % 2].record(stream)
                     else:
                         sr.uniforms.copy_(self._uniforms((batch, T), generator))
                 if cuda:
                     marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-                    marks[0].record()
+                    marks[0].record(stream)
                     sr.run_draft()
-                    marks[1].record()
+                    marks[1].record(stream)
                     sr.run_verify()
-                    marks[2].record()
+                    marks[2].record(stream)
                     events.append(marks)
                     slot = r % 2
                     host[slot].copy_(sr.record, non_blocking=True)
                     done = torch.cuda.Event()
-                    done.record()
+                    done.record(stream)
                     queue.append((slot, done))
                     stats.other_s += time.perf_counter() - t0
                 else:
