@@ -20,6 +20,7 @@ import numbers
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -294,37 +295,91 @@ class TreeSpecDecoder:
         self._consts_for = (batch, dev)
 
     # ------------------------------------------------------------------ input checks
-    def _check_call(self, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree: bool):
+    def _prompts(self, input_ids, attention_mask) -> tuple[torch.Tensor, list[int]]:
+        """Prompts -> (right-padded ids [B, Lmax] on the target's device, lengths [B]).
+
+        Accepts a [B, L] or [L] integer tensor (with an optional ``attention_mask`` of 0/1, left
+        or right padding), a tokenizer's BatchEncoding / dict with ``input_ids`` (and
+        ``attention_mask``), or a list of 1-D tensors / lists of ids of different lengths.
+        """
+        if isinstance(input_ids, Mapping) and "input_ids" in input_ids:
+            if attention_mask is None:
+                attention_mask = input_ids.get("attention_mask")
+            input_ids = input_ids["input_ids"]
+        dev = self._adapter.device
+        if isinstance(input_ids, (list, tuple)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with a padded [B, L] tensor, not with a list of prompts")
+            if not input_ids:
+                raise ValueError("input_ids is an empty list; give at least one prompt")
+            rows = []
+            for i, row in enumerate(input_ids):
+                t = row if torch.is_tensor(row) else torch.as_tensor(row)
+                if t.dim() != 1:
+                    raise ValueError(f"prompt {i} of the list must be 1-D, got shape {tuple(t.shape)}")
+                rows.append(self._as_ids(t, f"prompt {i}"))
+        else:
+            if not torch.is_tensor(input_ids):
+                raise InputTypeError(
+                    f"input_ids must be a torch.Tensor of token ids [B, L] (or a list of 1-D prompts), got "
+                    f"{type(input_ids).__name__}"
+                )
+            ids = self._as_ids(input_ids, "input_ids")
+            if ids.dim() == 1:
+                ids = ids.unsqueeze(0)
+            if ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [B, L], got {tuple(ids.shape)}")
+            if attention_mask is not None and tuple(torch.as_tensor(attention_mask).shape) != tuple(ids.shape):
+                raise ValueError(f"attention_mask shape {tuple(torch.as_tensor(attention_mask).shape)} differs "
+                                 f"from input_ids {tuple(ids.shape)}")
+            if attention_mask is None or bool(torch.as_tensor(attention_mask).all()):
+                rows = None
+                if ids.shape[0] < 1 or ids.shape[1] < 1:
+                    raise ValueError(f"input_ids must hold a non-empty prompt, got shape {tuple(ids.shape)}")
+                if ids.device != dev:
+                    raise ValueError(f"input_ids is on {ids.device} but the target model on {dev}; move it there")
+                self._check_vocab(ids, "input_ids")
+                return ids, [ids.shape[1]] * ids.shape[0]
+            mask = torch.as_tensor(attention_mask)
+            rows = []
+            for b in range(ids.shape[0]):
+                keep = torch.nonzero(mask[b].to("cpu") != 0).flatten()
+                if keep.numel() and keep[-1] - keep[0] + 1 != keep.numel():
+                    raise ValueError(
+                        f"attention_mask row {b} has zeros between ones; only left or right padding is supported"
+                    )
+                rows.append(ids[b, keep.to(ids.device)])
+        lengths = [int(r.numel()) for r in rows]
+        if min(lengths) < 1:
+            raise ValueError(f"every prompt must hold at least one token, got lengths {lengths}")
+        for i, r in enumerate(rows):
+            if r.device != dev:
+                raise ValueError(f"prompt {i} is on {r.device} but the target model on {dev}; move it there")
+            self._check_vocab(r, f"prompt {i}")
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.int64, device=dev)
+        for b, r in enumerate(rows):
+            ids[b, : lengths[b]] = r
+        return ids, lengths
+
+    @staticmethod
+    def _as_ids(t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise InputTypeError(f"{name} must be an integer tensor (int64 token ids), got dtype {t.dtype}")
+        return t if t.dtype in (torch.int32, torch.int64) else t.long()  # embeddings take int32/int64
+
+    def _check_vocab(self, ids: torch.Tensor, name: str) -> None:
+        vocab = self._adapter.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name} must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+
+    def _check_call(self, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree: bool,
+                    attention_mask=None) -> "_Request":
         if self._closed:
             raise RuntimeError("this TreeSpecDecoder was closed; create a new one")
-        if isinstance(input_ids, Mapping) and "input_ids" in input_ids:
-            # A tokenizer's BatchEncoding: only unpadded prompts are supported.
-            mask = input_ids.get("attention_mask")
-            if mask is not None and torch.is_tensor(mask) and not bool(mask.all()):
-                raise ValueError("padded prompts (attention_mask with zeros) are not supported; pass unpadded input_ids")
-            input_ids = input_ids["input_ids"]
-        if not torch.is_tensor(input_ids):
-            raise InputTypeError(
-                f"input_ids must be a torch.Tensor of token ids [B, L], got {type(input_ids).__name__}"
-            )
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise InputTypeError(f"input_ids must be an integer tensor (int64 token ids), got dtype {input_ids.dtype}")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            input_ids = input_ids.long()  # embeddings take int32 / int64 indices only
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [B, L], got {tuple(input_ids.shape)}")
-        batch, length = input_ids.shape
-        if batch < 1 or length < 1:
-            raise ValueError(f"input_ids must hold a non-empty prompt, got shape {tuple(input_ids.shape)}")
-        dev = self._adapter.device
-        if input_ids.device != dev:
-            raise ValueError(f"input_ids is on {input_ids.device} but the target model on {dev}; move it there")
+        input_ids, lengths = self._prompts(input_ids, attention_mask)
+        length = max(lengths)
         vocab = self._adapter.vocab_size
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
@@ -369,7 +424,7 @@ class TreeSpecDecoder:
                 f"the target uses sliding-window attention (window {window}); sequences of {need} "
                 f"tokens would need it, and tree attention here attends to the whole prefix"
             )
-        return input_ids, max_new_tokens, temperature, top_p, top_k, eos, need
+        return _Request(input_ids, lengths, max_new_tokens, temperature, top_p, top_k, eos, need, generator)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -381,14 +436,16 @@ class TreeSpecDecoder:
         top_k: int = 0,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Speculative decoding: same output as plain decoding of the target.
 
         Args:
-            input_ids: [B, L] int64 prompts of one length (no padding), on the target's device
-                (or a tokenizer's output holding unpadded ``input_ids``). The B sequences
-                decode in lockstep; each stops on its own, and one that stops early is padded
-                (the model's pad id, else the first EOS id), as transformers pads.
+            input_ids: prompts on the target's device: a [B, L] (or [L]) int64 tensor; a list
+                of 1-D tensors (or lists of ids) of different lengths; or a tokenizer's
+                BatchEncoding / dict with ``input_ids`` and ``attention_mask`` (left or right
+                padded). The B sequences decode together, each at its own length (no padding
+                inside the KV cache), and each stops on its own.
             max_new_tokens: at most this many tokens are generated.
             temperature: 0 = greedy (token-for-token equal to plain greedy decoding); > 0 samples.
             top_p: nucleus filter in (0, 1] (sampling only).
@@ -399,12 +456,19 @@ class TreeSpecDecoder:
                 disables stopping.
             generator: torch.Generator for the sampling draws (same generator state = same
                 output).
+            attention_mask: optional [B, L] 0/1 mask of a padded ``input_ids`` tensor.
 
         Returns:
-            GenerateOutput: ``sequences`` [B, L + n] int64, ``stats`` (DecodeStats; for B > 1
-            ``accept_lengths`` counts the tokens committed by the whole batch per round).
+            GenerateOutput: ``sequences`` [B, Lmax + n] int64 laid out as transformers' batched
+            generate returns it for decoder-only models: each prompt left-padded to the longest
+            (Lmax), then its new tokens, so column Lmax starts every row's answer; a sequence
+            that stops early is padded at the end (the model's pad id, else the first EOS id).
+            ``stats`` (DecodeStats; for B > 1 ``accept_lengths`` counts the tokens committed by
+            the whole batch per round).
         """
-        return self._collect(True, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator)
+        req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
+                               True, attention_mask)
+        return self._collect(True, req)
 
     def generate_plain(
         self,
@@ -415,10 +479,13 @@ class TreeSpecDecoder:
         top_k: int = 0,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Plain one-token-per-forward decoding over the same static cache and attention path
         (the baseline; same arguments and output as :meth:`generate`)."""
-        return self._collect(False, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator)
+        req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
+                               False, attention_mask)
+        return self._collect(False, req)
 
     def stream(
         self,
@@ -430,32 +497,40 @@ class TreeSpecDecoder:
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         plain: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> Iterator[list[int]]:
         """Like :meth:`generate`, but yields the new token ids of each round as it commits them:
         a list of ints for B = 1, a list of B such lists for B > 1 (empty for a sequence that
         has stopped). The arguments are checked when ``stream`` is called; ``self.last_stats``
         holds the stats once the stream is exhausted. ``plain=True`` streams plain decoding."""
-        args = self._check_call(
-            input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree=not plain
+        req = self._check_call(
+            input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, not plain, attention_mask
         )
-        rounds = self._run(not plain, *args, generator)
-        if args[0].shape[0] == 1:
+        rounds = self._run(not plain, req)
+        if req.batch == 1:
             return (chunks[0] for chunks in rounds)
         return rounds
 
     # ------------------------------------------------------------------ loops
-    def _collect(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator):
-        args = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, tree)
-        ids = args[0]
-        new: list[list[int]] = [[] for _ in range(ids.shape[0])]
-        for chunks in self._run(tree, *args, generator):
+    def _collect(self, tree, req: "_Request"):
+        ids = req.input_ids
+        new: list[list[int]] = [[] for _ in range(req.batch)]
+        for chunks in self._run(tree, req):
             for seq, chunk in zip(new, chunks):
                 seq.extend(chunk)
         t0 = time.perf_counter()
         width = max(len(seq) for seq in new)
         # Sequences that stopped early are padded, as transformers' generate pads them.
         rows = [seq + [self._pad_id] * (width - len(seq)) for seq in new]
-        out = torch.tensor(rows, dtype=ids.dtype, device=ids.device).view(ids.shape[0], width)
+        out = torch.tensor(rows, dtype=ids.dtype, device=ids.device).view(req.batch, width)
+        if req.ragged:
+            # Prompts of different lengths: left-padded to the longest, as transformers lays out
+            # a batched decoder-only generate (so column Lmax starts every answer).
+            lmax = ids.shape[1]
+            prompts = torch.full_like(ids, self._pad_id)
+            for b, n in enumerate(req.lengths):
+                prompts[b, lmax - n :] = ids[b, :n]
+            ids = prompts
         sequences = torch.cat([ids, out], dim=1)
         stats = self.last_stats
         stats.other_s += time.perf_counter() - t0
@@ -506,7 +581,7 @@ class TreeSpecDecoder:
         stats.record(total)
         return chunks
 
-    def _run(self, tree, input_ids, max_new_tokens, temperature, top_p, top_k, eos, need, generator):
+    def _run(self, tree, req: "_Request"):
         """The decoding loop; yields, per round, one list of committed token ids per sequence.
 
         Sequences of a batch advance in lockstep; one that has stopped (EOS or budget) keeps
@@ -516,22 +591,31 @@ class TreeSpecDecoder:
         self.last_stats = stats
         self._epoch += 1
         epoch = self._epoch
-        if max_new_tokens == 0:
+        if req.max_new_tokens == 0:
             return
         t_start = time.perf_counter()
+        input_ids, lengths = req.input_ids, req.lengths
+        temperature, top_p, top_k, eos, generator = req.temperature, req.top_p, req.top_k, req.eos, req.generator
         batch, length = input_ids.shape
-        self._ensure_buffers(batch, need)
+        self._ensure_buffers(batch, req.need)
         tc, dc, ad = self._tcache, self._dcache, self._adapter
         backend = self.config.backend
-        budgets = [max_new_tokens] * batch
+        budgets = [req.max_new_tokens] * batch
         active = [True] * batch
 
-        # ---- prefill: one target forward over the prompt commits the first token.
+        # ---- prefill: one target forward over the prompts commits the first token. Prompts
+        # of different lengths are right-padded: causal attention keeps each valid position
+        # blind to the padding after it, and the cache lengths then drop the padding's KV.
         tc.set_length(0)
         dc.set_length(0)
         ctx = DecodeContext(tc, 0, None, length, backend)
-        logits, feats = ad.forward(input_ids, self._positions[:length].expand(batch, length), ctx, logits_to_keep=1)
-        tc.set_length(length)
+        last = torch.tensor(lengths, device=input_ids.device) - 1
+        keep = 1 if not req.ragged else torch.unique(last)
+        logits, feats = ad.forward(input_ids, self._positions[:length].expand(batch, length), ctx,
+                                   logits_to_keep=keep)
+        tc.set_lengths(lengths)
+        if req.ragged:  # row b's last prompt position among the kept ones
+            logits = logits[torch.arange(batch, device=logits.device), torch.searchsorted(keep, last)][:, None]
         root = self._pick(logits[:, -1], temperature, top_p, top_k, generator)  # [B]
         t_verify = time.perf_counter()
         stats.verify_s += t_verify - t_start
@@ -539,16 +623,18 @@ class TreeSpecDecoder:
         if tree and self.uses_static_round:
             stats.other_s += time.perf_counter() - t_verify
             yield chunks
-            yield from self._static_loop(input_ids, feats, root, active, budgets, temperature, top_p, top_k,
-                                         eos, generator, stats, epoch)
+            yield from self._static_loop(input_ids, lengths, feats, root, active, budgets, temperature, top_p,
+                                         top_k, eos, generator, stats, epoch)
             return
         if not tree:
             yield from self._plain_loop(chunks, root, active, budgets, temperature, top_p, top_k, eos, generator,
                                         stats, epoch)
             return
-        # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L.
+        # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L (row b: its own L).
         pending = _Pending(batch)
-        pending.add(feats, torch.cat([input_ids[:, 1:], root[:, None]], dim=1), [length] * batch)
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        nxt.scatter_(1, last.view(batch, 1), root.view(batch, 1))
+        pending.add(feats, nxt, lengths)
         stats.other_s += time.perf_counter() - t_verify
         yield chunks
         t_mark = time.perf_counter()
@@ -787,8 +873,8 @@ class TreeSpecDecoder:
             sr = self._static = StaticRound(self, batch)
         return sr
 
-    def _static_loop(self, input_ids, feats, root, active, budgets, temperature, top_p, top_k, eos, generator,
-                     stats, epoch):
+    def _static_loop(self, input_ids, lengths, feats, root, active, budgets, temperature, top_p, top_k, eos,
+                     generator, stats, epoch):
         """Rounds over static buffers (runtime/graphs.py): no host reads inside a round; the
         host reads each round's packed record one round late on CUDA (pinned copy + event)."""
         if not any(active):
@@ -800,13 +886,16 @@ class TreeSpecDecoder:
         dc, head = self._dcache, self.draft
         with torch.no_grad():
             # The draft catches up on the prompt's pairs but the last, (f_L, root): that one is
-            # the first round's (padded) catch-up, so every round has the same shape.
-            dc.set_length(length - 1)
+            # the first round's (padded) catch-up, so every round has the same shape. Rows of
+            # shorter prompts hold padding after their own L - 1 pairs (then cut by the length).
             if length > 1:
                 head.prefill(feats[:, : length - 1], input_ids[:, 1:], dc)
+            dc.set_lengths([n - 1 for n in lengths])
+            last = torch.tensor(lengths, device=dev) - 1
+            feat_last = feats[torch.arange(batch, device=dev), last]
         sr = self._static_round(batch)
         sr.set_sampling(temperature, top_p, top_k)
-        sr.start(root, feats[:, -1], torch.tensor(budgets), eos, torch.tensor(active, device=dev))
+        sr.start(root, feat_last, torch.tensor(budgets), eos, torch.tensor(active, device=dev))
         want = self.config.cuda_graphs
         if cuda and want is not False and not sr.graphs and sr.graph_error is None:
             sr.enable_graphs()
@@ -926,6 +1015,31 @@ class TreeSpecDecoder:
             chunks = self._commit(proposals, active, budgets, eos, stats)
             stats.other_s += time.perf_counter() - t1
             yield chunks
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One validated generate / stream call: prompts right-padded to the longest ([B, Lmax]
+    int64 on the target's device) with their lengths, the budget, sampling and stop ids, and
+    ``need``, the cache slots the call may use."""
+
+    input_ids: torch.Tensor
+    lengths: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    eos: frozenset
+    need: int
+    generator: torch.Generator | None
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def ragged(self) -> bool:
+        return min(self.lengths) != self.input_ids.shape[1]
 
 
 class _Pending:
