@@ -25,6 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from chi_square import chi_square_pvalue
 from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
 
 # Tree shapes whose accepted paths get long with the trained head: a chain, a mid tree, the
@@ -173,3 +174,87 @@ def check_stats(out, prompt_len):
     assert all(a >= 1 for a in s.accept_lengths)
     assert s.mean_accept_length == pytest.approx(sum(s.accept_lengths) / len(s.accept_lengths))
     assert min(s.draft_s, s.verify_s, s.other_s) >= 0.0
+
+
+# ---------------------------------------------------------------------- sampling-law tests
+# The decoder-level distribution tests compare sampled tokens with the exact law of plain
+# sampling, computed by enumerating every continuation of a vocabulary-8 target.
+SAMPLING_VOCAB = 8
+SAMPLING = dict(temperature=0.8, top_p=0.9, top_k=6)
+SAMPLING_PROMPTS = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 6, 2]])
+
+
+@functools.lru_cache(maxsize=None)
+def sampling_setup():
+    """The sampling target and its head: a Llama shrunk to 1 layer, hidden 32, vocab 8 (real
+    Llama-3-8B: 32 layers, 4096, 128256), lm_head scaled by 5 so next-token laws are spread
+    over several tokens, not uniform; and a head trained (about a second) against the
+    target's softmax on its own sampled continuations, so the tree's children are likely
+    tokens and every branch of the acceptance walk is exercised: first children accepted,
+    rejected siblings, later siblings accepted, bonus draws from residuals. Returns
+    (model, head)."""
+    torch.manual_seed(2024)
+    model = tiny_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       vocab_size=SAMPLING_VOCAB, max_position_embeddings=128, **NO_SPECIAL_TOKENS)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+    torch.manual_seed(7)
+    prompts = torch.randint(0, SAMPLING_VOCAB, (16, 5))
+    with torch.no_grad():
+        seqs = model.generate(prompts, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+        out = model(seqs, output_hidden_states=True)
+    feats, target_p = out.hidden_states[-1], torch.softmax(out.logits, -1)
+    torch.manual_seed(0)
+    head = EagleDraftHead.from_target(model)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        pred = head(feats[:, :-1], seqs[:, 1:])
+        logp = torch.log_softmax(head.logits(pred), -1)
+        loss = (-(target_p[:, 1:] * logp).sum(-1).mean()
+                + 10.0 * torch.nn.functional.smooth_l1_loss(pred, feats[:, 1:]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return model, head
+
+
+def exact_law(model, prompt_ids, n, process):
+    """The exact law P(x1..xn) [V]*n float64 of n tokens sampled after ``prompt_ids`` [1, L],
+    where ``process`` maps logits [N, V] to a next-token distribution."""
+    V = model.config.vocab_size
+    law = torch.ones(1, dtype=torch.float64)
+    seqs = prompt_ids
+    with torch.no_grad():
+        for _ in range(n):
+            p = process(model(seqs).logits[:, -1]).double()  # [V^j, V]
+            law = (law[:, None] * p).reshape(-1)
+            nxt = torch.arange(V).repeat(seqs.shape[0])[:, None]
+            seqs = torch.cat([seqs.repeat_interleave(V, 0), nxt], 1)
+    return law.reshape([V] * n)
+
+
+def marginal(law: torch.Tensor, dims) -> torch.Tensor:
+    """The marginal of ``law`` [V]*n over the token positions ``dims`` (0-based, ascending)."""
+    assert list(dims) == sorted(dims), dims
+    rest = [d for d in range(law.dim()) if d not in dims]
+    return law.sum(dim=rest) if rest else law
+
+
+def token_counts(samples: torch.Tensor, dims, vocab: int) -> torch.Tensor:
+    """Counts [V]*len(dims) float64 of the tokens at columns ``dims`` of ``samples`` [N, n]."""
+    counts = torch.zeros([vocab] * len(dims), dtype=torch.float64)
+    counts.index_put_(tuple(samples[:, d] for d in dims), torch.ones(len(samples), dtype=torch.float64),
+                      accumulate=True)
+    return counts
+
+
+def law_pvalues(samples: torch.Tensor, law: torch.Tensor, groups) -> dict:
+    """Chi-square p-values of ``samples`` [N, n] int64 against ``law`` [V]*n, one per group of
+    token positions (0-based, ascending; e.g. (0, 1) tests the joint of the first two tokens
+    against that marginal of ``law``). Keys name the tokens 1-based: "x1x2"."""
+    return {"".join(f"x{d + 1}" for d in dims): chi_square_pvalue(token_counts(samples, dims, law.shape[0]),
+                                                                  marginal(law, dims))
+            for dims in groups}
