@@ -22,9 +22,11 @@ from tiny_models import (  # noqa: E402
     fixed,
     fixed_decoder,
     hf_greedy,
+    NO_SPECIAL_TOKENS,
     one_thread,  # noqa: F401  (autouse fixture)
     prompt,
     random_head,
+    tiny_model,
     tiny_target,
     trained_setup,
 )
@@ -248,6 +250,28 @@ def test_bad_input_errors_and_reuse():
     assert TreeSpecDecoder(model, head, config=cfg).config is cfg
     with pytest.raises(Exception):
         cfg.depth = 3  # frozen
+
+
+def test_sliding_window_guard():
+    """Tree attention attends to the whole prefix, so a target with sliding-window attention
+    decodes only sequences that fit in its window (there both attentions agree): within it the
+    output equals transformers' greedy generate, beyond it the call raises before any work and
+    the decoder stays usable; a window switched off (use_sliding_window=False) is no limit."""
+    torch.manual_seed(3)
+    model = tiny_model("mistral", vocab_size=200, sliding_window=32, **NO_SPECIAL_TOKENS)
+    dec = fixed_decoder(model, EagleDraftHead.from_target(model), 6, 2, 3)
+    ids = prompt(200, 5, 1)
+    ref = hf_greedy(model, ids, 12)
+    assert torch.equal(dec.generate(ids, 12).sequences, ref)
+    for n in (28, 100):
+        with pytest.raises(NotImplementedError, match=r"sliding-window attention \(window 32\)"):
+            dec.generate(ids, n)
+        with pytest.raises(NotImplementedError, match="window 32"):
+            dec.stream(ids, n)
+    assert torch.equal(dec.generate(ids, 12).sequences, ref)
+    off = tiny_model("qwen2", vocab_size=200, sliding_window=8, use_sliding_window=False, **NO_SPECIAL_TOKENS)
+    dec = fixed_decoder(off, EagleDraftHead.from_target(off), 6, 2, 3)
+    assert torch.equal(dec.generate(ids, 30).sequences, hf_greedy(off, ids, 30))
 
 
 def test_from_pretrained_with_objects_and_paths(tmp_path):
