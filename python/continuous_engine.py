@@ -446,9 +446,11 @@ class ContinuousEngine:
         ctx = PagedContext(self.target_kv, self._table(reqs, n), zero, zero,
                            self._causal_mask(n).expand(B, n, -1), n, self.backend)
         positions = torch.arange(n, device=self.device).expand(B, n)
-        logits, feats = self.adapter.forward(ids, positions, ctx)
-        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
-        roots = logits[torch.arange(B, device=self.device), last].argmax(-1).tolist()
+        # logits only at each prompt's last position (transformers' per-row logits_to_keep):
+        # the lm_head over every padded position would cost more than the rest of the prefill
+        last = torch.tensor([[len(r.prompt) - 1] for r in reqs], device=self.device)
+        logits, feats = self.adapter.forward(ids, positions, ctx, logits_to_keep=last)
+        roots = logits[:, 0].argmax(-1).tolist()
         out = []
         for b, (r, root) in enumerate(zip(reqs, roots)):
             P = len(r.prompt)
