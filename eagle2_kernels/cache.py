@@ -136,11 +136,134 @@ class StaticKVCache:
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
         self.host_lengths = list(lengths)
 
-    def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> bool:
+    def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device, block_size=None) -> bool:
         """True when this cache can serve a call with these needs without reallocation."""
         return (
-            self.batch_size == batch_size
+            block_size is None
+            and self.batch_size == batch_size
             and self.capacity >= capacity
             and self.dtype == dtype
             and self.device == torch.device(device)
         )
+
+    # The two operations the decoder's target forwards need, whatever the storage.
+    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None):
+        """Tree attention of q [B, Hq, N, Dh] over layer ``layer``'s prefix + tree slots."""
+        from eagle2_kernels.ops import tree_attention
+
+        extra = {} if backend is None else {"backend": backend}
+        return tree_attention(q, self.keys(layer), self.values(layer), self.lengths, tree_mask, tree_len,
+                              scale=scale, **extra)
+
+    def compact(self, path: torch.Tensor, accept_len: torch.Tensor, backend=None) -> None:
+        """Move the accepted path's KV (every layer) to the slots right after the prefix."""
+        from eagle2_kernels.ops import kv_compact
+
+        kv_compact(self.kv, self.lengths, path, accept_len, backend=backend)
+
+
+class PagedKVCache(StaticKVCache):
+    """The target's KV in fixed-size pages reached through a block table (vLLM's layout), with
+    the interface of :class:`StaticKVCache` (write, lengths, attend, compact).
+
+    Args: as :class:`StaticKVCache`, plus ``block_size`` (tokens per page). Each sequence gets
+    ``ceil(capacity / block_size)`` pages, scattered over the pool in a fixed shuffled order
+    (so that no code can rely on a sequence's pages being adjacent).
+
+    Attributes:
+        pages: [2 * layers, num_blocks, block_size, Hkv, Dh]; keys of layer l at 2l, values 2l+1.
+        block_table: [B, max_blocks] int32, page of each block of each sequence.
+        lengths, host_lengths: as in :class:`StaticKVCache`.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device, block_size: int = 16):
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"PagedKVCache: block_size must be a positive int, got {block_size!r}")
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("num_kv_heads", num_kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
+        self.num_layers = num_layers
+        self.block_size = block_size
+        blocks = -(-capacity // block_size)
+        num_blocks = blocks * batch_size
+        self.pages = torch.zeros(2 * num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                                 device=device)
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
+        self.block_table = order.view(batch_size, blocks).to(torch.int32).to(device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * batch_size
+        self._batch, self._capacity = batch_size, blocks * block_size
+
+    @property
+    def kv(self):
+        raise AttributeError("a PagedKVCache has no dense kv tensor; use pages / block_table")
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pages.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pages.device
+
+    def keys(self, layer: int) -> torch.Tensor:
+        raise AttributeError("a PagedKVCache stores pages: use attend(), or pages[2 * layer] with block_table")
+
+    values = keys
+
+    def _flat_slots(self, start, n: int) -> torch.Tensor:
+        """[B, n] int64 flat page-slot index (page * block_size + offset) of logical start + j."""
+        dev = self.pages.device
+        if isinstance(start, torch.Tensor):
+            first = start.to(torch.int64).view(-1, 1)
+        elif isinstance(start, int):
+            first = torch.full((self._batch, 1), start, dtype=torch.int64, device=dev)
+        else:
+            first = torch.tensor(start, dtype=torch.int64, device=dev).view(-1, 1)
+        if not isinstance(start, torch.Tensor):
+            top = int(first.max()) + n
+            if top > self._capacity:
+                raise ValueError(f"PagedKVCache: writing {n} slots at {top - n} exceeds the capacity {self._capacity}")
+        pos = first + torch.arange(n, device=dev, dtype=torch.int64)  # [B, n]
+        page = self.block_table.to(torch.int64).gather(1, pos // self.block_size)
+        return page * self.block_size + pos % self.block_size
+
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([B, Hkv, N, Dh]) at logical slots start .. start + N - 1 (an int, a list
+        of B ints, or a [B] device tensor: a scatter with no host read)."""
+        b, h, n, d = k.shape
+        idx = self._flat_slots(start, n).reshape(-1)
+        for plane, x in ((2 * layer, k), (2 * layer + 1, v)):
+            flat = self.pages[plane].view(-1, h, d)
+            flat.index_copy_(0, idx, x.transpose(1, 2).reshape(b * n, h, d))
+
+    def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device, block_size=None) -> bool:
+        return (
+            block_size == self.block_size
+            and self._batch == batch_size
+            and self._capacity >= capacity
+            and self.dtype == dtype
+            and self.device == torch.device(device)
+        )
+
+    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None):
+        from eagle2_kernels.ops import tree_attention_paged
+
+        extra = {} if backend is None else {"backend": backend}
+        return tree_attention_paged(q, self.pages[2 * layer], self.pages[2 * layer + 1], self.block_table,
+                                    self.lengths, tree_mask, tree_len, scale=scale, **extra)
+
+    def compact(self, path: torch.Tensor, accept_len: torch.Tensor, backend=None) -> None:
+        from eagle2_kernels.ops import kv_compact_paged
+
+        kv_compact_paged(self.pages, self.block_table, self.lengths, path, accept_len, backend=backend)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from eagle2_kernels.cache import StaticKVCache
+from eagle2_kernels.cache import PagedKVCache, StaticKVCache
 
 ATTN_NAME = "eagle2_kernels_tree"
 CTX_KWARG = "eagle2_ctx"
@@ -84,13 +84,8 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
             value = value.repeat_interleave(hq // hkv, dim=1)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
-        from eagle2_kernels.ops import tree_attention
-
-        extra = {} if ctx.backend is None else {"backend": ctx.backend}
-        out = tree_attention(
-            query, cache.keys(layer), cache.values(layer), cache.lengths, ctx.tree_mask, ctx.tree_len,
-            scale=scaling, **extra,
-        )
+        # Dense (StaticKVCache) or paged (PagedKVCache) storage: the cache runs the right op.
+        out = cache.attend(layer, query, ctx.tree_mask, ctx.tree_len, scaling, ctx.backend)
     return out.transpose(1, 2), None
 
 
@@ -238,8 +233,12 @@ class TargetAdapter:
     def dtype(self) -> torch.dtype:
         return self.model.get_output_embeddings().weight.dtype
 
-    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
-        """A StaticKVCache for all layers of the target: [2*layers, B, Hkv, capacity, Dh]."""
+    def new_cache(self, batch_size: int, capacity: int, block_size: int | None = None) -> StaticKVCache:
+        """A cache for all layers of the target: a StaticKVCache [2*layers, B, Hkv, capacity, Dh],
+        or with ``block_size`` a PagedKVCache (pages of that many tokens and a block table)."""
+        if block_size is not None:
+            return PagedKVCache(self.num_layers, batch_size, self.num_kv_heads, capacity, self.head_dim,
+                                self.dtype, self.device, block_size=block_size)
         return StaticKVCache(
             self.num_layers, batch_size, self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device
         )

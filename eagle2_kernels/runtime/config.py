@@ -56,6 +56,8 @@ class DecodeConfig:
             bounds, and a round may verify fewer nodes, expand fewer levels, or decode plainly
             when drafting does not pay. False pins the exact fixed shape. The static round
             keeps its fixed, captured shape either way.
+        kv_block_size: None (default) keeps the target's KV in one dense tensor; an int keeps it
+            in pages of that many tokens behind a block table (``cache.PagedKVCache``).
         cuda_graphs: capture the static round's draft and verify phases as CUDA graphs and
             replay them. "auto" (default) = on when the static round runs on a CUDA target,
             falling back to eager replay (with a warning naming the reason) when capture
@@ -76,6 +78,7 @@ class DecodeConfig:
     static_round: bool | None = None
     cuda_graphs: bool | str = "auto"
     adaptive: bool = True
+    kv_block_size: int | None = None
 
     def __post_init__(self):
         _positive_int("total_tokens", self.total_tokens, 2)
@@ -96,6 +99,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         if self.cuda_graphs is True and self.static_round is False:
             raise ValueError("DecodeConfig: cuda_graphs=True needs the static round (static_round None or True)")
+        if self.kv_block_size is not None:
+            _positive_int("kv_block_size", self.kv_block_size, 1)
         if self.adaptive not in (True, False):
             raise ValueError(f"DecodeConfig: adaptive must be True or False, got {self.adaptive!r}")
         if self.backend is not None and self.backend not in BACKENDS:

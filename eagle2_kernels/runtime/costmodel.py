@@ -348,7 +348,7 @@ def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int
         def overhead():
             tree = ops.tree_build(cand, scores, parents, root, T, backend=backend)
             path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
-            ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
+            tc.compact(path, alen, backend=backend)
             return torch.cat([alen.view(batch, 1), bonus.view(batch, 1)], 1).tolist()
 
         over = _timed(overhead, reps, sync)

@@ -7,7 +7,7 @@ One round (DESIGN.md section 1), with the ops doing the per-node work on device:
     build        ops.tree_build: the T-1 best candidates -> DraftTree
     verify       one target forward over the T tree tokens (ops.tree_attention inside
                  transformers' attention interface), then ops.verify_greedy / verify_sample
-    commit       ops.kv_compact moves the accepted path's KV; one host read of
+    commit       ops.kv_compact (or kv_compact_paged) moves the accepted path's KV; one host read of
                  (accept length, bonus, path tokens) for EOS / max_new_tokens / streaming
 
 The Python work per round is a fixed number of tensor calls (no loop over nodes).
@@ -86,6 +86,10 @@ class TreeSpecDecoder:
         adaptive: True (default) = size every round from the draft's scores and this machine's
             measured costs (``runtime/policy.py``); total_tokens, depth and top_k are then upper
             bounds and a round may decode plainly. False = exactly the fixed shape.
+        kv_block_size: None (default) = the target's KV in one dense preallocated tensor; an
+            int = in pages of that many tokens reached through a block table (vLLM's layout;
+            ``cache.PagedKVCache``), run with ``ops.tree_attention_paged`` and
+            ``ops.kv_compact_paged``.
         cost_model: a :class:`~eagle2_kernels.runtime.costmodel.CostModel` for the policy; None
             (default) measures this machine on first use and caches it on disk (see
             :meth:`cost_model`; ``eagle2 tune`` prints it).
@@ -115,6 +119,7 @@ class TreeSpecDecoder:
         cuda_graphs: bool | str = "auto",
         adaptive: bool = True,
         cost_model=None,
+        kv_block_size: int | None = None,
     ):
         if config is None:
             # Unset tree fields come from the one table of defaults, by the target's device.
@@ -129,6 +134,7 @@ class TreeSpecDecoder:
             config = DecodeConfig(
                 total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend,
                 static_round=static_round, cuda_graphs=cuda_graphs, adaptive=adaptive,
+                kv_block_size=kv_block_size,
             )
         elif not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
@@ -263,8 +269,9 @@ class TreeSpecDecoder:
                 capacity = self._tcache.capacity
         ad, head = self._adapter, self.draft
         dev, dtype = ad.device, ad.dtype
-        if self._tcache is None or not self._tcache.matches(batch, capacity, dtype, dev):
-            self._tcache = ad.new_cache(batch, capacity)
+        block = cfg.kv_block_size
+        if self._tcache is None or not self._tcache.matches(batch, capacity, dtype, dev, block):
+            self._tcache = ad.new_cache(batch, capacity, block)
             d_cap = capacity + cfg.depth * cfg.top_k + cfg.depth + 2
             self._dcache = StaticKVCache(1, batch, head.num_kv_heads, d_cap, head.head_dim, dtype, dev)
             self._positions = torch.arange(d_cap, device=dev, dtype=torch.int64)
@@ -708,7 +715,7 @@ class TreeSpecDecoder:
             stats.verify_s += t_verify - t_draft
 
             # ---------------- commit: compact KV, one host read, EOS / budget
-            ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
+            tc.compact(path, alen, backend=backend)
             path_tokens = draft_tree.tokens.gather(1, path.clamp(min=0))
             P = path.shape[1]
             packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens, path], dim=1).tolist()

@@ -181,7 +181,7 @@ class StaticRound:
                 path, alen, bonus = ops.verify_sample(
                     tree, logits, self.uniforms, temperature, top_p, top_k, backend=backend
                 )
-            ops.kv_compact(tc.kv, tc.lengths, path, alen, backend=backend)
+            tc.compact(path, alen, backend=backend)
             sel = path[:, :P].clamp(min=0)
             path_tokens = tree.tokens.gather(1, sel)  # [B, P]
             # Tokens this round proposes: the path after the root, then the bonus (row alen-1).
