@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"eagle2: error: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as exc:
+        # The library's errors a user can cause (a prompt longer than the model allows, a head
+        # that does not fit the target, ...) name the bad value: a message, not a traceback.
+        if os.environ.get("EAGLE2_DEBUG"):
+            raise
+        print(f"eagle2: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\neagle2: interrupted", file=sys.stderr)
         return 130

@@ -297,3 +297,11 @@ def test_tune_measures_prints_and_plots(tiny, tmp_path, capsys, monkeypatch):
     assert set(data["tree_sizes"]) == {1} and "plain decoding: no tree pays" in out
     assert cli.main(["tune", "--curve", "2:40"] + _model_args(tiny)) == 2
     assert "--curve needs increasing token counts starting at 1" in capsys.readouterr().err
+
+
+def test_library_errors_print_a_message_not_a_traceback(tiny, capsys):
+    # A prompt + budget beyond the model's 1024 positions is a library ValueError.
+    assert cli.main(["generate", "Hi", "--max-new-tokens", "5000"] + _model_args(tiny)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eagle2: error: ") and "max_position_embeddings=1024" in err
+    assert "Traceback" not in err
