@@ -4,8 +4,8 @@ Requests arrive and finish at different times. Each ``step()`` of the engine
 
     admit    waiting requests (FIFO) while there is a free batch row and the pool can hold the
              request's worst case (blocks are reserved at admission, allocated lazily)
-    prefill  the admitted prompts, right-padded, in one target forward (causal mask as a tree
-             mask over an empty prefix); the first token of each comes from its last logits
+    prefill  the admitted prompts, right-padded, in one target forward (causal, empty prefix;
+             K/V into the pages); the first token of each comes from its last logits
     round    ONE speculative round for every running request, the just-admitted ones included:
              draft catch-up (ragged, padded) -> root expansion + D expansions (tree_expand)
              -> tree_build -> target verify over the tree (tree_attention_paged)
@@ -15,20 +15,21 @@ Requests arrive and finish at different times. Each ``step()`` of the engine
 so new requests prefill while others decode (the prefill is its own target forward within the
 step, then the newcomers join the same round as everyone else).
 
-Where the KV lives (both in pages):
+Where the KV lives: both the target's and the draft head's KV are in the paged pool.
     * target: ``target_kv`` [2 * layers, num_blocks, block_size, Hkv, Dh], K of layer l at 2l,
-      V at 2l + 1. The package's ``TargetAdapter`` writes a dense ``StaticKVCache`` from its own
-      attention function, so the engine subclasses it (``PagedTargetAdapter``): the subclass
-      only overrides the public ``scoped()`` switch so that, around each of the adapter's
-      forwards, the model's attention is a second function registered through transformers'
-      public ``AttentionInterface``. That function writes the layer's rotated K/V into the pages
-      through the block table and attends with ``ops.tree_attention_paged``. No package code is
-      edited, and outside the engine's forwards the model is untouched (as with the adapter).
+      V at 2l + 1. The engine drives the package's ``TargetAdapter`` unchanged; its attention
+      function writes and reads through ``ctx.cache.write`` / ``ctx.cache.attend`` (the interface
+      of ``StaticKVCache`` and ``PagedKVCache``), and the engine passes a :class:`PoolView` there:
+      writes go to the pages through the round's block table, attention is
+      ``ops.tree_attention_paged``, and the commit is ``ops.kv_compact_paged`` on all layers at
+      once. (The prefill, over an empty prefix, is the adapter's own causal attention over the
+      new tokens; their K/V still go to the pages.) No per-slot dense cache exists.
     * draft head: ``draft_kv`` [2, num_blocks, block_size, Hkv', Dh'], the same block ids and
       block table as the target (its stable length equals the target's committed prefix after
       each catch-up); the head runs as ``head.project`` -> paged write ->
       ``ops.tree_attention_paged`` -> ``head.finish`` (the same maths as ``head.tree_step``,
-      which reads a dense cache).
+      which reads a dense cache). Its tree slots need no compaction: each round's catch-up
+      rewrites them.
 
 Block 0 of the pool is a scratch page that no request owns: block-table rows are padded with
 it, so the rows a padded batch writes past a request's own pages land there and are never read.
@@ -44,7 +45,6 @@ Run a self-check (tiny random target and head, staggered arrivals, compares with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -53,10 +53,9 @@ from dataclasses import dataclass, field
 import torch
 
 from eagle2_kernels.models.draft_head import EagleDraftHead
-from eagle2_kernels.models.target import CTX_KWARG, TargetAdapter
+from eagle2_kernels.models.target import DecodeContext, TargetAdapter
 from eagle2_kernels.ops import kv_compact_paged, tree_attention_paged, tree_build, tree_expand, verify_greedy
 
-PAGED_ATTN_NAME = "eagle2_engine_paged"
 SCRATCH_BLOCK = 0
 
 
@@ -149,81 +148,35 @@ def write_pages(k_pages, v_pages, block_table, start, k, v) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The target on pages
+# The target on pages: what the adapter's attention function writes to and reads from
 
 
-@dataclass
-class PagedContext:
-    """What one paged target forward tells the attention function (passed as ``eagle2_ctx``).
+class PoolView:
+    """The paged pool as the target adapter's attention function sees it during one forward.
 
-    kv: [2 * layers, num_blocks, block_size, Hkv, Dh]; block_table [B, max_blocks] int32;
-    start [B] (first logical position written); prefix_len [B] int32 (visible to every query);
-    tree_mask [B, N, W] int32; tree_len: N (new tokens). ``calls`` is counted per forward and
-    checked by ``TargetAdapter.forward`` against the number of layers.
+    ``TargetAdapter``'s attention function calls ``ctx.cache.write(layer, slot, k, v)`` and then
+    ``ctx.cache.attend(layer, q, tree_mask, tree_len, scale, backend)`` (the interface shared by
+    the package's ``StaticKVCache`` and ``PagedKVCache``); this object answers both on the
+    engine's pool for the forward's batch rows: the write goes through the block table, the
+    attention is ``ops.tree_attention_paged``. For a prefill (``tree_mask`` None) the adapter
+    attends causally over the new tokens itself (the prefix is empty) and only writes here.
+
+    Args: kv [2 * layers, num_blocks, block_size, Hkv, Dh]; block_table [B, max_blocks] int32;
+    lengths [B] int32, the committed prefix of each row (visible to every query).
     """
 
-    kv: torch.Tensor
-    block_table: torch.Tensor
-    start: torch.Tensor
-    prefix_len: torch.Tensor
-    tree_mask: torch.Tensor
-    tree_len: int
-    backend: str | None = None
-    calls: int = field(default=0, compare=False)
+    def __init__(self, kv: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor):
+        self.kv, self.block_table, self.lengths = kv, block_table, lengths
 
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not torch.is_tensor(start):
+            start = torch.as_tensor([start] * k.shape[0] if isinstance(start, int) else start, device=k.device)
+        write_pages(self.kv[2 * layer], self.kv[2 * layer + 1], self.block_table, start, k, v)
 
-def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: q [B,Hq,N,Dh], k/v [B,Hkv,N,Dh] already rotated."""
-    ctx = kwargs.get(CTX_KWARG)
-    if not isinstance(ctx, PagedContext):
-        raise RuntimeError(f"the {PAGED_ATTN_NAME!r} attention only runs inside a ContinuousEngine forward")
-    ctx.calls += 1
-    kp, vp = ctx.kv[2 * module.layer_idx], ctx.kv[2 * module.layer_idx + 1]
-    write_pages(kp, vp, ctx.block_table, ctx.start, key, value)
-    extra = {} if ctx.backend is None else {"backend": ctx.backend}
-    out = tree_attention_paged(query, kp, vp, ctx.block_table, ctx.prefix_len, ctx.tree_mask, ctx.tree_len,
-                               scale=scaling, **extra)
-    return out.transpose(1, 2), None
-
-
-class PagedTargetAdapter(TargetAdapter):
-    """``TargetAdapter`` whose forwards attend over the engine's pages.
-
-    Only ``scoped()`` changes: it switches the model's configs to ``PAGED_ATTN_NAME`` (registered
-    with transformers' ``AttentionInterface``) for the body and restores them after, exactly as
-    the base class does for its own dense attention. ``forward(ids, positions, ctx)`` then takes
-    a :class:`PagedContext`.
-    """
-
-    def __init__(self, model, backend: str | None = None, feature_layers=None):
-        super().__init__(model, backend=backend, feature_layers=feature_layers)
-        from transformers import AttentionInterface, PreTrainedModel
-
-        AttentionInterface.register(PAGED_ATTN_NAME, _paged_attention)
-        configs, todo = {}, [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
-        while todo:
-            cfg = todo.pop()
-            if id(cfg) not in configs:
-                configs[id(cfg)] = cfg
-                todo.extend(getattr(cfg, k) for k in (getattr(cfg, "sub_configs", {}) or {})
-                            if getattr(cfg, k, None) is not None)
-        self._paged_configs = list(configs.values())
-        # validate once through the public switch, then put the previous implementation back
-        saved = [(c, c._attn_implementation_internal) for c in self._paged_configs]
-        model.set_attn_implementation(PAGED_ATTN_NAME)
-        for c, previous in saved:
-            c._attn_implementation_internal = previous
-
-    @contextlib.contextmanager
-    def scoped(self):
-        saved = [(c, c._attn_implementation_internal) for c in self._paged_configs]
-        for c, _ in saved:
-            c._attn_implementation_internal = PAGED_ATTN_NAME
-        try:
-            yield
-        finally:
-            for c, previous in saved:
-                c._attn_implementation_internal = previous
+    def attend(self, layer: int, q, tree_mask, tree_len: int, scale, backend=None) -> torch.Tensor:
+        extra = {} if backend is None else {"backend": backend}
+        return tree_attention_paged(q, self.kv[2 * layer], self.kv[2 * layer + 1], self.block_table, self.lengths,
+                                    tree_mask, tree_len, scale=scale, **extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +265,7 @@ class ContinuousEngine:
         self.model, self.head = model, head
         self.T, self.D, self.K = total_tokens, depth, top_k
         self.backend = backend
-        self.adapter = PagedTargetAdapter(model, backend=backend)
+        self.adapter = TargetAdapter(model, backend=backend)
         ad = self.adapter
         self.device, self.dtype = ad.device, ad.dtype
         self.max_batch = max_batch
@@ -443,8 +396,8 @@ class ContinuousEngine:
             ids[b, : len(r.prompt)] = torch.tensor(r.prompt)
         ids = ids.to(self.device)
         zero = torch.zeros(B, dtype=torch.int32, device=self.device)
-        ctx = PagedContext(self.target_kv, self._table(reqs, n), zero, zero,
-                           self._causal_mask(n).expand(B, n, -1), n, self.backend)
+        # tree_mask None: the adapter's causal prefill over an empty prefix (K/V still go to pages)
+        ctx = DecodeContext(PoolView(self.target_kv, self._table(reqs, n), zero), zero, None, n, self.backend)
         positions = torch.arange(n, device=self.device).expand(B, n)
         # logits only at each prompt's last position (transformers' per-row logits_to_keep):
         # the lm_head over every padded position would cost more than the rest of the prefill
@@ -533,7 +486,7 @@ class ContinuousEngine:
         self.stats.draft_s += t1 - t0
 
         # ---- verify: the target over the tree at positions prefix + depth, on the pages
-        ctx = PagedContext(self.target_kv, table, prefix, prefix, tree.mask, T, self.backend)
+        ctx = DecodeContext(PoolView(self.target_kv, table, prefix), prefix, tree.mask, T, self.backend)
         logits, tfeats = self.adapter.forward(tree.tokens, prefix[:, None].to(torch.int64) + tree.depth.to(torch.int64), ctx)
         path, alen, bonus = verify_greedy(tree, logits)
         t2 = time.perf_counter()
