@@ -426,6 +426,17 @@ try:
     from triton.compiler import ASTSource
 except ImportError as exc:
     print("skip:", exc); sys.exit(77)
+import os
+import shutil
+
+# Skip only when no ptxas exists at all (Triton's bundled one, the TRITON_PTXAS*_PATH
+# overrides, or one on PATH); a compile error once ptxas is there is a failure, even when its
+# message mentions ptxas (that is the error this test exists to catch).
+_bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_candidates = [os.environ.get("TRITON_PTXAS_PATH"), os.environ.get("TRITON_PTXAS_BLACKWELL_PATH"),
+               os.path.join(_bundled, "ptxas"), os.path.join(_bundled, "ptxas-blackwell"), shutil.which("ptxas")]
+if not any(c and os.path.isfile(c) and os.access(c, os.X_OK) for c in _candidates):
+    print("skip: no ptxas (neither Triton's bundled one nor one on PATH)"); sys.exit(77)
 from eagle2_kernels.ops.verify_greedy import kernel as g
 from eagle2_kernels.ops.verify_sample import kernel as s
 
@@ -452,12 +463,7 @@ for fn, sig, consts, warps in kernels:
     except TypeError as exc:  # an older ASTSource API
         print("skip:", exc); sys.exit(77)
     for cap in (90,):
-        try:
-            triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
-        except Exception as exc:
-            if "ptxas" in str(exc).lower():
-                print("skip:", exc); sys.exit(77)
-            raise
+        triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
 print("compiled")
 """
 
