@@ -138,15 +138,13 @@ def make_case(B, Hq, Hkv, Tq, Dh, prefixes, tree_len, rows_per_b, dtype=torch.fl
 
 def run_triton(case, tree_len, **launch_kw):
     """The Triton path; with ``launch_kw`` (split count, block sizes) through the kernel's
-    tuning entry point so that the split-prefix and combine code runs under the interpreter.
-    Falls back to the public op when that entry point is absent."""
+    tuning entry point ``kernel.launch`` so that the split-prefix and combine code runs under
+    the interpreter. No fallback: if that entry point goes away, the tests that name a split
+    or block size fail instead of silently testing the default launch."""
     if launch_kw:
-        try:
-            from eagle2_kernels.ops.tree_attention.kernel import launch
-        except ImportError:
-            launch = None
-        if launch is not None:
-            return launch(*case, tree_len, **launch_kw)
+        from eagle2_kernels.ops.tree_attention.kernel import launch
+
+        return launch(*case, tree_len, **launch_kw)
     return ops.tree_attention(*case, tree_len, backend="triton")
 
 
