@@ -361,14 +361,19 @@ SAMPLE_CASES = [
 
 @pytest.mark.parametrize("temperature,top_p,top_k", SAMPLE_CASES)
 def test_verify_sample_matches_reference(temperature, top_p, top_k):
+    """Seeded walks equal the reference's; in every case some walks accept drafted nodes and
+    some reject all of the root's children (residual bonus), so both branches are compared."""
     B, T, V = 3, 20, 500
+    lengths = []
     for seed in range(4):
         tree = small_vocab_tree(B, T, V, seed)
-        logits = planted_logits(tree, V, seed, follow=0.8) * 0.5
+        logits = planted_logits(tree, V, seed, follow=0.8)
         u = torch.rand(B, T, generator=torch.Generator().manual_seed(seed))
         got = _native.verify_sample(tree, logits, u, temperature, top_p, top_k)
         want = ref_verify_sample(tree, logits, u, temperature, top_p, top_k)
         assert_same(got, want, ("path", "accept_len", "bonus"))
+        lengths += want[1].tolist()
+    assert max(lengths) >= 2 and min(lengths) == 1, lengths
 
 
 def test_verify_sample_rejections_residual_and_out_of_vocab():
@@ -385,15 +390,25 @@ def test_verify_sample_rejections_residual_and_out_of_vocab():
 
 
 def test_verify_sample_uniform_walk_frequencies():
-    """Frequency check: the path distribution of ext equals the reference's exactly seed by
-    seed, and the bonus at the root of a leafless tree follows p."""
-    tree = DraftTree(torch.tensor([[0]]), torch.tensor([[-1]], dtype=torch.int32), None, None)
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
-    counts = torch.zeros(3)
-    for s in range(400):
-        u = torch.rand(1, 1, generator=torch.Generator().manual_seed(s))
-        counts[_native.verify_sample(tree, logits, u, 1.0)[2]] += 1
-    assert abs(counts[0] / 400 - 0.5) < 0.08 and abs(counts[1] / 400 - 0.25) < 0.07
+    """Seed by seed, ext's walk (path, length, bonus) equals the reference's on a root with two
+    children over a 3-token vocabulary, and the emitted first token follows p (both children
+    accepted or rejected, the bonus from the residual); the bonus at the root of a leafless tree
+    follows p too."""
+    p = torch.tensor([0.5, 0.25, 0.25])
+    branchy = DraftTree(torch.tensor([[0, 1, 0]]), torch.tensor([[-1, 0, 0]], dtype=torch.int32), None, None)
+    leafless = DraftTree(torch.tensor([[0]]), torch.tensor([[-1]], dtype=torch.int32), None, None)
+    for tree in (branchy, leafless):
+        T = tree.tokens.shape[1]
+        logits = torch.log(p).repeat(1, T, 1)
+        counts = torch.zeros(3)
+        for s in range(400):
+            u = torch.rand(1, T, generator=torch.Generator().manual_seed(s))
+            got = _native.verify_sample(tree, logits, u, 1.0)
+            assert_same(got, ref_verify_sample(tree, logits, u, 1.0), ("path", "accept_len", "bonus"))
+            path, alen, bonus = got
+            first = int(tree.tokens[0, path[0, 1]]) if int(alen) > 1 else int(bonus)
+            counts[first] += 1
+        assert abs(counts[0] / 400 - 0.5) < 0.08 and abs(counts[1] / 400 - 0.25) < 0.07, counts
 
 
 # ----------------------------------------------------------------------------- kv_compact
