@@ -316,10 +316,28 @@ def test_selfdistill_batched_windows_match_one_by_one_and_resume(tmp_path):
         generate_answers(model, tok, convs, tmp_path / "c.jsonl", window_batches=0, **kwargs)
 
 
-def test_fit_bf16_autocast_data_limit_and_snapshots(tmp_path):
+def test_fit_bf16_autocast_data_limit_and_snapshots(tmp_path, monkeypatch):
     from eagle2_kernels.models.draft_head import EagleDraftHead
+    from eagle2_kernels.train import fit as fit_mod
     from eagle2_kernels.train.features import generate_features, load_sequences
     from eagle2_kernels.train.fit import FitConfig, fit
+
+    # Every training step runs under bf16 autocast: the head's matmuls give bf16 outputs while
+    # its weights stay fp32.
+    seen = []
+    real_step = fit_mod.step_losses
+
+    def spy(head, feats, *args, **kwargs):
+        dtypes = []
+        hook = head.fc.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        try:
+            results = real_step(head, feats, *args, **kwargs)
+        finally:
+            hook.remove()
+        seen.append((torch.is_autocast_enabled(feats.device.type), set(dtypes), head.fc.weight.dtype))
+        return results
+
+    monkeypatch.setattr(fit_mod, "step_losses", spy)
 
     tok = tiny_tokenizer()
     target = tiny_target(len(tok))
@@ -334,6 +352,7 @@ def test_fit_bf16_autocast_data_limit_and_snapshots(tmp_path):
     assert limit <= summary["train_tokens"] < all_tokens
     assert summary["steps"] == 4
     assert summary["first_train_loss"] > 0 and math.isfinite(summary["last_train_loss"])
+    assert seen == [(True, {torch.bfloat16}, torch.float32)] * 4, seen
     snaps = sorted(p.name for p in (tmp_path / "head" / "snapshots").iterdir())
     assert snaps == ["step_000002", "step_000004"]
     progress = json.loads((tmp_path / "head" / "snapshots" / "step_000002" / "progress.json")
