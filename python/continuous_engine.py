@@ -9,7 +9,8 @@ Requests arrive and finish at different times. Each ``step()`` of the engine
     round    ONE speculative round for every running request, the just-admitted ones included:
              draft catch-up (ragged, padded) -> root expansion + D expansions (tree_expand)
              -> tree_build -> target verify over the tree (tree_attention_paged)
-             -> verify_greedy -> kv_compact_paged -> commit, EOS / budget
+             -> verify_greedy -> kv_compact_paged (or, with block_size 1 and
+             commit="remap", remap_slots: SGLang's slot remapping, no KV moves) -> EOS / budget
     finish   a request that has its tokens leaves at once and its blocks go back to the pool
 
 so new requests prefill while others decode (the prefill is its own target forward within the
@@ -54,7 +55,8 @@ import torch
 
 from eagle2_kernels.models.draft_head import EagleDraftHead
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
-from eagle2_kernels.ops import kv_compact_paged, tree_attention_paged, tree_build, tree_expand, verify_greedy
+from eagle2_kernels.ops import (kv_compact_paged, remap_slots, tree_attention_paged, tree_build, tree_expand,
+                                verify_greedy)
 
 SCRATCH_BLOCK = 0
 
@@ -238,6 +240,11 @@ class ContinuousEngine:
             requests of ``max_model_len`` tokens.
         max_batch: most requests running at once (batch rows of a round).
         max_model_len: longest prompt + new tokens a request may ask for (sizes the default pool).
+        commit: how a round's accepted path becomes the next prefix: ``"compact"`` moves its
+            target K/V behind the prefix (``kv_compact_paged``, any block size); ``"remap"``
+            (block_size 1 only, SGLang's token pool) moves nothing: ``remap_slots`` gives the
+            accepted nodes' slot ids, which become the request's next positions, and the
+            rejected nodes' slots go back to the pool.
         backend: optional forced ops backend.
 
     Example::
@@ -253,7 +260,7 @@ class ContinuousEngine:
 
     def __init__(self, model, head: EagleDraftHead, total_tokens: int = 10, depth: int = 3, top_k: int = 3,
                  block_size: int = 16, num_blocks: int | None = None, max_batch: int = 8,
-                 max_model_len: int = 512, backend: str | None = None):
+                 max_model_len: int = 512, commit: str = "compact", backend: str | None = None):
         if not (total_tokens >= 1 and depth >= 1 and top_k >= 1):
             raise ValueError(f"ContinuousEngine: need total_tokens, depth, top_k >= 1, got "
                              f"{total_tokens}, {depth}, {top_k}")
@@ -264,6 +271,12 @@ class ContinuousEngine:
             raise ValueError("ContinuousEngine drives EAGLE-1/2 heads (post-norm last-hidden features) only")
         self.model, self.head = model, head
         self.T, self.D, self.K = total_tokens, depth, top_k
+        if commit not in ("compact", "remap"):
+            raise ValueError(f"ContinuousEngine: commit must be 'compact' or 'remap', got {commit!r}")
+        if commit == "remap" and block_size != 1:
+            raise ValueError(f"ContinuousEngine: commit='remap' remaps token slots and needs block_size=1, "
+                             f"got block_size={block_size}")
+        self.commit = commit
         self.backend = backend
         self.adapter = TargetAdapter(model, backend=backend)
         ad = self.adapter
@@ -493,9 +506,19 @@ class ContinuousEngine:
         self.stats.verify_s += t2 - t1
 
         # ---- commit: move the accepted path's KV behind the prefix (all layers, one call)
-        kv_compact_paged(self.target_kv, table, prefix, path, alen)
         path_tok = tree.tokens.gather(1, path.clamp(min=0))
         alen_l, bonus_l, path_tok_l = alen.tolist(), bonus.tolist(), path_tok.tolist()
+        if self.commit == "compact":
+            kv_compact_paged(self.target_kv, table, prefix, path, alen)
+        else:
+            # token pool: the accepted nodes' slots become positions prefix..prefix+a-1 (no KV
+            # moves); the other tree slots are freed; slots past the tree (draft-only) are kept
+            acc, free, _ = remap_slots(table, prefix, path, alen, tree_len=T, update=False)
+            acc_l, free_l = acc.tolist(), free.tolist()
+            for b, r in enumerate(reqs):
+                p, a = r.prefix, alen_l[b]
+                r.blocks = r.blocks[:p] + acc_l[b][:a] + r.blocks[p + T:]
+                self.pool.free([x for x in free_l[b] if x >= 0])
         out = []
         for b, r in enumerate(reqs):
             a = alen_l[b]

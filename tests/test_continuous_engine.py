@@ -61,18 +61,21 @@ def _check_exact(model, eng, ids):
 
 
 @pytest.mark.parametrize(
-    "T, D, K, block_size",
+    "T, D, K, block_size, commit",
     [
-        pytest.param(10, 3, 3, 4, id="T10-D3-K3-bs4"),
-        pytest.param(16, 4, 4, 1, id="T16-D4-K4-bs1"),  # pages of one token (SGLang's granularity)
-        pytest.param(7, 5, 1, 16, id="T7-D5-K1-chain-bs16"),
-        pytest.param(40, 5, 4, 8, id="T40-D5-K4-bs8"),  # two mask words
+        pytest.param(10, 3, 3, 4, "compact", id="T10-D3-K3-bs4"),
+        pytest.param(16, 4, 4, 1, "compact", id="T16-D4-K4-bs1"),  # pages of one token
+        pytest.param(7, 5, 1, 16, "compact", id="T7-D5-K1-chain-bs16"),
+        pytest.param(40, 5, 4, 8, "compact", id="T40-D5-K4-bs8"),  # two mask words
+        # SGLang's way: token slots remapped, nothing moved (D*K = 16 > T: draft-only slots kept)
+        pytest.param(10, 4, 4, 1, "remap", id="T10-D4-K4-bs1-remap"),
+        pytest.param(7, 5, 1, 1, "remap", id="T7-D5-K1-chain-bs1-remap"),
     ],
 )
-def test_staggered_requests_equal_plain_greedy(T, D, K, block_size):
+def test_staggered_requests_equal_plain_greedy(T, D, K, block_size, commit):
     model, head, prompts = trained_setup("llama")
     eng = ce.ContinuousEngine(model, head, total_tokens=T, depth=D, top_k=K, block_size=block_size,
-                              max_batch=3, max_model_len=96)
+                              max_batch=3, max_model_len=96, commit=commit)
     ids = _drive(eng, _workload(prompts))
     _check_exact(model, eng, ids)
     st = eng.stats
@@ -159,6 +162,8 @@ def test_add_request_rejects_bad_input():
         eng.add_request(torch.zeros(1, 3, dtype=torch.int64), 4)
     with pytest.raises(ValueError, match="candidates"):
         ce.ContinuousEngine(model, head, total_tokens=30, depth=1, top_k=2)
+    with pytest.raises(ValueError, match="block_size=1"):
+        ce.ContinuousEngine(model, head, total_tokens=10, depth=3, top_k=3, block_size=4, commit="remap")
 
 
 def test_block_pool_and_page_writes():
@@ -192,3 +197,30 @@ def test_other_architectures_equal_plain_greedy(arch):
 def test_self_check_script_passes(capsys):
     assert ce.main(["--requests", "3", "--max-batch", "2"]) == 0
     assert capsys.readouterr().out.count("equals HF greedy: True") == 3
+
+
+def test_remap_commit_moves_no_kv(monkeypatch):
+    """commit='remap': the round never calls kv_compact_paged; rejected tree slots return to
+    the pool while their request still runs."""
+    model, head, prompts = trained_setup("llama")
+
+    def no_compaction(*args, **kwargs):
+        raise AssertionError("kv_compact_paged called in remap mode")
+
+    monkeypatch.setattr(ce, "kv_compact_paged", no_compaction)
+    eng = ce.ContinuousEngine(model, head, total_tokens=12, depth=3, top_k=4, block_size=1, max_batch=2,
+                              max_model_len=96, commit="remap")
+    rid = eng.add_request(prompts[0].tolist(), 30)
+    frees = []  # (was the request still running, slots handed back)
+    pool_free = eng.pool.free
+    eng.pool.free = lambda slots: (frees.append((not eng.requests[rid].done, list(slots))), pool_free(slots))
+    while eng.has_work():
+        eng.step()
+        r = eng.requests[rid]
+        if not r.done:
+            # the committed positions map to distinct slots, none of them the scratch page
+            assert len(set(r.blocks[: r.prefix])) == r.prefix and ce.SCRATCH_BLOCK not in r.blocks
+    freed_early = any(running and slots for running, slots in frees)
+    assert freed_early
+    _check_exact(model, eng, {rid: (prompts[0].tolist(), 30)})
+    assert eng.pool.free_blocks == eng.pool.capacity
