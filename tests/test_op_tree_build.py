@@ -370,16 +370,23 @@ def test_triton_errors_go_to_the_flag_or_raise_without_one(monkeypatch):
 # ----------------------------------------------------------------------------- GPU
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("K, D, T", [(10, 5, 60), (16, 8, 128), (8, 6, 64), (10, 5, 400)])
-def test_cuda_matches_reference(K, D, T):
+@requires_triton
+@pytest.mark.parametrize("K, D, T", [pytest.param(10, 5, 60, id="K10-D5-T60"),
+                                     pytest.param(16, 8, 128, id="K16-D8-T128"),
+                                     pytest.param(8, 6, 64, id="K8-D6-T64"),
+                                     pytest.param(10, 5, 400, id="K10-D5-T400")])
+def test_triton_large_trees_match_reference(K, D, T):
+    """The paper's and larger trees (up to T = 400, 13 mask words), fp32 and bf16 scores; on CPU
+    under the Triton interpreter too."""
     B = 4
+    dev = triton_device()
     tokens, scores, parents = draft_candidates(B, K, D, seed=K * D)
     roots = torch.randint(0, 1000, (B,))
     want = tree_build(tokens, scores, parents, roots, T, backend="reference")
-    got = tree_build(tokens.cuda(), scores.cuda(), parents.cuda(), roots.cuda(), T)
+    got = tree_build(tokens.to(dev), scores.to(dev), parents.to(dev), roots.to(dev), T, backend="triton")
     assert_tree_equal(got, want)
-    got16 = tree_build(tokens.cuda(), scores.cuda().bfloat16(), parents.cuda(), roots.cuda(), T)
+    got16 = tree_build(tokens.to(dev), scores.to(dev).bfloat16(), parents.to(dev), roots.to(dev), T,
+                       backend="triton")
     want16 = tree_build(tokens, scores.bfloat16(), parents, roots, T, backend="reference")
     assert_tree_equal(got16, want16)
 
