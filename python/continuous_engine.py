@@ -46,7 +46,6 @@ Run a self-check (tiny random target and head, staggered arrivals, compares with
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -185,7 +184,7 @@ class PoolView:
 # Requests
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are compared as objects, never by their tensors
 class Request:
     """One generation request and its decode state (the engine owns the state fields)."""
 
