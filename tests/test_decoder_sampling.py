@@ -56,9 +56,9 @@ def processed(logits):
 
 
 def draw(fn, prompts, calls, seed, new_tokens=NEW_TOKENS):
-    """``calls`` samples of ``new_tokens`` tokens n after each of ``prompts`` [B, L]. Returns
-    (samples [calls, B * n] int64: row b's tokens at columns b*n..b*n+n-1, the
-    accept_lengths of the speculative rounds, i.e. after the prefill's)."""
+    """``calls`` samples of n = ``new_tokens`` tokens after each of ``prompts`` [B, L].
+    Returns (samples [calls, B * n] int64, row b's tokens in columns b*n .. b*n+n-1; the
+    accept_lengths of the speculative rounds, i.e. those after the prefill's)."""
     g = torch.Generator().manual_seed(seed)
     samples, rounds = [], []
     for _ in range(calls):
