@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mtbench", type=int, default=0,
                    help="also measure tau with the decoder on this many MT-bench first turns")
     e.add_argument("--configs", default="4,2,2;60,5,10",
-                   help="tree shapes T,D,K;T,D,K (default: the CPU default and the GPU one)")
+                   help="fixed tree shapes T,D,K;T,D,K (default: a small CPU tree and the GPU paper shape)")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.set_defaults(func=cmd_eval)
 
