@@ -167,7 +167,8 @@ def mtbench_tau(head_dir, configs, questions: int = 5, max_new_tokens: int = 128
 
         bar = tqdm(total=len(configs) * len(prompts), desc="mt-bench tau", dynamic_ncols=True)
     for t, d, k in configs:
-        dec = TreeSpecDecoder(target, head, total_tokens=t, depth=d, top_k=k, tokenizer=tok)
+        dec = TreeSpecDecoder(target, head, total_tokens=t, depth=d, top_k=k, tokenizer=tok,
+                              adaptive=False)  # tau of exactly this tree shape
         rounds = committed = matches = 0
         spec_s = plain_s = 0.0
         for i, ids in enumerate(prompts):
