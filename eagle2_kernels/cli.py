@@ -731,7 +731,7 @@ def cmd_tune(args) -> int:
         print(f"\rmeasuring: {done}/{total}", end="", file=sys.stderr, flush=True)
 
     measured = dec.cost_model(args.batch, remeasure=args.remeasure, progress=progress)
-    print(f"\r", end="", file=sys.stderr)
+    print("\r", end="", file=sys.stderr)
     print(f"cost model for batch {args.batch} ({time.perf_counter() - t0:.1f} s; cached for the decoder):")
     print(measured.describe())
     costs = measured

@@ -733,6 +733,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write as a PNG and close ``fig``; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accept_histogram(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path:
     """Bar chart of tokens committed per round (the acceptance-length histogram) as a PNG."""
     plt = _pyplot()
@@ -747,11 +756,7 @@ def plot_accept_histogram(records: Sequence[TurnRecord], path: str | Path, metho
     tau = sum(lengths) / total if total else float("nan")
     ax.set_title(f"{method}: acceptance lengths over {total} rounds, tau = {tau:.2f}")
     ax.set_xticks(xs)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_question_speedup(
@@ -777,11 +782,7 @@ def plot_question_speedup(
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(cat_order))]
     ax.legend(handles + [ax.lines[-1]], cat_order + [f"overall {overall:.2f}x"], fontsize=6, ncol=3)
     ax.set_title(f"{method} vs {baseline}: per-question speedup")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_reliability(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path | None:
@@ -808,11 +809,7 @@ def plot_reliability(records: Sequence[TurnRecord], path: str | Path, method: st
     ax.set_ylabel("actual: fraction of nodes accepted")
     ax.set_title(f"draft calibration over {sum(rel['nodes'])} verified nodes (counts shown)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_tree_sizes(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path | None:
@@ -829,11 +826,7 @@ def plot_tree_sizes(records: Sequence[TurnRecord], path: str | Path, method: str
     ax.set_ylabel("% of rounds")
     ax.set_title(f"{method}: verified tree size per round, {len(sizes)} rounds, mean {sum(sizes) / len(sizes):.1f}")
     ax.set_xticks(xs)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_tune(costs, rates: Sequence[tuple[int, float, float]], path: str | Path, title: str = "") -> Path:
@@ -860,11 +853,7 @@ def plot_tune(costs, rates: Sequence[tuple[int, float, float]], path: str | Path
     b.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_json(

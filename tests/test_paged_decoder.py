@@ -12,15 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from eagle2_kernels import TreeSpecDecoder  # noqa: E402
 from eagle2_kernels.cache import PagedKVCache, StaticKVCache  # noqa: E402
-from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
 from conftest import triton_runs_here  # noqa: E402
 from tiny_models import (  # noqa: E402
-    SAMPLING,
-    SAMPLING_PROMPTS,
-    exact_law,
+    first_prompt_pvalues,
     fixed,
     hf_greedy,
-    law_pvalues,
     one_thread,  # noqa: F401  (autouse fixture)
     prompt,
     sampling_setup,
@@ -68,12 +64,7 @@ def test_paged_greedy_with_the_triton_kernels():
 def test_paged_sampling_keeps_the_target_law():
     model, head = sampling_setup()
     dec = TreeSpecDecoder(model, head, **fixed(total_tokens=6, depth=2, top_k=3), kv_block_size=2)
-    ids = SAMPLING_PROMPTS[:1]
-    law = exact_law(model, ids, 3, lambda lg: process_logits(lg, **SAMPLING))
-    g = torch.Generator().manual_seed(29)
-    samples = torch.stack([dec.generate(ids, 3, generator=g, **SAMPLING).sequences[0, ids.shape[1]:]
-                           for _ in range(500)])
-    pvalues = law_pvalues(samples, law, [(0, 1), (1, 2)])
+    pvalues = first_prompt_pvalues(dec, samples=500, seed=29)
     assert min(pvalues.values()) > 1e-3, pvalues
 
 

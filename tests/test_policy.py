@@ -25,15 +25,11 @@ from eagle2_kernels.runtime.policy import RoundPolicy, choose_size, expand_bound
 transformers = pytest.importorskip("transformers")
 
 from eagle2_kernels import TreeSpecDecoder  # noqa: E402
-from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
 from tiny_models import (  # noqa: E402
-    SAMPLING,
-    SAMPLING_PROMPTS,
     assert_accepts,
     check_stats,
-    exact_law,
+    first_prompt_pvalues,
     hf_greedy,
-    law_pvalues,
     one_thread,  # noqa: F401  (autouse fixture)
     prompt,
     sampling_setup,
@@ -313,12 +309,7 @@ def test_sampling_keeps_the_target_law_under_any_curve(costs):
     (x2, x3) against the exact law of plain sampling, significance 1e-3)."""
     model, head = sampling_setup()
     dec = TreeSpecDecoder(model, head, total_tokens=6, depth=2, top_k=3, cost_model=costs)
-    ids = SAMPLING_PROMPTS[:1]
-    law = exact_law(model, ids, 3, lambda lg: process_logits(lg, **SAMPLING))
-    g = torch.Generator().manual_seed(21)
-    samples = torch.stack([dec.generate(ids, 3, generator=g, **SAMPLING).sequences[0, ids.shape[1]:]
-                           for _ in range(600)])
-    pvalues = law_pvalues(samples, law, [(0, 1), (1, 2)])
+    pvalues = first_prompt_pvalues(dec, samples=600, seed=21)
     assert min(pvalues.values()) > 1e-3, pvalues
 
 

@@ -258,3 +258,17 @@ def law_pvalues(samples: torch.Tensor, law: torch.Tensor, groups) -> dict:
     return {"".join(f"x{d + 1}" for d in dims): chi_square_pvalue(token_counts(samples, dims, law.shape[0]),
                                                                   marginal(law, dims))
             for dims in groups}
+
+
+def first_prompt_pvalues(dec, samples: int, seed: int) -> dict:
+    """Chi-square p-values of ``samples`` draws of 3 tokens from ``dec`` (a decoder over
+    ``sampling_setup()``'s target) after SAMPLING_PROMPTS[0], against the exact law of plain
+    sampling: the joints (x1, x2) and (x2, x3)."""
+    from eagle2_kernels.ops.sampling import process_logits
+
+    ids = SAMPLING_PROMPTS[:1]
+    law = exact_law(dec.target, ids, 3, lambda lg: process_logits(lg, **SAMPLING))
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.stack([dec.generate(ids, 3, generator=g, **SAMPLING).sequences[0, ids.shape[1]:]
+                         for _ in range(samples)])
+    return law_pvalues(drawn, law, [(0, 1), (1, 2)])
