@@ -358,3 +358,33 @@ def test_expected_tokens_use_path_probabilities():
     assert accepted > 0 and predicted > 0
     assert 0.3 < accepted / predicted < 3.0, (accepted, predicted)
     assert math.isfinite(dec.last_policy.calibration)
+
+
+@pytest.mark.parametrize("costs, second", [(FLAT, 12), (MIXED, None), (STEEP, 2)], ids=["n-max", "mixed", "n-0"])
+def test_static_round_sizes_each_call_from_the_previous_ones(costs, second):
+    """The static (graph-captured) round keeps one fixed shape per call: the config's T on the
+    first call, then the size bucket that the cost model and the draft confidence measured on
+    the device during earlier calls predict fastest. Every call stays exact; the one-round-late
+    host read (the CUDA loop) gives the same tokens."""
+    model, head, prompts = trained_setup("llama")
+    dec = TreeSpecDecoder(model, head, total_tokens=12, depth=4, top_k=3, static_round=True, cost_model=costs)
+    ids = prompts[:2]
+    ref = hf_greedy(model, ids, 30)
+    sizes = []
+    for call in range(3):
+        dec._read_lag = call % 2  # the lagged (CUDA) read order on the middle call
+        out = dec.generate(ids, 30, eos_token_id=[])
+        assert torch.equal(out.sequences, ref)
+        assert len(set(out.stats.tree_sizes)) == 1  # one shape per call: the captured graph's
+        sizes.append(out.stats.tree_sizes[0])
+    profile = dec._static_profile[2]
+    assert len(profile) == 11 and profile == sorted(profile, reverse=True) and 0.5 < profile[0] <= 1.0
+    assert sizes[0] == 12
+    if second is not None:
+        assert sizes[1:] == [second, second]
+    else:
+        assert 2 < sizes[1] < 12 and sizes[2] == sizes[1]
+    fixed_dec = TreeSpecDecoder(model, head, total_tokens=12, depth=4, top_k=3, static_round=True,
+                                adaptive=False, cost_model=STEEP)
+    for _ in range(2):
+        assert set(fixed_dec.generate(ids, 10, eos_token_id=[]).stats.tree_sizes) == {12}

@@ -181,6 +181,8 @@ class TreeSpecDecoder:
         self._chain_masks: dict[int, torch.Tensor] = {}
         self.last_policy = None  # the RoundPolicy of the last adaptive call (sizes chosen, ...)
         self._static = None  # StaticRound of the last static call (buffers, captured graphs)
+        self._statics: dict[tuple[int, int], object] = {}  # (batch, T) -> StaticRound
+        self._static_profile: dict[int, list[float]] = {}  # batch -> draft confidence profile
         self._read_lag: int | None = None  # see _static_loop
         self._closed = False
         self._epoch = 0  # bumped by every call: a suspended stream notices it was overtaken
@@ -242,6 +244,7 @@ class TreeSpecDecoder:
         switched in around our own forwards), so nothing else needs undoing."""
         self._tcache = self._dcache = None
         self._static = None
+        self._statics = {}
         self._closed = True
 
     def __enter__(self) -> "TreeSpecDecoder":
@@ -781,7 +784,8 @@ class TreeSpecDecoder:
             return "dynamic"
         return "graphs" if sr.graphs else f"eager ({sr.graph_error or 'cuda_graphs off'})"
 
-    def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None, sizer=None):
+    def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None, sizer=None,
+                          total_tokens=None):
         """Root expansion, the expansion levels and ``tree_build``: the draft tree of a round.
 
         ``h_parent`` [B, 1, H] is the draft feature of each sequence's last committed token and
@@ -796,7 +800,8 @@ class TreeSpecDecoder:
         None (verify no draft: a plain step).
         """
         head, dc = self.draft, self._dcache
-        K, D, T = self.config.top_k, self.config.depth, self.config.total_tokens
+        K, D = self.config.top_k, self.config.depth
+        T = total_tokens or self.config.total_tokens
         d2t = head.draft_to_target
         batch, hidden = h_parent.shape[0], h_parent.shape[-1]
         ct, cs, ni, ns = ops.tree_expand(head.logits(h_parent), self._zero_scores, K, d2t, backend=backend)
@@ -828,8 +833,10 @@ class TreeSpecDecoder:
             T = sizer.size(cand_scores[-1], j - 1)
             if T is None:
                 return None
+        scores = torch.cat(cand_scores, 1)
+        self._cand_scores = scores  # [B, C], read by the static round's profile (on device)
         return ops.tree_build(
-            torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1), root, T,
+            torch.cat(cand_tokens, 1), scores, torch.cat(cand_parents, 1), root, T,
             backend=backend, error_flag=error_flag,
         )
 
@@ -872,13 +879,33 @@ class TreeSpecDecoder:
             mask = self._chain_masks[n] = _as_int32_words(words).to(self._adapter.device)
         return mask
 
-    def _static_round(self, batch: int):
+    def _static_round(self, batch: int, total_tokens: int):
         from eagle2_kernels.runtime.graphs import StaticRound
 
-        sr = self._static
-        if sr is None or sr.batch != batch or sr.tcache is not self._tcache or sr.dcache is not self._dcache:
-            sr = self._static = StaticRound(self, batch)
+        sr = self._statics.get((batch, total_tokens))
+        if sr is None or sr.tcache is not self._tcache or sr.dcache is not self._dcache:
+            sr = self._statics[(batch, total_tokens)] = StaticRound(self, batch, total_tokens)
+        self._static = sr
         return sr
+
+    # Tree sizes the static round captures graphs for (each its own StaticRound).
+    STATIC_BUCKETS = (2, 4, 8, 16, 32, 60)
+
+    def _static_tree_size(self, batch: int) -> int:
+        """T of this static call. Fixed shapes: the config's. Adaptive: the size bucket that the
+        cost model and the draft's confidence profile of earlier static calls (accumulated on the
+        device, read after each call) predict to be fastest; the config's T until one exists.
+        The choice reads nothing of this call's target outputs, so acceptance stays lossless."""
+        cfg = self.config
+        profile = self._static_profile.get(batch)
+        if not cfg.adaptive or profile is None:
+            return cfg.total_tokens
+        from eagle2_kernels.runtime.policy import predicted_rates
+
+        sizes = sorted({t for t in self.STATIC_BUCKETS if t < cfg.total_tokens} | {cfg.total_tokens})
+        rates = predicted_rates(profile, self.cost_model(batch), cfg.depth, catchup_rows=min(cfg.depth + 2, 8))
+        best = max(sizes, key=lambda t: rates[min(t - 1, len(rates) - 1)][2])
+        return best
 
     def _static_loop(self, input_ids, lengths, feats, root, active, budgets, temperature, top_p, top_k, eos,
                      generator, stats, epoch):
@@ -900,13 +927,15 @@ class TreeSpecDecoder:
             dc.set_lengths([n - 1 for n in lengths])
             last = torch.tensor(lengths, device=dev) - 1
             feat_last = feats[torch.arange(batch, device=dev), last]
-        sr = self._static_round(batch)
+        sr = self._static_round(batch, self._static_tree_size(batch))
+        sr.profile_sum.zero_()
+        sr.profile_rounds.zero_()
         sr.set_sampling(temperature, top_p, top_k)
         sr.start(root, feat_last, torch.tensor(budgets), eos, torch.tensor(active, device=dev))
         want = self.config.cuda_graphs
         if cuda and want is not False and not sr.graphs and sr.graph_error is None:
             sr.enable_graphs()
-        T = self.config.total_tokens
+        T = sr.T
         # Rounds the host reads behind the device: 1 on CUDA (round r+1 is launched before round
         # r's record is read, so the device never waits for Python); 0 on CPU, where the phases
         # run synchronously anyway. ``_read_lag`` overrides it (tests run the lagged loop on CPU).
@@ -982,6 +1011,7 @@ class TreeSpecDecoder:
                     budgets[b] -= n
                     active[b] = bool(still) and active[b]
                 stats.record(sum(len(c) for c in chunks))
+                stats.tree_sizes.append(T)
                 stats.other_s += time.perf_counter() - t0
                 yield chunks
                 if not any(active):
@@ -993,6 +1023,10 @@ class TreeSpecDecoder:
                 v = sum(b.elapsed_time(c) for _, b, c in events) / 1e3
                 stats.draft_s += d
                 stats.verify_s += v
+            # The draft's confidence this call (one read, after the rounds): sizes the next call.
+            rounds = float(sr.profile_rounds)
+            if rounds > 0:
+                self._static_profile[batch] = (sr.profile_sum / rounds).tolist()
 
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:

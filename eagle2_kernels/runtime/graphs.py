@@ -81,11 +81,13 @@ class StaticRound:
     (default greedy); each setting gets its own verify graph.
     """
 
-    def __init__(self, decoder, batch: int):
+    def __init__(self, decoder, batch: int, total_tokens: int | None = None):
         cfg = decoder.config
         self.dec = decoder
         self.batch = batch
-        self.T, self.D, self.K = cfg.total_tokens, cfg.depth, cfg.top_k
+        # T of this round: the config's, or a smaller size bucket the adaptive policy chose
+        # for this call (each bucket is its own StaticRound, with its own captured graphs).
+        self.T, self.D, self.K = total_tokens or cfg.total_tokens, cfg.depth, cfg.top_k
         self.P = min(self.T, self.D + 2)  # longest accepted path = catch-up rows
         self.backend = cfg.backend
         self.tcache, self.dcache = decoder._tcache, decoder._dcache
@@ -108,6 +110,11 @@ class StaticRound:
         # Catch-up visibility: row i sees pending rows 0..i (padding rows come after the valid
         # ones, so a valid row never sees one).
         self.chain = decoder._chain[:P].unsqueeze(0).expand(B, P, -1).contiguous()
+        # The draft's confidence profile, accumulated on the device (no host read in a round):
+        # sum over rounds and active sequences of the i-th best candidate's path probability,
+        # i < the config's T - 1. The decoder reads it after the call to size the next one.
+        self.profile_sum = torch.zeros(cfg.total_tokens - 1, dtype=torch.float32, device=dev)
+        self.profile_rounds = torch.zeros((), dtype=torch.float32, device=dev)
         self.sampling = (0.0, 1.0, 0)
         self.tree = None
         self._draft = _Captured(self.draft_phase)
@@ -159,7 +166,12 @@ class StaticRound:
             h_parent = hs.gather(1, last.view(B, 1, 1).expand(B, 1, H))
             dc.lengths.add_(self.pend_n.to(torch.int32))
             self.tree = dec._expand_and_build(
-                h_parent, self.root, lambda j: dc.lengths + (j - 1) * K, backend, error_flag=self.err)
+                h_parent, self.root, lambda j: dc.lengths + (j - 1) * K, backend, error_flag=self.err,
+                total_tokens=self.T)
+            top = torch.topk(dec._cand_scores.float(), self.profile_sum.shape[0], dim=1).values.exp()
+            live = self.active.to(torch.float32)
+            self.profile_sum.add_((top * live[:, None]).sum(0))
+            self.profile_rounds.add_(live.sum())
 
     def verify_phase(self) -> None:
         """Target forward over ``self.tree``, acceptance, compaction, device-side commit.

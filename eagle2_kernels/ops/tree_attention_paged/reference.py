@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from eagle2_kernels.ops.tree_attention.reference import tree_attention as dense_reference
+from eagle2_kernels.ops.tree_attention import reference as dense_reference
 
 _NAME = "tree_attention_paged"
 
@@ -59,7 +59,7 @@ def tree_attention_paged(
     tree_mask: torch.Tensor,
     tree_len: int,
     scale: float | None = None,
-    dense: Callable = dense_reference,
+    dense: Callable | None = None,
 ) -> torch.Tensor:
     """Tree attention over a paged cache (shapes: see ``eagle2_kernels.ops.tree_attention_paged``).
 
@@ -77,4 +77,6 @@ def tree_attention_paged(
         )
     k = gather_pages(k_pages, block_table, lengths)
     v = gather_pages(v_pages, block_table, lengths)
+    # Looked up at call time (not bound at import), so the dense reference can be swapped.
+    dense = dense_reference.tree_attention if dense is None else dense
     return dense(q, k, v, prefix_len, tree_mask, tree_len, scale)
