@@ -55,7 +55,8 @@ class DecodeConfig:
             (default True; ``runtime/policy.py``): total_tokens, depth and top_k are then upper
             bounds, and a round may verify fewer nodes, expand fewer levels, or decode plainly
             when drafting does not pay. False pins the exact fixed shape. The static round
-            keeps its fixed, captured shape either way.
+            keeps one captured shape per call and sizes each call from the draft confidence
+            measured on the device during the earlier ones.
         kv_block_size: None (default) keeps the target's KV in one dense tensor; an int keeps it
             in pages of that many tokens behind a block table (``cache.PagedKVCache``).
         cuda_graphs: capture the static round's draft and verify phases as CUDA graphs and
