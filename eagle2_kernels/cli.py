@@ -416,7 +416,9 @@ def _policy_lines(dec, stats, scope: str = "this call") -> list[str]:
     if not cfg.adaptive:
         return [f"policy: fixed tree T={cfg.total_tokens} D={cfg.depth} K={cfg.top_k} (--fixed)"]
     if dec.uses_static_round:
-        return [f"policy: static round, fixed tree T={cfg.total_tokens} D={cfg.depth} K={cfg.top_k}"]
+        used = sorted(set(stats.tree_sizes)) if stats is not None else []
+        return [f"policy: static round, one captured tree per call, sized from earlier calls' draft "
+                f"confidence within T<={cfg.total_tokens} D={cfg.depth} K={cfg.top_k}; tree sizes used: {used}"]
     pol = dec.last_policy
     if pol is None or not pol.sizes:
         return ["policy: adaptive (no round drafted)"]
