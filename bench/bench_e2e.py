@@ -1,6 +1,6 @@
 """End-to-end MT-bench benchmark: plain decoding vs EAGLE-2, side by side in one run.
 
-A thin wrapper around ``eagle2 bench`` (see ``eagle2_kernels/evaluation.py``); every option of
+A thin wrapper around ``eagle2 bench`` (the pieces are in ``eagle2_kernels/eval/``); every option of
 that command works here, e.g.::
 
     python -m bench.bench_e2e --limit 10 --max-new-tokens 256 --out bench/results/cpu --json bench/results/cpu/mtbench.json

@@ -1,5 +1,7 @@
 """Shared helpers for the benchmarks: timing, environment header, JSON/markdown output.
 
+The environment header is ``eagle2_kernels.eval.environment.environment``, re-exported here.
+
 On a GPU, times are medians with 20/80 percentiles from ``triton.testing.do_bench`` plus a
 CUDA-graph replay timing; on CPU, medians of wall-clock repeats (the benchmarks say so).
 """
@@ -8,48 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
 import torch
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def environment() -> dict:
-    """Device and versions, for the header of every result file."""
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        env["transformers"] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return env
+# The result-file header (device, versions, commit, CPU): one implementation, in the package.
+from eagle2_kernels.eval.environment import environment
 
 
 def bench_cpu(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> dict:

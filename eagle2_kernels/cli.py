@@ -242,12 +242,29 @@ def _device(args) -> str:
     return args.device
 
 
+def _configs(args, trees: list[tuple[int, int, int]], fixed_extra: bool):
+    """One :class:`DecodeConfig` per tree shape: the first adaptive unless ``--fixed``, the
+    others fixed when ``fixed_extra``."""
+    from eagle2_kernels.runtime.config import DecodeConfig
+
+    configs = []
+    for i, (T, D, K) in enumerate(trees):
+        adaptive = not getattr(args, "fixed", False) if i == 0 else not fixed_extra
+        try:
+            configs.append(DecodeConfig(total_tokens=T, depth=D, top_k=K, adaptive=adaptive, backend=args.backend))
+        except ValueError as exc:
+            raise CLIError(f"tree {T},{D},{K}: {exc}") from None
+    return configs
+
+
 def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_extra: bool = True):
     """Load target, tokenizer and head once; return ``(decoders, tokenizer, info)``.
 
-    One :class:`TreeSpecDecoder` per tree shape (the first is the main one: adaptive unless
-    ``--fixed``; the others are fixed shapes when ``fixed_extra``); all share the target and
-    the head. ``info`` describes what was loaded.
+    The main decoder comes from :meth:`TreeSpecDecoder.from_pretrained` with a
+    :class:`DecodeConfig` built from the flags (unset tree fields from
+    ``runtime.config.default_tree``, the library's defaults; ``--fixed`` = ``adaptive=False``).
+    One more decoder per further tree shape (fixed shapes when ``fixed_extra``) shares its
+    target and head. ``info`` describes what was loaded.
     """
     import torch
 
@@ -256,9 +273,10 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
     device = _device(args)
     dtype = getattr(torch, DTYPES[args.dtype])
     trees = trees or [_tree_shape(args, device.split(":")[0])]
+    configs = _configs(args, trees, fixed_extra)
     t0 = time.perf_counter()
     try:
-        from eagle2_kernels import EagleDraftHead, TreeSpecDecoder
+        from eagle2_kernels import TreeSpecDecoder
     except ImportError as exc:
         raise CLIError(f"the decoder needs transformers ({exc}); install it with: pip install transformers") from None
 
@@ -278,44 +296,37 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
                 " (the head shipped for the default model is missing; train one with "
                 "`eagle2 train run` or pass --draft DIR)")
             )
-        try:
-            model, tokenizer = default_model.load_default(dtype=dtype, device=device)
-        except FileNotFoundError as exc:
-            raise CLIError(f"{exc}\n(the default model needs: {INSTALL_DEFAULT})") from None
-        except ImportError as exc:
-            raise CLIError(
-                f"loading the default model failed: {exc}\ninstall its optional dependencies with: "
-                f"{INSTALL_DEFAULT}"
-            ) from None
         name = default_model.DEFAULT_MODEL_NAME
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from eagle2_kernels.models.hub import looks_like_repo_id, resolve_head
 
         if not Path(args.target).exists() and not looks_like_repo_id(args.target):
             raise CLIError(f"--target {args.target!r} is neither a local model directory nor a hub repository id")
         if args.draft is None:
             raise CLIError("--target needs --draft (an EAGLE-1/2 or EAGLE-3 head directory or hub id for that model)")
-        model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device).eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.target)
-        except (OSError, ValueError):
-            tokenizer = None
-        name = Path(args.target).name
-        try:
+        try:  # resolved here so that a missing head is named as --draft's
             head_path = Path(resolve_head(args.draft))
         except FileNotFoundError as exc:
             raise CLIError(f"--draft: {exc}") from None
-    head = EagleDraftHead.from_pretrained(head_path, target=model)
-    decoders = []
-    for i, (T, D, K) in enumerate(trees):
-        adaptive = not getattr(args, "fixed", False) if i == 0 else not fixed_extra
+        name = Path(args.target).name
+    try:
+        dec = TreeSpecDecoder.from_pretrained(args.target, head_path, dtype=dtype, device=device, config=configs[0])
+    except FileNotFoundError as exc:
+        if args.target is not None:
+            raise
+        raise CLIError(f"{exc}\n(the default model needs: {INSTALL_DEFAULT})") from None
+    except ImportError as exc:
+        if args.target is not None:
+            raise
+        raise CLIError(
+            f"loading the default model failed: {exc}\ninstall its optional dependencies with: {INSTALL_DEFAULT}"
+        ) from None
+    decoders = [dec]
+    for cfg in configs[1:]:
         try:
-            decoders.append(TreeSpecDecoder(model, head, total_tokens=T, depth=D, top_k=K, adaptive=adaptive,
-                                            backend=args.backend, tokenizer=tokenizer))
+            decoders.append(TreeSpecDecoder(dec.target, dec.draft, tokenizer=dec.tokenizer, config=cfg))
         except ValueError as exc:
-            raise CLIError(f"tree {T},{D},{K}: {exc}") from None
+            raise CLIError(f"tree {cfg.total_tokens},{cfg.depth},{cfg.top_k}: {exc}") from None
     info = {
         "target": name,
         # names only: result files must not carry this machine's paths
@@ -327,7 +338,7 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
         "adaptive": not getattr(args, "fixed", False),
         "load_s": round(time.perf_counter() - t0, 2),
     }
-    return decoders, tokenizer, info
+    return decoders, dec.tokenizer, info
 
 
 def _eos_ids(model, tokenizer) -> list[int] | None:
@@ -450,7 +461,7 @@ def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) ->
 def cmd_generate(args) -> int:
     import torch
 
-    from eagle2_kernels.evaluation import ChatPrompt, common_prefix
+    from eagle2_kernels.eval import ChatPrompt, common_prefix
 
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
@@ -503,46 +514,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _environment(info: dict) -> dict:
-    try:
-        from bench.common import environment  # the repository's benchmark header, when run from a checkout
-
-        env = environment()
-    except ImportError:
-        import subprocess
-
-        import torch
-
-        env = {"torch": torch.__version__, "python": platform.python_version(),
-               "threads": torch.get_num_threads()}
-        try:
-            env["commit"] = subprocess.check_output(
-                ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                cwd=Path(__file__).resolve().parent,
-            ).strip()
-        except (OSError, subprocess.CalledProcessError):
-            env["commit"] = None
-    env.update({"machine": platform.machine(), "cpu_count": os.cpu_count()})
-    env["processor"] = _cpu_name()
-    env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    if hasattr(os, "getloadavg"):  # other processes on a shared machine make timings noisy
-        env["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
-    env.update({k: v for k, v in info.items() if k not in env})
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_bench(args) -> int:
-    from eagle2_kernels import evaluation as ev
+    from eagle2_kernels import eval as ev
 
     if importlib.util.find_spec("matplotlib") is None and not args.no_plots:
         raise CLIError(f"plots need matplotlib ({INSTALL_PLOTS}), or pass --no-plots")
@@ -551,9 +524,7 @@ def cmd_bench(args) -> int:
             args.questions, limit=args.limit,
             categories=None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()],
         )
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from None
-    except ValueError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if not questions:
         raise CLIError("no questions selected")
@@ -581,7 +552,7 @@ def cmd_bench(args) -> int:
     reference = ev.HF if not args.no_hf else ev.LOOP
     turns = {"1": [0], "2": [1], "both": None}[args.turns]
 
-    env = _environment(info)
+    env = ev.environment(**info)
     print("# eagle2 bench | " + ", ".join(f"{k}={v}" for k, v in env.items()), file=sys.stderr)
     print(f"# {len(questions)} questions, turns={args.turns}, max_new_tokens={args.max_new_tokens}, "
           f"methods={list(methods)}, reference={reference}", file=sys.stderr)
@@ -601,50 +572,17 @@ def cmd_bench(args) -> int:
               "reference": reference, "methods": list(methods), "greedy": True}
     ev.write_json(json_path, records, summary, config=config, environment=env)
 
-    # Correctness first: in fp32 speculative decoding must reproduce plain decoding exactly.
-    mismatched = {n: summary["overall"]["methods"][n]["mismatches"] for n in spec_names}
-    strict = args.dtype == "fp32"
-    text = [f"# MT-bench, {len(records)} turns ({len(questions)} questions), {args.dtype}, greedy, "
-            f"max {args.max_new_tokens} new tokens", ""]
-    if strict and any(mismatched.values()):
-        bad = [(r.question_id, r.turn + 1, r.first_divergence[n]) for n in spec_names
-               for r in records if not r.match[n]]
-        text.append(f"LOSSLESS CHECK FAILED in fp32: {sum(mismatched.values())} turns differ from "
-                    f"plain decoding (question, turn, first divergence): {bad[:20]}")
-        text.append("No speedup is reported for a decoder that changes the output.")
-        print("\n".join(text))
-        (out / "summary.md").write_text("\n".join(text) + "\n")
-        return 1
-    baselines = [b for b in (ev.HF, ev.LOOP) if b in methods]
-    text.append(_machine_line(dec))
-    text += _policy_lines(dec, SimpleNamespace(tree_sizes=[
-        n for r in records for n in (r.results[ev.SPEC].tree_sizes or [])]), scope="all turns")
-    rel = summary.get("reliability", {}).get(ev.SPEC)
-    if rel:
-        text.append("draft calibration (verified nodes by path probability: predicted -> actual acceptance): " +
-                    "; ".join(f"[{rel['edges'][i]:.2f}, {min(rel['edges'][i + 1], 1):.2f}) n={n} "
-                              f"{rel['predicted'][i] / n:.2f} -> {rel['accepted'][i] / n:.2f}"
-                              for i, n in enumerate(rel["nodes"]) if n))
-    text.append("")
-    text.append(ev.format_report(summary, speculative=ev.SPEC, baselines=baselines))
-    if len(spec_names) > 1:
-        text += ["", "Tree shapes side by side:", "", ev.format_sweep(summary, spec_names, baselines)]
-    if not strict:
-        text += ["", f"Exact-match statistics are against `{reference}`. In {args.dtype}, batched tree "
-                 "verification and one-token decoding round differently, so near-ties can flip; compare "
-                 "the speculative rows with the plain loop's own agreement with transformers."]
-    if not args.no_plots:
-        hist = ev.plot_accept_histogram(records, out / "accept_hist.png", method=ev.SPEC)
-        per_q = ev.plot_question_speedup(records, out / "question_speedup.png", method=ev.SPEC,
-                                         baseline=reference)
-        text += ["", f"![acceptance lengths]({hist.name})", f"![per-question speedup]({per_q.name})"]
-        rel = ev.plot_reliability(records, out / "reliability.png", method=ev.SPEC)
-        sizes = ev.plot_tree_sizes(records, out / "tree_sizes.png", method=ev.SPEC)
-        text += [f"![{p.stem}]({p.name})" for p in (rel, sizes) if p is not None]
-    text += ["", "Environment: " + json.dumps(env)]
-    report = "\n".join(text)
+    spec_sizes = SimpleNamespace(tree_sizes=[n for r in records for n in (r.results[ev.SPEC].tree_sizes or [])])
+    report, passed = ev.bench_report(
+        records, summary, dtype=args.dtype, max_new_tokens=args.max_new_tokens, speculative=spec_names,
+        reference=reference, baselines=[b for b in (ev.HF, ev.LOOP) if b in methods], questions=len(questions),
+        context=[_machine_line(dec), *_policy_lines(dec, spec_sizes, scope="all turns")],
+        plot_dir=None if args.no_plots else out, environment=env,
+    )
     print(report)
     (out / "summary.md").write_text(report + "\n")
+    if not passed:  # fp32 output that differs from plain decoding: no speedup reported
+        return 1
     print(f"# wrote {json_path}, {out / 'summary.md'}" + ("" if args.no_plots else " and PNG plots"),
           file=sys.stderr)
     return 0
@@ -653,7 +591,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from eagle2_kernels import evaluation as ev
+    from eagle2_kernels import eval as ev
 
     print(f"Loading the model ({'default SmolLM2-135M-Instruct' if args.target is None else args.target}, "
           f"{args.dtype}) ...", flush=True)
@@ -717,7 +655,7 @@ def parse_curve(text: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
 def cmd_tune(args) -> int:
     import torch
 
-    from eagle2_kernels import evaluation as ev
+    from eagle2_kernels import eval as ev
     from eagle2_kernels.runtime.costmodel import CostModel
     from eagle2_kernels.runtime.policy import predicted_rates
 
@@ -742,11 +680,10 @@ def cmd_tune(args) -> int:
                           long_prefix=0, k_grid=measured.k_grid, draft_step_s=measured.draft_step_s,
                           round_overhead_s=measured.round_overhead_s, info={"source": "--curve " + args.curve})
         print(f"\nevaluating the policy on the given curve ({args.curve}), this machine's draft costs")
-    T, D, K = info["trees"][0]
     from eagle2_kernels import TreeSpecDecoder
 
-    run = TreeSpecDecoder(dec.target, dec.draft, total_tokens=T, depth=D, top_k=K, cost_model=costs,
-                          backend=args.backend)
+    # the same adaptive config, sized by these costs (measured, or the given curve)
+    run = TreeSpecDecoder(dec.target, dec.draft, tokenizer=dec.tokenizer, config=dec.config, cost_model=costs)
     ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
     eos = _eos_ids(dec.target, tokenizer)
     out = run.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
@@ -773,7 +710,7 @@ def cmd_tune(args) -> int:
     print(f"implied policy: {verdict}")
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": _environment(info), "costs": costs.to_json(), "measured": measured.to_json(),
+    result = {"machine": ev.environment(**info), "costs": costs.to_json(), "measured": measured.to_json(),
               "policy": pol.summary(), "tree_sizes": stats.tree_sizes, "profile": pol.profile,
               "predicted_rates": rates, "predicted_speedup": plain_s / spent,
               "mean_accept_length": stats.mean_accept_length}

