@@ -118,11 +118,6 @@ class StaticKVCache:
             self.kv[2 * layer, b, :, s0 : s0 + n].copy_(k[b])
             self.kv[2 * layer + 1, b, :, s0 : s0 + n].copy_(v[b])
 
-    def reset(self) -> None:
-        """Forget every sequence (lengths to 0); the storage is kept and overwritten later."""
-        self.lengths.zero_()
-        self.host_lengths = [0] * self.batch_size
-
     def set_length(self, length: int) -> None:
         """Set every sequence's committed length to ``length`` (host and device)."""
         self.lengths.fill_(length)

@@ -306,6 +306,8 @@ class EagleDraftHead(nn.Module):
 
     @property
     def attached(self) -> bool:
+        """Whether a target is attached (:meth:`attach_target`): the draft logits and the
+        token embedding need its lm_head and embedding."""
         return self._lm_weight is not None
 
     # What the decoder asks of any draft head (EAGLE-1/2 here; other kinds answer the same):
@@ -324,7 +326,7 @@ class EagleDraftHead(nn.Module):
         return self.config.vocab_size if self.draft_to_target is None else self.draft_to_target.numel()
 
     def _require_attached(self):
-        if self._lm_weight is None:
+        if not self.attached:
             raise RuntimeError(
                 "EagleDraftHead: no target attached; call head.attach_target(model) first (or use "
                 "from_target / from_pretrained(path, target=model))"
@@ -420,16 +422,15 @@ class EagleDraftHead(nn.Module):
         return self.finish(h, self._causal_attention(q, k, v))
 
     # ------------------------------------------------------------------ cached decoding
-    def prefill(self, hidden_states, input_ids, cache, start: int = 0) -> torch.Tensor:
-        """Causal forward over N pairs written at cache slots start.. (empty prefix, start=0).
+    def prefill(self, hidden_states, input_ids, cache) -> torch.Tensor:
+        """Causal forward over N pairs written at cache slots 0..N-1 (the cache starts empty;
+        later pairs go through :meth:`tree_step`'s catch-up).
 
         Args:
             hidden_states: [B, N, H]; input_ids: [B, N]; cache: a one-layer StaticKVCache.
         Returns:
             [B, N, H] predicted features. Positions are the slot indices.
         """
-        if start != 0:
-            raise ValueError("EagleDraftHead.prefill: only an empty cache (start=0) is supported")
         n = input_ids.shape[1]
         pos = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], n)
         h, q, k, v = self.project(hidden_states, input_ids, pos)

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft head and its loader (DESIGN.md section 7).
+"""The EAGLE-3 draft head and its loader (README: "EAGLE-3 heads").
 
 The head reads several target hidden states instead of the last one, and predicts with its own
 norm, lm_head and (optionally reduced) vocabulary:

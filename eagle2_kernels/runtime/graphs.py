@@ -321,7 +321,14 @@ class StaticRound:
 class PlainStep:
     """Plain greedy decoding over the decoder's static target cache: one token per forward,
     no host reads per step (so it is CUDA-graph capturable). The baseline of the round-cost
-    benchmark.
+    benchmark (``bench/bench_round.py``), and only that.
+
+    Why a second plain step beside ``TreeSpecDecoder.generate_plain``: the benchmark reports
+    round / plain-step cost with the round replayed as a CUDA graph, and a fair baseline has
+    to be captured the same way. ``generate_plain`` reads every token on the host and runs its
+    forwards eagerly, so on a GPU it would time kernel-launch overhead instead of the step,
+    and flatter the round. This class is the same forward (same cache, same attention
+    context) with the token and length kept on the device, so it captures.
 
     Buffers: ``token`` [B] int64 (the last token; the next one replaces it), and the target
     cache's device ``lengths``. ``step()`` runs one forward at position ``lengths`` and
