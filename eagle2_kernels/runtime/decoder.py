@@ -1,6 +1,6 @@
 """TreeSpecDecoder: lossless EAGLE-2 speculative decoding of a transformers causal LM.
 
-One round (DESIGN.md section 1), with the ops doing the per-node work on device:
+One round, with the ops doing the per-node work on device:
 
     catch-up     draft head over the pairs committed last round        (head's own KV cache)
     expand       root expansion + D steps: head.tree_step + ops.tree_expand
