@@ -111,6 +111,36 @@ def test_bad_values_get_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+
+def test_commands_load_through_from_pretrained_with_a_decode_config(monkeypatch, tmp_path):
+    """The CLI's loader is the library's: a DecodeConfig from the flags (defaults from the
+    library's table), and a hub id for --target passed through as a name."""
+    from eagle2_kernels import TreeSpecDecoder
+    from eagle2_kernels.models import hub
+    from eagle2_kernels.runtime.config import DEFAULT_BOUNDS, DecodeConfig
+
+    class Loaded(Exception):
+        pass
+
+    seen = []
+
+    def from_pretrained(cls, target=None, draft=None, **kw):
+        seen.append({"target": target, "draft": draft, **kw})
+        raise Loaded
+
+    monkeypatch.setattr(TreeSpecDecoder, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(hub, "resolve_head", lambda name: str(tmp_path))  # the head "downloaded"
+    base = ["generate", "hi", "--target", "org/model", "--draft", "org/head", "--device", "cpu", "--dtype", "fp32"]
+    with pytest.raises(Loaded):
+        cli.main(base)
+    with pytest.raises(Loaded):
+        cli.main(base + ["--tree", "8,3,4", "--fixed"])
+    assert [s["target"] for s in seen] == ["org/model", "org/model"]
+    assert seen[0]["draft"] == tmp_path and seen[0]["dtype"] == torch.float32 and seen[0]["device"] == "cpu"
+    assert seen[0]["config"] == DecodeConfig(*DEFAULT_BOUNDS["cpu"], adaptive=True)
+    assert seen[1]["config"] == DecodeConfig(8, 3, 4, adaptive=False)
+
+
 # ---------------------------------------------------------------------- a tiny model end to end
 
 
