@@ -10,7 +10,6 @@ runs the ops and a captured decoder on a non-default GPU where more than one exi
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 
 import pytest
@@ -19,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from eagle2_kernels import _backend, ops
 from eagle2_kernels._backend import device_guard
+from eagle2_kernels.ops._dispatch import backend_module
 from eagle2_kernels.ops.tree import DraftTree
 
 CUDA1 = torch.device("cuda", 1)
@@ -120,14 +120,7 @@ def _fake_cuda_calls():
 
 def _implementation(op: str, backend: str) -> tuple[object, str]:
     """(module, attribute) holding the function the public op calls for ``backend``."""
-    if backend == "triton":
-        return importlib.import_module(f"eagle2_kernels.ops.{op}.kernel"), op
-    if backend == "ext":
-        return importlib.import_module("eagle2_kernels._native"), op
-    public = importlib.import_module(f"eagle2_kernels.ops.{op}")
-    if hasattr(public, "_reference"):  # bound at import (tree_expand, tree_build)
-        return public, "_reference"
-    return importlib.import_module(f"eagle2_kernels.ops.{op}.reference"), op
+    return backend_module(op, backend), op
 
 
 def _backend_params():

@@ -212,7 +212,7 @@ def test_pure_python_install(tmp_path, source_tree):
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))], names
-    assert "eagle2_kernels/_native.py" in names
+    assert "eagle2_kernels/ops/tree_expand/native.py" in names
     # Install it on its own (a pure wheel installs by unpacking) and use it: the ops work,
     # on the reference backend.
     site = tmp_path / "site"

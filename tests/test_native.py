@@ -1,4 +1,4 @@
-"""The native CPU backend (eagle2_kernels._C via eagle2_kernels._native) against the torch
+"""The native CPU backend (eagle2_kernels._C via each op's native.py) against the torch
 references: integer outputs and KV moves bit-exact, floats within each op's contract, on
 hand-made edge cases and seeded random ones."""
 
@@ -22,7 +22,12 @@ requires_ext = pytest.mark.skipif(not ext_available(), reason="native extension 
 
 
 if ext_available():
-    from eagle2_kernels import _native
+    from eagle2_kernels.ops.kv_compact import native as native_kv_compact
+    from eagle2_kernels.ops.tree_attention import native as native_tree_attention
+    from eagle2_kernels.ops.tree_build import native as native_tree_build
+    from eagle2_kernels.ops.tree_expand import native as native_tree_expand
+    from eagle2_kernels.ops.verify_greedy import native as native_verify_greedy
+    from eagle2_kernels.ops.verify_sample import native as native_verify_sample
 
 pytestmark = requires_ext
 
@@ -82,7 +87,7 @@ def test_tree_expand_matches_reference(B, R, V, K, dtype, d2t):
     # Parents far apart: cross-row comparisons of child scores are clear-cut.
     parent_scores = -5.0 * torch.arange(R, dtype=torch.float32).repeat(B, 1) - torch.rand(B, R, generator=g)
     mapping = torch.randperm(100_000, generator=g)[:V] if d2t else None
-    got = _native.tree_expand(logits, parent_scores, K, mapping)
+    got = native_tree_expand.tree_expand(logits, parent_scores, K, mapping)
     want = ref_tree_expand(logits, parent_scores, K, mapping)
     assert torch.equal(got[0], want[0]), "child_tokens"
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
@@ -101,7 +106,7 @@ def test_tree_expand_ties_go_to_lower_id(V):
     logits[1, 2] = 1.0  # a constant row: the K lowest ids
     logits[0, 1, :5] = float("-inf")
     parent_scores = torch.tensor([[0.0, -10.0, -20.0], [-1.0, -11.0, -21.0]])
-    got = _native.tree_expand(logits, parent_scores, 9)
+    got = native_tree_expand.tree_expand(logits, parent_scores, 9)
     want = ref_tree_expand(logits, parent_scores, 9)
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[0][1, 2], torch.arange(9))
@@ -111,7 +116,7 @@ def test_tree_expand_ties_go_to_lower_id(V):
 
 def test_tree_expand_equal_children_across_rows_tie_to_lower_flat_index():
     logits = torch.randn(1, 1, 100).repeat(1, 3, 1)  # three identical rows, same parents
-    got = _native.tree_expand(logits, torch.zeros(1, 3), 4)
+    got = native_tree_expand.tree_expand(logits, torch.zeros(1, 3), 4)
     want = ref_tree_expand(logits, torch.zeros(1, 3), 4)
     assert torch.equal(got[2], want[2])
     assert got[2].tolist() == [[0, 4, 8, 1]]
@@ -125,7 +130,7 @@ def test_tree_expand_random_loop():
         K = int(torch.randint(1, min(V, 12) + 1, (1,), generator=g))
         logits = torch.randn(B, R, V, generator=g) * 4
         parent_scores = -3.0 * torch.arange(R).float().repeat(B, 1)
-        got = _native.tree_expand(logits, parent_scores, K)
+        got = native_tree_expand.tree_expand(logits, parent_scores, K)
         want = ref_tree_expand(logits, parent_scores, K)
         assert torch.equal(got[0], want[0]), trial
         assert torch.equal(got[2], want[2]), trial
@@ -134,7 +139,7 @@ def test_tree_expand_random_loop():
 
 def test_tree_expand_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k=9"):
-        _native.tree_expand(torch.randn(1, 1, 8), torch.zeros(1, 1), 9)
+        native_tree_expand.tree_expand(torch.randn(1, 1, 8), torch.zeros(1, 1), 9)
 
 
 # ----------------------------------------------------------------------------- tree_build
@@ -156,7 +161,7 @@ BUILD_CASES = [
 def test_tree_build_matches_reference(B, C, T, tie_levels, int_dtype):
     tokens, scores, parents, roots = random_candidates(B, C, seed=C * T, tie_levels=tie_levels)
     tokens, parents, roots = tokens.to(int_dtype), parents.to(int_dtype), roots.to(int_dtype)
-    got = _native.tree_build(tokens, scores, parents, roots, T)
+    got = native_tree_build.tree_build(tokens, scores, parents, roots, T)
     want = ref_tree_build(tokens, scores, parents, roots, T)
     names = ("tokens", "parents", "depth", "mask")
     assert_same([getattr(got, n) for n in names], [getattr(want, n) for n in names], names)
@@ -165,7 +170,7 @@ def test_tree_build_matches_reference(B, C, T, tie_levels, int_dtype):
 
 def test_tree_build_half_scores():
     tokens, scores, parents, roots = random_candidates(2, 50, seed=3, tie_levels=4)
-    got = _native.tree_build(tokens, scores.half(), parents, roots, 20)
+    got = native_tree_build.tree_build(tokens, scores.half(), parents, roots, 20)
     want = ref_tree_build(tokens, scores.half(), parents, roots, 20)
     assert torch.equal(got.mask, want.mask) and torch.equal(got.tokens, want.tokens)
 
@@ -176,7 +181,7 @@ def test_tree_build_dropped_parent_raises_like_reference():
     parents = torch.tensor([[-1, -1, 0], [-1, 0, 1]])
     roots = torch.tensor([9, 9])
     flags = {}
-    for name, fn in (("ext", _native.tree_build), ("ref", ref_tree_build)):
+    for name, fn in (("ext", native_tree_build.tree_build), ("ref", ref_tree_build)):
         flag = torch.full((2,), -7, dtype=torch.int32)
         with pytest.raises(ValueError, match="in sequence 0 a kept candidate's parent was not kept"):
             fn(tokens, scores, parents, roots, 3, flag)
@@ -188,7 +193,7 @@ def test_tree_build_invalid_parent_raises_like_reference():
     tokens = torch.tensor([[5, 6, 7]])
     scores = torch.tensor([[-1.0, -2.0, -3.0]])
     parents = torch.tensor([[-1, 2, 0]])  # candidate 1 names a later candidate
-    for fn in (_native.tree_build, ref_tree_build):
+    for fn in (native_tree_build.tree_build, ref_tree_build):
         flag = torch.zeros(1, dtype=torch.int32)
         with pytest.raises(ValueError, match=r"cand_parents\[0, 1\] = 2 is invalid"):
             fn(tokens, scores, parents, torch.tensor([0]), 4, flag)
@@ -198,7 +203,7 @@ def test_tree_build_invalid_parent_raises_like_reference():
 def test_tree_build_ok_flag_is_zero():
     tokens, scores, parents, roots = random_candidates(3, 20, seed=5)
     flag = torch.full((3,), 5, dtype=torch.int32)
-    _native.tree_build(tokens, scores, parents, roots, 8, flag)
+    native_tree_build.tree_build(tokens, scores, parents, roots, 8, flag)
     assert flag.tolist() == [0, 0, 0]
 
 
@@ -244,11 +249,11 @@ def test_tree_attention_contract(B, Hq, Hkv, Tq, Dh, Lmax, tree_len, dtype, simd
     prefix = torch.randint(0, Lmax - tree_len + 1, (B,), generator=g).to(torch.int32)
     prefix[0] = Lmax - tree_len  # one sequence at the end of the cache
     mask = torch.randint(-(2**31), 2**31 - 1, (B, Tq, mask_words(tree_len)), generator=g, dtype=torch.int64).to(torch.int32)
-    err_ext = attention_error(_native.tree_attention, q, k, v, prefix, mask, tree_len)
+    err_ext = attention_error(native_tree_attention.tree_attention, q, k, v, prefix, mask, tree_len)
     err_ref = attention_error(ref_tree_attention, q, k, v, prefix, mask, tree_len)
     floor = 1e-5 if dtype == torch.float32 else 1e-3
     assert err_ext <= 2 * err_ref + floor, (err_ext, err_ref)
-    out = _native.tree_attention(q, k, v, prefix, mask, tree_len)
+    out = native_tree_attention.tree_attention(q, k, v, prefix, mask, tree_len)
     assert out.dtype == dtype and out.shape == q.shape
 
 
@@ -257,12 +262,12 @@ def test_tree_attention_empty_rows_are_zero_and_scale_is_used(simd):
     k, v = torch.randn(2, 1, 10, 8), torch.randn(2, 1, 10, 8)
     prefix = torch.tensor([0, 4])
     mask = torch.tensor([[[0], [1], [5]], [[0], [2], [7]]], dtype=torch.int32)
-    got = _native.tree_attention(q, k, v, prefix, mask, 3, 0.3)
+    got = native_tree_attention.tree_attention(q, k, v, prefix, mask, 3, 0.3)
     want = ref_tree_attention(q, k, v, prefix, mask, 3, 0.3)
     assert torch.equal(got[0, :, 0], torch.zeros(2, 8))  # prefix 0, empty mask row
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # tree_len 0: only the prefix
-    got0 = _native.tree_attention(q, k, v, prefix, mask, 0)
+    got0 = native_tree_attention.tree_attention(q, k, v, prefix, mask, 0)
     torch.testing.assert_close(got0, ref_tree_attention(q, k, v, prefix, mask, 0), rtol=1e-5, atol=1e-5)
 
 
@@ -270,7 +275,7 @@ def test_tree_attention_keeps_layout_of_q(simd):
     q = torch.randn(1, 5, 4, 16).transpose(1, 2)  # [B, Hq=4, Tq=5, Dh] over [B, Tq, Hq, Dh] storage
     k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     mask = torch.full((1, 5, 1), -1, dtype=torch.int32)
-    got = _native.tree_attention(q, k, v, torch.tensor([10]), mask, 5)
+    got = native_tree_attention.tree_attention(q, k, v, torch.tensor([10]), mask, 5)
     want = ref_tree_attention(q, k, v, torch.tensor([10]), mask, 5)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -283,7 +288,7 @@ def test_tree_attention_strided_float_caches(simd):
     k, v = storage[0, :, :, :, ::2], storage[1, :, :, :, ::2]
     prefix = torch.tensor([70, 3])
     mask = torch.randint(0, 2**20, (2, 5, 1), dtype=torch.int32)
-    err_ext = attention_error(_native.tree_attention, q, k, v, prefix, mask, 20)
+    err_ext = attention_error(native_tree_attention.tree_attention, q, k, v, prefix, mask, 20)
     err_ref = attention_error(ref_tree_attention, q, k, v, prefix, mask, 20)
     assert err_ext <= 2 * err_ref + 1e-5, (err_ext, err_ref)
 
@@ -291,7 +296,7 @@ def test_tree_attention_strided_float_caches(simd):
 def test_tree_attention_rejects_cache_overflow():
     q, k = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 8, 4)
     with pytest.raises(ValueError, match=r"prefix_len\[0\]=7"):
-        _native.tree_attention(q, k, k, torch.tensor([7]), torch.ones(1, 2, 1, dtype=torch.int32), 2)
+        native_tree_attention.tree_attention(q, k, k, torch.tensor([7]), torch.ones(1, 2, 1, dtype=torch.int32), 2)
 
 
 # --------------------------------------------------------------------------------- verify
@@ -331,13 +336,13 @@ def test_verify_greedy_matches_reference(B, T, V, dtype):
         tree = small_vocab_tree(B, T, V, seed) if T > 1 else DraftTree(
             torch.tensor([[3]] * B), torch.tensor([[-1]] * B, dtype=torch.int32), None, None)
         logits = planted_logits(tree, V, seed, dtype=dtype)
-        got = _native.verify_greedy(tree, logits)
+        got = native_verify_greedy.verify_greedy(tree, logits)
         want = ref_verify_greedy(tree, logits)
         assert_same(got, want, ("path", "accept_len", "bonus"))
     # int32 trees and non-contiguous logits rows
     tree32 = DraftTree(tree.tokens.int(), tree.parents, None, None)
     wide = torch.randn(B, T, V + 5)[..., :V]
-    assert_same(_native.verify_greedy(tree32, wide), ref_verify_greedy(tree32, wide), ("p", "a", "b"))
+    assert_same(native_verify_greedy.verify_greedy(tree32, wide), ref_verify_greedy(tree32, wide), ("p", "a", "b"))
 
 
 def test_verify_greedy_ties_and_nan():
@@ -345,7 +350,7 @@ def test_verify_greedy_ties_and_nan():
     logits = torch.zeros(1, 4, 5)
     logits[0, 0, 2] = logits[0, 0, 4] = 1.0  # tie at the root: argmax 2 -> node 2 accepted
     logits[0, 2, 3] = float("nan")  # NaN counts as the maximum, like torch.argmax
-    got = _native.verify_greedy(tree, logits)
+    got = native_verify_greedy.verify_greedy(tree, logits)
     assert_same(got, ref_verify_greedy(tree, logits), ("path", "accept_len", "bonus"))
     assert got[0].tolist() == [[0, 2, -1, -1]] and got[2].tolist() == [3]
 
@@ -369,7 +374,7 @@ def test_verify_sample_matches_reference(temperature, top_p, top_k):
         tree = small_vocab_tree(B, T, V, seed)
         logits = planted_logits(tree, V, seed, follow=0.8)
         u = torch.rand(B, T, generator=torch.Generator().manual_seed(seed))
-        got = _native.verify_sample(tree, logits, u, temperature, top_p, top_k)
+        got = native_verify_sample.verify_sample(tree, logits, u, temperature, top_p, top_k)
         want = ref_verify_sample(tree, logits, u, temperature, top_p, top_k)
         assert_same(got, want, ("path", "accept_len", "bonus"))
         lengths += want[1].tolist()
@@ -385,7 +390,7 @@ def test_verify_sample_rejections_residual_and_out_of_vocab():
     logits = torch.log(torch.tensor([0.1, 0.4, 0.3, 0.2])).repeat(1, 5, 1)
     for u_vals in ([0.5, 0.9, 0.9, 0.0, 0.99], [0.05, 0.5, 0.2, 0.3, 0.1], [0.99, 0.9, 0.6, 0.1, 0.99]):
         u = torch.tensor([u_vals])
-        got = _native.verify_sample(tree, logits, u, 1.0)
+        got = native_verify_sample.verify_sample(tree, logits, u, 1.0)
         assert_same(got, ref_verify_sample(tree, logits, u, 1.0), ("path", "accept_len", "bonus"))
 
 
@@ -403,7 +408,7 @@ def test_verify_sample_uniform_walk_frequencies():
         counts = torch.zeros(3)
         for s in range(400):
             u = torch.rand(1, T, generator=torch.Generator().manual_seed(s))
-            got = _native.verify_sample(tree, logits, u, 1.0)
+            got = native_verify_sample.verify_sample(tree, logits, u, 1.0)
             assert_same(got, ref_verify_sample(tree, logits, u, 1.0), ("path", "accept_len", "bonus"))
             path, alen, bonus = got
             first = int(tree.tokens[0, path[0, 1]]) if int(alen) > 1 else int(bonus)
@@ -430,7 +435,7 @@ def test_kv_compact_bit_exact(dtype, path, accept):
     base = torch.randint(-100, 100, (6, B, 3, 20, 16), dtype=torch.int16).to(dtype)
     prefix = torch.tensor([5, 11][:B], dtype=torch.int32)
     got, want = base.clone(), base.clone()
-    out = _native.kv_compact(got, prefix, path, accept)
+    out = native_kv_compact.kv_compact(got, prefix, path, accept)
     ref_kv_compact(want, prefix, path, accept)
     assert out is got
     assert torch.equal(got, want)  # integer-valued data: equality is bit equality
@@ -449,11 +454,11 @@ def test_kv_compact_random_and_strided():
             nodes = torch.randperm(T, generator=g)[: int(accept[b])].sort().values
             path[b, : len(nodes)] = nodes
         got, want = cache.clone(), cache.clone()
-        _native.kv_compact(got, prefix, path, accept)
+        native_kv_compact.kv_compact(got, prefix, path, accept)
         ref_kv_compact(want, prefix, path, accept)
         assert torch.equal(got, want), trial
         strided = storage.clone()[..., ::2]  # Dh stride 2: element-wise moves
-        _native.kv_compact(strided, prefix, path, accept)
+        native_kv_compact.kv_compact(strided, prefix, path, accept)
         ref = storage.clone()[..., ::2]
         ref_kv_compact(ref, prefix, path, accept)
         assert torch.equal(strided, ref), trial
@@ -462,11 +467,11 @@ def test_kv_compact_random_and_strided():
 def test_kv_compact_rejects_out_of_range():
     cache = torch.zeros(2, 1, 1, 8, 4)
     with pytest.raises(ValueError, match="reach"):
-        _native.kv_compact(cache, torch.tensor([5]), torch.tensor([[0, 3]]), torch.tensor([2]))
+        native_kv_compact.kv_compact(cache, torch.tensor([5]), torch.tensor([[0, 3]]), torch.tensor([2]))
     with pytest.raises(ValueError, match="padding"):
-        _native.kv_compact(cache, torch.tensor([0]), torch.tensor([[0, -1]]), torch.tensor([2]))
+        native_kv_compact.kv_compact(cache, torch.tensor([0]), torch.tensor([[0, -1]]), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"accept_len\[0\]=3"):
-        _native.kv_compact(cache, torch.tensor([0]), torch.tensor([[0, 1]]), torch.tensor([3]))
+        native_kv_compact.kv_compact(cache, torch.tensor([0]), torch.tensor([[0, 1]]), torch.tensor([3]))
 
 
 # ----------------------------------------------------------------------- dispatch by device
@@ -478,8 +483,8 @@ def test_public_ops_use_the_extension_on_cpu(monkeypatch):
     from eagle2_kernels import ops
 
     calls = []
-    real = _native.tree_expand
-    monkeypatch.setattr(_native, "tree_expand", lambda *a: calls.append(1) or real(*a))
+    real = native_tree_expand.tree_expand
+    monkeypatch.setattr(native_tree_expand, "tree_expand", lambda *a: calls.append(1) or real(*a))
     ops.tree_expand(torch.randn(1, 1, 30), torch.zeros(1, 1), 2)
     assert calls == [1]
 

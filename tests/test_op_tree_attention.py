@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from eagle2_kernels.ops.tree import pack_bits, unpack_bits
 from eagle2_kernels.ops.tree_attention.reference import tree_attention as ref_tree_attention
 from conftest import requires_triton, triton_device
 
@@ -27,13 +28,10 @@ FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 def pack_rows(rows: list[list[int]], words: int) -> torch.Tensor:
     """Pack lists of visible tree-slot indices into int32 words (bit j -> word j//32, j%32)."""
-    out = torch.zeros(len(rows), words, dtype=torch.int64)
+    bits = torch.zeros(len(rows), 32 * words, dtype=torch.bool)
     for i, js in enumerate(rows):
-        for j in js:
-            out[i, j // 32] |= 1 << (j % 32)
-    # Two's complement: bit 31 set means a negative int32 word.
-    out = torch.where(out >= 2**31, out - 2**32, out)
-    return out.to(torch.int32)
+        bits[i, js] = True
+    return pack_bits(bits)
 
 
 def ancestor_rows(parents: list[int]) -> list[list[int]]:
@@ -99,8 +97,7 @@ def plain_torch(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale=None
     B, Hq, Tq, Dh = q.shape
     Hkv = k_cache.shape[1]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    j = torch.arange(tree_len)
-    bits = ((tree_mask[..., j // 32].long() >> (j % 32)) & 1).bool()
+    bits = unpack_bits(tree_mask, tree_len)
     out = torch.zeros_like(q)
     for b in range(B):
         P = int(prefix_len[b])
@@ -233,36 +230,36 @@ def test_reference_rejects_cache_overflow():
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "change, exc, match",
     [
-        pytest.param(lambda a: a.update(q=a["q"][0]), "q", id="q-rank"),
-        pytest.param(lambda a: a.update(q=a["q"].double()), "q", id="q-fp64"),
-        pytest.param(lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache",
+        pytest.param(lambda a: a.update(q=a["q"][0]), ValueError, "q", id="q-rank"),
+        pytest.param(lambda a: a.update(q=a["q"].double()), TypeError, "q", id="q-fp64"),
+        pytest.param(lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "k_cache",
                      id="k-dtype"),
-        pytest.param(lambda a: a.update(v_cache=a["v_cache"][:, :, :-1]), "v_cache", id="v-shape"),
+        pytest.param(lambda a: a.update(v_cache=a["v_cache"][:, :, :-1]), ValueError, "v_cache", id="v-shape"),
         pytest.param(lambda a: a.update(k_cache=a["k_cache"][:, :, :, :4],
-                                        v_cache=a["v_cache"][:, :, :, :4]), "Dh|head dim",
+                                        v_cache=a["v_cache"][:, :, :, :4]), ValueError, "Dh|head dim",
                      id="Dh-mismatch"),
         pytest.param(lambda a: a.update(k_cache=a["k_cache"][:, :1].expand(-1, 3, -1, -1),
                                         v_cache=a["v_cache"][:, :1].expand(-1, 3, -1, -1)),
-                     "Hq|Hkv", id="Hq-not-multiple"),
-        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"].float()), "prefix_len",
+                     ValueError, "Hq|Hkv", id="Hq-not-multiple"),
+        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"].float()), TypeError, "prefix_len",
                      id="prefix-float"),
-        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"][None]), "prefix_len",
+        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"][None]), ValueError, "prefix_len",
                      id="prefix-shape"),
-        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"].long()), "tree_mask",
+        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"].long()), TypeError, "tree_mask",
                      id="mask-int64"),
-        pytest.param(lambda a: a.update(tree_len=33), "tree_mask", id="mask-too-few-words"),
-        pytest.param(lambda a: a.update(tree_len=10**6), "tree_len", id="tree-len-too-big"),
-        pytest.param(lambda a: a.update(tree_len=2.0), "tree_len", id="tree-len-float"),
-        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"][:, :1]), "tree_mask", id="mask-rows"),
+        pytest.param(lambda a: a.update(tree_len=33), ValueError, "tree_mask", id="mask-too-few-words"),
+        pytest.param(lambda a: a.update(tree_len=10**6), ValueError, "tree_len", id="tree-len-too-big"),
+        pytest.param(lambda a: a.update(tree_len=2.0), TypeError, "tree_len", id="tree-len-float"),
+        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"][:, :1]), ValueError, "tree_mask", id="mask-rows"),
     ],
 )
-def test_public_input_checks(change, match):
+def test_public_input_checks(change, exc, match):
     q, k, v, prefix_len, mask = make_case(1, 4, 2, 2, 8, [3], 2, [[[0], [0, 1]]], extra_slots=40)
     args = dict(q=q, k_cache=k, v_cache=v, prefix_len=prefix_len, tree_mask=mask, tree_len=2)
     change(args)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(exc, match=match):
         ops.tree_attention(**args, backend="reference")
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import requires_triton, triton_device
+from eagle2_kernels.ops.tree import pack_bits, unpack_bits
 from eagle2_kernels.ops.tree_attention.reference import tree_attention as dense_reference
 from eagle2_kernels.ops.tree_attention_paged.reference import (
     tree_attention_paged as ref_paged,
@@ -34,15 +35,14 @@ def ancestor_mask(parent_lists: list[list[int]], Tq: int | None = None) -> torch
     """Packed ancestor-or-self rows [B, Tq, W] (the last Tq nodes of each tree)."""
     T = len(parent_lists[0])
     Tq = T if Tq is None else Tq
-    W = max(1, (T + 31) // 32)
-    out = torch.zeros(len(parent_lists), Tq, W, dtype=torch.int64)
+    bits = torch.zeros(len(parent_lists), Tq, max(T, 1), dtype=torch.bool)
     for b, parents in enumerate(parent_lists):
         for r, i in enumerate(range(T - Tq, T)):
             j = i
             while j >= 0:
-                out[b, r, j // 32] |= 1 << (j % 32)
+                bits[b, r, j] = True
                 j = parents[j]
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return pack_bits(bits)
 
 
 def random_parents(T: int, rng: random.Random) -> list[int]:
@@ -89,8 +89,7 @@ def plain_torch(q, k, v, prefix_len, mask, tree_len, scale=None):
     B, Hq, Tq, Dh = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    j = torch.arange(tree_len)
-    bits = ((mask[..., j // 32].long() >> (j % 32)) & 1).bool()
+    bits = unpack_bits(mask, tree_len)
     out = torch.zeros_like(q)
     for b in range(B):
         P = int(prefix_len[b])
@@ -204,40 +203,40 @@ def test_reference_rejects_short_table_and_bad_pages():
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "change, exc, match",
     [
-        pytest.param(lambda a: a.update(q=a["q"][0]), "q", id="q-rank"),
-        pytest.param(lambda a: a.update(q=a["q"].double()), "q", id="q-fp64"),
-        pytest.param(lambda a: a.update(k_pages=a["k_pages"].half()), "k_pages", id="k-dtype"),
-        pytest.param(lambda a: a.update(v_pages=a["v_pages"][:-1]), "v_pages", id="v-shape"),
+        pytest.param(lambda a: a.update(q=a["q"][0]), ValueError, "q", id="q-rank"),
+        pytest.param(lambda a: a.update(q=a["q"].double()), TypeError, "q", id="q-fp64"),
+        pytest.param(lambda a: a.update(k_pages=a["k_pages"].half()), TypeError, "k_pages", id="k-dtype"),
+        pytest.param(lambda a: a.update(v_pages=a["v_pages"][:-1]), ValueError, "v_pages", id="v-shape"),
         pytest.param(lambda a: a.update(k_pages=a["k_pages"][..., :4],
-                                        v_pages=a["v_pages"][..., :4]), "head dim", id="Dh"),
+                                        v_pages=a["v_pages"][..., :4]), ValueError, "head dim", id="Dh"),
         pytest.param(lambda a: a.update(k_pages=a["k_pages"][:, :, :1].expand(-1, -1, 3, -1),
                                         v_pages=a["v_pages"][:, :, :1].expand(-1, -1, 3, -1)),
-                     "Hq|Hkv", id="Hq-not-multiple"),
-        pytest.param(lambda a: a.update(block_table=a["block_table"].float()), "block_table",
+                     ValueError, "Hq|Hkv", id="Hq-not-multiple"),
+        pytest.param(lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table",
                      id="table-float"),
-        pytest.param(lambda a: a.update(block_table=a["block_table"][0]), "block_table",
+        pytest.param(lambda a: a.update(block_table=a["block_table"][0]), ValueError, "block_table",
                      id="table-rank"),
-        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"][None]), "prefix_len",
+        pytest.param(lambda a: a.update(prefix_len=a["prefix_len"][None]), ValueError, "prefix_len",
                      id="prefix-shape"),
-        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"].long()), "tree_mask",
+        pytest.param(lambda a: a.update(tree_mask=a["tree_mask"].long()), TypeError, "tree_mask",
                      id="mask-int64"),
-        pytest.param(lambda a: a.update(tree_len=33), "tree_mask", id="mask-too-few-words"),
-        pytest.param(lambda a: a.update(tree_len=10**6), "tree_len", id="tree-len-too-big"),
-        pytest.param(lambda a: a.update(tree_len=2.0), "tree_len", id="tree-len-float"),
-        pytest.param(lambda a: a.update(scale="x"), "scale", id="scale-str"),
-        pytest.param(lambda a: a.update(k_pages=[0.0]), "k_pages", id="pages-list"),
+        pytest.param(lambda a: a.update(tree_len=33), ValueError, "tree_mask", id="mask-too-few-words"),
+        pytest.param(lambda a: a.update(tree_len=10**6), ValueError, "tree_len", id="tree-len-too-big"),
+        pytest.param(lambda a: a.update(tree_len=2.0), TypeError, "tree_len", id="tree-len-float"),
+        pytest.param(lambda a: a.update(scale="x"), TypeError, "scale", id="scale-str"),
+        pytest.param(lambda a: a.update(k_pages=[0.0]), TypeError, "k_pages", id="pages-list"),
     ],
 )
-def test_public_input_checks(change, match):
+def test_public_input_checks(change, exc, match):
     c = make_case(1, 4, 2, 2, 2, 8, [3], 4, seed=2, parents=[[-1, 0]])
     q, kp, vp, table, prefix, mask = paged_args(c)
     table = torch.cat([table, torch.zeros(1, 10, dtype=torch.int32)], 1)  # capacity 48
     args = dict(q=q, k_pages=kp, v_pages=vp, block_table=table, prefix_len=prefix,
                 tree_mask=mask, tree_len=2)
     change(args)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(exc, match=match):
         ops.tree_attention_paged(**args, backend="reference")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import requires_triton, triton_device
-from eagle2_kernels.ops.tree import DraftTree, mask_words
+from eagle2_kernels.ops.tree import DraftTree, mask_words, pack_bits, unpack_bits
 from eagle2_kernels.ops.tree_build import tree_build
 
 # ----------------------------------------------------------------------------- oracle
@@ -23,6 +23,7 @@ def oracle(cand_tokens, cand_scores, cand_parents, root_tokens, T) -> DraftTree:
     parents = torch.empty(B, T, dtype=torch.int32)
     depth = torch.empty(B, T, dtype=torch.int32)
     mask = torch.empty(B, T, W, dtype=torch.int32)
+    ancestors = torch.zeros(T, T, dtype=torch.bool)
     for b in range(B):
         s = cand_scores[b].float().tolist()
         kept = sorted(sorted(range(C), key=lambda c: (-s[c], c))[: T - 1])
@@ -36,13 +37,13 @@ def oracle(cand_tokens, cand_scores, cand_parents, root_tokens, T) -> DraftTree:
         dep = [0]
         for i in range(1, T):
             dep.append(dep[par[i]] + 1)
+        ancestors.zero_()
         for i in range(T):
-            words = [0] * W
             j = i
             while j != -1:
-                words[j // 32] |= 1 << (j % 32)
+                ancestors[i, j] = True
                 j = par[j]
-            mask[b, i] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words])
+        mask[b] = pack_bits(ancestors)
         tokens[b] = torch.tensor(tok)
         parents[b] = torch.tensor(par)
         depth[b] = torch.tensor(dep)
@@ -85,6 +86,21 @@ def draft_candidates(B, K, D, seed, V=1000, ties=False):
         idx = torch.tensor(best)
         frontier_scores, frontier = child.gather(1, idx), idx
     return torch.cat(tokens, 1), torch.cat(scores, 1), torch.cat(parents, 1)
+
+
+# ------------------------------------------------------------------- mask-word packing
+
+
+def test_pack_bits_hand_made_words():
+    """ops.tree.pack_bits, which the oracle above and the package share: bit j -> word j // 32,
+    bit j % 32, bit 31 the sign bit; unpack_bits inverts it."""
+    bits = torch.zeros(2, 40, dtype=torch.bool)
+    bits[0, [0, 2]] = True           # word 0 = 0b101
+    bits[1, [31, 32, 39]] = True     # word 0 = -2**31, word 1 = 1 + 2**7
+    words = pack_bits(bits)
+    assert words.dtype == torch.int32 and words.tolist() == [[5, 0], [-(2**31), 129]]
+    assert torch.equal(unpack_bits(words, 40), bits)
+    assert pack_bits(torch.ones(1, 32, dtype=torch.bool)).tolist() == [[-1]]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -227,15 +243,15 @@ def test_reference_clean_run_clears_flag():
             dict(total_tokens=1), ValueError, r"total_tokens=1 must be in \[2, C \+ 1 = 5\]", id="T1"
         ),
         pytest.param(dict(total_tokens=6), ValueError, r"total_tokens=6", id="T>C+1"),
-        pytest.param(dict(total_tokens=3.0), TypeError, "total_tokens must be an int", id="T-float"),
+        pytest.param(dict(total_tokens=3.0), TypeError, "total_tokens must be a Python int", id="T-float"),
         pytest.param(
             dict(cand_tokens=torch.zeros(1, 3, dtype=torch.int64)),
             ValueError,
-            "cand_tokens must have the shape",
+            r"cand_tokens must have shape \[B, C\] = \[1, 4\]",
             id="tokens-shape",
         ),
         pytest.param(
-            dict(cand_tokens=torch.zeros(1, 4)), TypeError, "cand_tokens must have dtype", id="tokens-dtype"
+            dict(cand_tokens=torch.zeros(1, 4)), TypeError, "cand_tokens must be int32 or int64", id="tokens-dtype"
         ),
         pytest.param(
             dict(cand_scores=torch.zeros(4)), ValueError, r"cand_scores must be a \[B, C\]", id="scores-rank"

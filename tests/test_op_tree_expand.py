@@ -172,7 +172,7 @@ def test_reference_accepts_strided_logits():
         pytest.param(dict(logits=torch.zeros(1, 2, 5, dtype=torch.int64)), TypeError, "float32", id="int-logits"),
         pytest.param(dict(top_k=6), ValueError, r"top_k=6 must be in \[1, V=5\]", id="k>V"),
         pytest.param(dict(top_k=0), ValueError, "top_k=0", id="k0"),
-        pytest.param(dict(top_k=2.0), TypeError, "top_k must be an int", id="k-float"),
+        pytest.param(dict(top_k=2.0), TypeError, "top_k must be a Python int", id="k-float"),
         pytest.param(dict(parent_scores=torch.zeros(1, 3)), ValueError, r"\[B, R\] = \[1, 2\]", id="parent-shape"),
         pytest.param(dict(parent_scores=torch.zeros(1, 2, dtype=torch.float16)), TypeError, "float32", id="parent-dtype"),
         pytest.param(dict(draft_to_target=torch.arange(4)), ValueError, r"\[V\] = \[5\]", id="map-shape"),

@@ -191,32 +191,35 @@ def _tree_1():
 
 
 @pytest.mark.parametrize(
-    "make_args,match",
+    "make_args,exc,match",
     [
-        pytest.param(lambda: (_tree_1(), torch.zeros(1, 2, 4)), r"\[B, T, V\]", id="logits-T"),
-        pytest.param(lambda: (_tree_1(), torch.zeros(1, 4)), r"\[B, T, V\]", id="logits-rank"),
-        pytest.param(lambda: (_tree_1(), torch.zeros(1, 1, 4, dtype=torch.long)), "float", id="logits-int"),
-        pytest.param(lambda: (_tree_1(), torch.zeros(1, 1, 0)), "V = 0", id="logits-V0"),
+        pytest.param(lambda: (_tree_1(), torch.zeros(1, 2, 4)), ValueError, r"\[B, T, V\]", id="logits-T"),
+        pytest.param(lambda: (_tree_1(), torch.zeros(1, 4)), ValueError, r"\[B, T, V\]", id="logits-rank"),
+        pytest.param(lambda: (_tree_1(), torch.zeros(1, 1, 4, dtype=torch.long)), TypeError, "float", id="logits-int"),
+        pytest.param(lambda: (_tree_1(), torch.zeros(1, 1, 0)), ValueError, "V = 0", id="logits-V0"),
         pytest.param(
             lambda: (DraftTree(torch.zeros(1, 1), torch.full((1, 1), -1), None, None), torch.zeros(1, 1, 4)),
+            TypeError,
             "tree.tokens must be int32 or int64",
             id="tokens-float",
         ),
         pytest.param(
             lambda: (DraftTree(torch.zeros(1, 2, dtype=torch.long), torch.full((1, 1), -1), None, None), torch.zeros(1, 2, 4)),
+            ValueError,
             "tree.parents shape",
             id="parents-shape",
         ),
         pytest.param(
             lambda: (DraftTree(torch.zeros(2, dtype=torch.long), torch.full((2,), -1), None, None), torch.zeros(1, 2, 4)),
+            ValueError,
             r"\[B, T\]",
             id="tokens-rank",
         ),
     ],
 )
-def test_bad_inputs(make_args, match):
+def test_bad_inputs(make_args, exc, match):
     tree, logits = make_args()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         verify_greedy(tree, logits, backend="reference")
 
 

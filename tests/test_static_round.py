@@ -246,15 +246,15 @@ def test_static_sampling_matches_target_distribution():
 # ---------------------------------------------------------------------- no host reads in a round
 # Exactly these host reads may happen inside a round: each is a read site (file, function) of a
 # CPU implementation of an op, and it counts only when the op dispatched to that CPU
-# implementation (the function the public wrapper called is a reference.py or _native.py op), so
+# implementation (the function the public wrapper called is a reference.py or native.py op), so
 # the same helper reached from a Triton launcher (say raise_for_error_codes from kernel.py) fails.
 # The ops' public wrappers (input checks, dispatch), the Triton launchers, our runtime and
 # transformers' model code must not read at all.
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(ops.__file__)))  # .../eagle2_kernels
 _OP_NAMES = ("tree_expand", "tree_build", "tree_attention", "verify_greedy", "verify_sample", "kv_compact")
-_CPU_IMPLS = {(f"ops/{op}/reference.py", op) for op in _OP_NAMES} | {("_native.py", op) for op in _OP_NAMES}
+_CPU_IMPLS = {(f"ops/{op}/{kind}.py", op) for op in _OP_NAMES for kind in ("reference", "native")}
 _ALLOWED_READS = {
-    ("_native.py", "tree_build"): "bool(codes.any()): raise on a bad tree",
+    ("ops/tree_build/native.py", "tree_build"): "bool(codes.any()): raise on a bad tree",
     ("ops/tree_build/reference.py", "raise_for_error_codes"): "the error check and its message",
     ("ops/tree_expand/reference.py", "topk_lowest_index"): "do ties straddle the top-k cut?",
     ("ops/tree_attention/reference.py", "tree_attention"): "per-sequence prefix length",
@@ -279,11 +279,13 @@ def _pkg_site(f):
 
 
 def _implementation_entry(f):
-    """The function a public op wrapper (ops/<op>/__init__.py) called, on the stack above f."""
+    """The function a public op wrapper (ops/<op>/__init__.py, through the shared
+    ops/_dispatch.py) called, on the stack above f."""
     inner = None
     while f is not None:
         site = _pkg_site(f)
-        if site is not None and site[0].startswith("ops/") and site[0].endswith("/__init__.py"):
+        if site is not None and (site[0] == "ops/_dispatch.py" or (
+                site[0].startswith("ops/") and site[0].endswith("/__init__.py"))):
             return inner
         inner = site if site is not None else inner
         f = f.f_back

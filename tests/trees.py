@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from eagle2_kernels.ops import DraftTree
-from eagle2_kernels.ops.tree import mask_words
+from eagle2_kernels.ops.tree import pack_bits
 
 
 def make_tree(parents, tokens, device="cpu", token_dtype=torch.int64, parent_dtype=torch.int32):
@@ -16,15 +16,15 @@ def make_tree(parents, tokens, device="cpu", token_dtype=torch.int64, parent_dty
     tokens = torch.as_tensor(tokens).reshape(parents.shape)
     B, T = parents.shape
     depth = torch.zeros(B, T, dtype=torch.int32)
-    mask = torch.zeros(B, T, mask_words(T), dtype=torch.int64)
+    ancestors = torch.zeros(B, T, T, dtype=torch.bool)
     for b in range(B):
         for i in range(T):
             j = i
             while j >= 0:
-                mask[b, i, j // 32] |= 1 << (j % 32)
+                ancestors[b, i, j] = True
                 j = int(parents[b, j])
                 depth[b, i] += j >= 0
-    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+    mask = pack_bits(ancestors)
     return DraftTree(
         tokens.to(token_dtype).to(device), parents.to(parent_dtype).to(device), depth.to(device), mask.to(device)
     )

@@ -39,3 +39,33 @@ class DraftTree:
 def mask_words(num_nodes: int) -> int:
     """Number of int32 words per mask row: ceil(T / 32)."""
     return (num_nodes + 31) // 32
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool [..., N] tensor into int32 words [..., ceil(N / 32)], on its device.
+
+    Bit j goes to word j // 32 at bit j % 32 (bit 31 is the sign bit, so such words are
+    negative): the layout of ``DraftTree.mask`` and of every ``tree_mask`` argument.
+
+    Example:
+        >>> pack_bits(torch.tril(torch.ones(3, 3, dtype=torch.bool))).tolist()  # a chain
+        [[1], [3], [7]]
+    """
+    n = bits.shape[-1]
+    words = mask_words(n)
+    padded = torch.zeros(*bits.shape[:-1], words * 32, dtype=torch.int64, device=bits.device)
+    padded[..., :n] = bits.to(torch.int64)
+    weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64, device=bits.device)
+    value = (padded.view(*bits.shape[:-1], words, 32) * weights).sum(-1)
+    return torch.where(value >= 1 << 31, value - (1 << 32), value).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of ``pack_bits``: int32 words [..., W] -> bool [..., n] (n <= 32 W).
+
+    Example:
+        >>> unpack_bits(torch.tensor([[1], [3], [5]], dtype=torch.int32), 3).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    """
+    j = torch.arange(n, device=words.device)
+    return ((words[..., j // 32].to(torch.int64) >> (j % 32)) & 1).bool()

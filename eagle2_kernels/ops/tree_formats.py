@@ -43,9 +43,7 @@ from typing import Sequence
 
 import torch
 
-from eagle2_kernels.ops.tree import DraftTree, mask_words
-from eagle2_kernels.ops.tree_attention.reference import unpack_tree_mask
-from eagle2_kernels.ops.tree_build.reference import pack_bits
+from eagle2_kernels.ops.tree import DraftTree, mask_words, pack_bits, unpack_bits
 
 __all__ = [
     "tree_from_parents",
@@ -135,7 +133,7 @@ def tree_from_mask(mask: torch.Tensor, tokens: torch.Tensor) -> DraftTree:
             f"tree_from_mask: mask must be [B={B}, T={T}, W={W}] int32, got shape "
             f"{tuple(mask.shape)} dtype {mask.dtype}"
         )
-    bits = unpack_tree_mask(mask, T)  # [B, T, T]
+    bits = unpack_bits(mask, T)  # [B, T, T]
     strict = bits & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril(-1)
     j = torch.arange(T, device=mask.device)
     # Largest strict-ancestor index of each row; -1 where there is none.
@@ -317,7 +315,7 @@ def to_sglang_tree_mask(
             raise ValueError("to_sglang_tree_mask: mode 'full' needs prefix_len")
         return to_flashinfer_custom_mask(tree, prefix_len, packed=False)[0]
     if mode == "qlen_only":
-        return unpack_tree_mask(tree.mask, T).reshape(-1)
+        return unpack_bits(tree.mask, T).reshape(-1)
     nbytes = _sglang_row_bytes(T)
     word = tree.mask[..., 0].to(torch.int64) & 0xFFFFFFFF  # [B, T], bits 0..T-1
     shifts = 8 * torch.arange(nbytes, device=word.device)
@@ -411,7 +409,7 @@ def to_flashinfer_custom_mask(
     B, T = tree.tokens.shape
     dev = tree.mask.device
     prefixes = _host_lengths("to_flashinfer_custom_mask", prefix_len, B)
-    visible = unpack_tree_mask(tree.mask, T)  # [B, T, T]
+    visible = unpack_bits(tree.mask, T)  # [B, T, T]
     segments, sizes = [], []
     for b, P in enumerate(prefixes):
         rows = torch.cat([torch.ones(T, P, dtype=torch.bool, device=dev), visible[b]], dim=1)

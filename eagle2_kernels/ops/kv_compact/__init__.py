@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
+from eagle2_kernels.ops._checks import INT_DTYPES, check_device, check_index_vector, check_rank
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["kv_compact"]
 
-_INT_DTYPES = (torch.int32, torch.int64)
+_NAME = "kv_compact"
 
 
 def kv_compact(
@@ -48,41 +49,16 @@ def kv_compact(
         [0.0, 1.0, 3.0, 4.0, 4.0, 5.0]
     """
     _check(cache, prefix_len, path, accept_len)
-    name = select_backend(cache, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.kv_compact.reference import kv_compact as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.kv_compact.kernel import kv_compact as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.kv_compact
-    with device_guard(cache):
-        out = impl(cache, prefix_len, path, accept_len)
+    out = dispatch(_NAME, cache, backend, cache, prefix_len, path, accept_len)
     return cache if out is None else out
 
 
 def _check(cache, prefix_len, path, accept_len) -> None:
-    for name, t in (("cache", cache), ("prefix_len", prefix_len), ("path", path),
-                    ("accept_len", accept_len)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"kv_compact: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if cache.dim() != 5:
-        raise ValueError(
-            f"kv_compact: cache must be [N, B, Hkv, Lmax, Dh], got shape {tuple(cache.shape)}"
-        )
+    check_rank(_NAME, "cache", cache, "[N, B, Hkv, Lmax, Dh]")
+    check_rank(_NAME, "path", path, "[B, T]", INT_DTYPES)
     B = cache.shape[1]
-    if path.dim() != 2 or path.shape[0] != B or path.dtype not in _INT_DTYPES:
-        raise ValueError(
-            f"kv_compact: path must be [B={B}, T] int32/int64, got shape {tuple(path.shape)} "
-            f"dtype {path.dtype}"
-        )
-    for name, t in (("prefix_len", prefix_len), ("accept_len", accept_len)):
-        if t.shape != (B,) or t.dtype not in _INT_DTYPES:
-            raise ValueError(
-                f"kv_compact: {name} must be [B={B}] int32/int64, got shape {tuple(t.shape)} "
-                f"dtype {t.dtype}"
-            )
-    for name, t in (("prefix_len", prefix_len), ("path", path), ("accept_len", accept_len)):
-        if t.device != cache.device:
-            raise ValueError(f"kv_compact: {name} is on {t.device}, cache on {cache.device}")
+    if path.shape[0] != B:
+        raise ValueError(f"{_NAME}: path has {path.shape[0]} rows, the cache has B={B}")
+    check_device(_NAME, "path", path, cache.device, "cache")
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, cache.device, "cache")
+    check_index_vector(_NAME, "accept_len", accept_len, B, cache.device, "cache")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
-from eagle2_kernels.ops._paged import INT_DTYPES, check_block_table, check_index_vector, check_tensor
+from eagle2_kernels.ops._checks import (INT_DTYPES, check_block_table, check_device,
+                                        check_index_vector, check_rank)
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["kv_compact_paged"]
 
@@ -63,37 +64,16 @@ def kv_compact_paged(
         [1.0, 6.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     """
     _check(kv_pages, block_table, prefix_len, path, accept_len)
-    name = select_backend(kv_pages, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.kv_compact_paged.kernel import kv_compact_paged as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.kv_compact_paged
-    with device_guard(kv_pages):
-        out = impl(kv_pages, block_table, prefix_len, path, accept_len)
+    out = dispatch(_NAME, kv_pages, backend, kv_pages, block_table, prefix_len, path, accept_len)
     return kv_pages if out is None else out
 
 
 def _check(kv_pages, block_table, prefix_len, path, accept_len) -> None:
-    for name, t in (("kv_pages", kv_pages), ("path", path)):
-        check_tensor(_NAME, name, t)
-    if kv_pages.dim() != 5:
-        raise ValueError(
-            f"{_NAME}: kv_pages must be [N, num_blocks, page_size, Hkv, Dh], got shape "
-            f"{tuple(kv_pages.shape)}"
-        )
+    check_rank(_NAME, "kv_pages", kv_pages, "[N, num_blocks, page_size, Hkv, Dh]")
     dev = kv_pages.device
-    if path.dim() != 2 or path.dtype not in INT_DTYPES:
-        raise ValueError(
-            f"{_NAME}: path must be [B, T] int32/int64, got shape {tuple(path.shape)} dtype "
-            f"{path.dtype}"
-        )
-    if path.device != dev:
-        raise ValueError(f"{_NAME}: path is on {path.device}, kv_pages on {dev}")
+    check_rank(_NAME, "path", path, "[B, T]", INT_DTYPES)
+    check_device(_NAME, "path", path, dev, "kv_pages")
     B = path.shape[0]
-    check_block_table(_NAME, block_table, B, dev)
-    check_index_vector(_NAME, "prefix_len", prefix_len, B, dev)
-    check_index_vector(_NAME, "accept_len", accept_len, B, dev)
+    check_block_table(_NAME, block_table, B, dev, "kv_pages")
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, dev, "kv_pages")
+    check_index_vector(_NAME, "accept_len", accept_len, B, dev, "kv_pages")

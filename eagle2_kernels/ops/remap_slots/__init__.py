@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
-from eagle2_kernels.ops._paged import INT_DTYPES, check_block_table, check_index_vector, check_tensor
+from eagle2_kernels.ops._checks import (INT_DTYPES, check_block_table, check_index_vector,
+                                        check_int, check_rank)
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["remap_slots"]
 
@@ -63,36 +64,20 @@ def remap_slots(
     """
     if tree_len is None and isinstance(path, torch.Tensor) and path.dim() == 2:
         tree_len = path.shape[1]
+    if tree_len is None and isinstance(path, torch.Tensor) and path.dim() == 2:
+        tree_len = path.shape[1]
     _check(req_to_token, prefix_len, path, accept_len, tree_len, update)
-    name = select_backend(req_to_token, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.remap_slots.reference import remap_slots as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.remap_slots.kernel import remap_slots as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.remap_slots
-    with device_guard(req_to_token):
-        return impl(req_to_token, prefix_len, path, accept_len, tree_len, update)
+    return dispatch(_NAME, req_to_token, backend, req_to_token, prefix_len, path, accept_len,
+                    tree_len, update)
 
 
 def _check(req_to_token, prefix_len, path, accept_len, tree_len, update) -> None:
-    check_tensor(_NAME, "path", path)
-    if path.dim() != 2 or path.dtype not in INT_DTYPES:
-        raise ValueError(
-            f"{_NAME}: path must be [B, T] int32/int64, got shape {tuple(path.shape)} dtype "
-            f"{path.dtype}"
-        )
-    B = path.shape[0]
-    check_block_table(_NAME, req_to_token, B, path.device, name="req_to_token")
-    check_index_vector(_NAME, "prefix_len", prefix_len, B, path.device)
-    check_index_vector(_NAME, "accept_len", accept_len, B, path.device)
-    if isinstance(tree_len, bool) or not isinstance(tree_len, int):
-        raise TypeError(f"{_NAME}: tree_len must be a Python int or None, got {tree_len!r}")
-    if not 0 <= tree_len <= req_to_token.shape[1]:
-        raise ValueError(
-            f"{_NAME}: tree_len={tree_len} is not in [0, max_context={req_to_token.shape[1]}]"
-        )
+    check_rank(_NAME, "path", path, "[B, T]", INT_DTYPES)
+    B, dev = path.shape[0], path.device
+    check_block_table(_NAME, req_to_token, B, dev, "path", name="req_to_token")
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, dev, "path")
+    check_index_vector(_NAME, "accept_len", accept_len, B, dev, "path")
+    max_context = req_to_token.shape[1]
+    check_int(_NAME, "tree_len", tree_len, 0, max_context, f"max_context={max_context}")
     if not isinstance(update, bool):
         raise TypeError(f"{_NAME}: update must be a bool, got {update!r}")

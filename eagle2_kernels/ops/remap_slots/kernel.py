@@ -89,18 +89,21 @@ def remap_slots(
     if B == 0:
         return accepted, free, num_free
     block = triton.next_power_of_2(max(T, tree_len, 1))
-    _remap_slots_kernel[(B,)](
-        req_to_token,
-        prefix_len,
-        path,
-        accept_len,
-        accepted,
-        free,
-        num_free,
-        *req_to_token.stride(),
-        *path.stride(),
-        T,
-        tree_len,
+    grid = (B,)
+    _remap_slots_kernel[grid](
+        table_ptr=req_to_token,
+        prefix_ptr=prefix_len,
+        path_ptr=path,
+        accept_ptr=accept_len,
+        accepted_ptr=accepted,
+        free_ptr=free,
+        num_free_ptr=num_free,
+        stride_table_b=req_to_token.stride(0),
+        stride_table_l=req_to_token.stride(1),
+        stride_path_b=path.stride(0),
+        stride_path_t=path.stride(1),
+        T=T,
+        TREE_LEN=tree_len,
         BLOCK=block,
         UPDATE=update,
         num_warps=4 if block <= 256 else 8,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
+from eagle2_kernels.ops._checks import (check_attention, check_heads, check_index_vector, check_int,
+                                        check_scale, check_tree_mask)
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["tree_attention"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT_DTYPES = (torch.int32, torch.int64)
+_NAME = "tree_attention"
 
 
 def tree_attention(
@@ -65,75 +66,16 @@ def tree_attention(
         torch.Size([1, 4, 2, 16])
     """
     _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
-    name = select_backend(q, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.tree_attention.reference import tree_attention as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.tree_attention.kernel import tree_attention as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.tree_attention
-    with device_guard(q):
-        return impl(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
+    return dispatch(_NAME, q, backend, q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
 
 
 def _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("prefix_len", prefix_len), ("tree_mask", tree_mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"tree_attention: {name} must be a torch.Tensor, got {type(t).__name__}"
-            )
-    if q.dim() != 4:
-        raise ValueError(f"tree_attention: q must be [B, Hq, Tq, Dh], got shape {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"tree_attention: q has dtype {q.dtype}; valid: float16, bfloat16, float32")
-    B, Hq, Tq, Dh = q.shape
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4:
-            raise ValueError(
-                f"tree_attention: {name} must be [B, Hkv, Lmax, Dh], got shape {tuple(c.shape)}"
-            )
-        if c.dtype != q.dtype:
-            raise TypeError(f"tree_attention: {name} has dtype {c.dtype}, q has {q.dtype}")
-        if c.device != q.device:
-            raise ValueError(f"tree_attention: {name} is on {c.device}, q on {q.device}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"tree_attention: k_cache {tuple(k_cache.shape)} and v_cache "
-            f"{tuple(v_cache.shape)} differ in shape"
-        )
-    _, Hkv, Lmax, Dk = k_cache.shape
-    if k_cache.shape[0] != B:
-        raise ValueError(f"tree_attention: k_cache has batch {k_cache.shape[0]}, q has B={B}")
-    if Dk != Dh:
-        raise ValueError(f"tree_attention: cache head dim {Dk} != q head dim Dh={Dh}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"tree_attention: Hq={Hq} must be a multiple of Hkv={Hkv}")
-    if prefix_len.shape != (B,) or prefix_len.dtype not in _INT_DTYPES:
-        raise ValueError(
-            f"tree_attention: prefix_len must be [B={B}] int32/int64, got shape "
-            f"{tuple(prefix_len.shape)} dtype {prefix_len.dtype}"
-        )
-    if prefix_len.device != q.device:
-        raise ValueError(f"tree_attention: prefix_len is on {prefix_len.device}, q on {q.device}")
-    if isinstance(tree_len, bool) or not isinstance(tree_len, int):
-        raise TypeError(f"tree_attention: tree_len must be a Python int, got {tree_len!r}")
-    if not 0 <= tree_len <= Lmax:
-        raise ValueError(f"tree_attention: tree_len={tree_len} is not in [0, Lmax={Lmax}]")
-    if tree_mask.dim() != 3 or tree_mask.dtype != torch.int32:
-        raise ValueError(
-            f"tree_attention: tree_mask must be [B, Tq, W] int32, got shape "
-            f"{tuple(tree_mask.shape)} dtype {tree_mask.dtype}"
-        )
-    words = (tree_len + 31) // 32
-    if tree_mask.shape[0] != B or tree_mask.shape[1] != Tq or tree_mask.shape[2] < words:
-        raise ValueError(
-            f"tree_attention: tree_mask has shape {tuple(tree_mask.shape)}; expected "
-            f"[B={B}, Tq={Tq}, W>={words}] for tree_len={tree_len}"
-        )
-    if tree_mask.device != q.device:
-        raise ValueError(f"tree_attention: tree_mask is on {tree_mask.device}, q on {q.device}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"tree_attention: scale must be a float or None, got {scale!r}")
+    B, Hq, Tq, Dh = check_attention(_NAME, q, k_cache, v_cache, "[B, Hkv, Lmax, Dh]")
+    Bk, Hkv, Lmax, Dk = k_cache.shape
+    if Bk != B:
+        raise ValueError(f"{_NAME}: k_cache has batch {Bk}, q has B={B}")
+    check_heads(_NAME, Hq, Hkv, Dh, Dk)
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, q.device, "q")
+    check_int(_NAME, "tree_len", tree_len, 0, Lmax, f"Lmax={Lmax}")
+    check_tree_mask(_NAME, tree_mask, B, Tq, tree_len, q.device, "q")
+    check_scale(_NAME, scale)

@@ -10,15 +10,7 @@ import math
 
 import torch
 
-
-def unpack_tree_mask(tree_mask: torch.Tensor, tree_len: int) -> torch.Tensor:
-    """Expand a packed mask [..., W] int32 to a bool mask [..., tree_len].
-
-    Bit j of a row lives in word j // 32 at bit j % 32 (bit 31 is the sign bit of the word).
-    """
-    j = torch.arange(tree_len, device=tree_mask.device)
-    words = tree_mask[..., j // 32].to(torch.int64)
-    return ((words >> (j % 32)) & 1).bool()
+from eagle2_kernels.ops.tree import unpack_bits
 
 
 def tree_attention(
@@ -53,7 +45,7 @@ def tree_attention(
     # float32 compute (float64 stays float64 so that tests can build an exact truth).
     cdt = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty_like(q)
-    visible_tree = unpack_tree_mask(tree_mask, tree_len)  # [B, Tq, tree_len]
+    visible_tree = unpack_bits(tree_mask, tree_len)  # [B, Tq, tree_len]
     for b in range(B):
         prefix = int(prefix_len[b])
         total = prefix + tree_len

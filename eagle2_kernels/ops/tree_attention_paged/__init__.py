@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
-from eagle2_kernels.ops._paged import check_block_table, check_index_vector, check_tensor
+from eagle2_kernels.ops._checks import (check_attention, check_block_table, check_heads,
+                                        check_index_vector, check_int, check_scale, check_tree_mask)
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["tree_attention_paged"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NAME = "tree_attention_paged"
 
 
@@ -66,66 +66,20 @@ def tree_attention_paged(
         torch.Size([1, 2, 2, 8])
     """
     _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
-    name = select_backend(q, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.tree_attention_paged.reference import tree_attention_paged as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.tree_attention_paged.kernel import tree_attention_paged as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.tree_attention_paged
-    with device_guard(q):
-        return impl(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+    return dispatch(_NAME, q, backend, q, k_pages, v_pages, block_table, prefix_len, tree_mask,
+                    tree_len, scale)
 
 
 def _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale) -> None:
-    for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
-                    ("tree_mask", tree_mask)):
-        check_tensor(_NAME, name, t)
-    if q.dim() != 4:
-        raise ValueError(f"{_NAME}: q must be [B, Hq, Tq, Dh], got shape {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{_NAME}: q has dtype {q.dtype}; valid: float16, bfloat16, float32")
-    B, Hq, Tq, Dh = q.shape
-    for name, p in (("k_pages", k_pages), ("v_pages", v_pages)):
-        if p.dim() != 4:
-            raise ValueError(
-                f"{_NAME}: {name} must be [num_blocks, page_size, Hkv, Dh], got shape "
-                f"{tuple(p.shape)}"
-            )
-        if p.dtype != q.dtype:
-            raise TypeError(f"{_NAME}: {name} has dtype {p.dtype}, q has {q.dtype}")
-        if p.device != q.device:
-            raise ValueError(f"{_NAME}: {name} is on {p.device}, q on {q.device}")
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(
-            f"{_NAME}: k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ"
-        )
+    B, Hq, Tq, Dh = check_attention(_NAME, q, k_pages, v_pages, "[num_blocks, page_size, Hkv, Dh]",
+                                    ("k_pages", "v_pages"))
     num_blocks, page_size, Hkv, Dk = k_pages.shape
     if num_blocks == 0 or page_size == 0:
         raise ValueError(f"{_NAME}: the pool has no slots (pages of shape {tuple(k_pages.shape)})")
-    if Dk != Dh:
-        raise ValueError(f"{_NAME}: page head dim {Dk} != q head dim Dh={Dh}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"{_NAME}: Hq={Hq} must be a multiple of Hkv={Hkv}")
-    check_block_table(_NAME, block_table, B, q.device)
-    check_index_vector(_NAME, "prefix_len", prefix_len, B, q.device)
-    if isinstance(tree_len, bool) or not isinstance(tree_len, int):
-        raise TypeError(f"{_NAME}: tree_len must be a Python int, got {tree_len!r}")
+    check_heads(_NAME, Hq, Hkv, Dh, Dk)
+    check_block_table(_NAME, block_table, B, q.device, "q")
+    check_index_vector(_NAME, "prefix_len", prefix_len, B, q.device, "q")
     capacity = block_table.shape[1] * page_size
-    if not 0 <= tree_len <= capacity:
-        raise ValueError(
-            f"{_NAME}: tree_len={tree_len} is not in [0, max_blocks * page_size = {capacity}]"
-        )
-    words = (tree_len + 31) // 32
-    if (tree_mask.dim() != 3 or tree_mask.dtype != torch.int32 or tree_mask.shape[0] != B
-            or tree_mask.shape[1] != Tq or tree_mask.shape[2] < words):
-        raise ValueError(
-            f"{_NAME}: tree_mask must be [B={B}, Tq={Tq}, W>={words}] int32, got shape "
-            f"{tuple(tree_mask.shape)} dtype {tree_mask.dtype}"
-        )
-    if tree_mask.device != q.device:
-        raise ValueError(f"{_NAME}: tree_mask is on {tree_mask.device}, q on {q.device}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{_NAME}: scale must be a float or None, got {scale!r}")
+    check_int(_NAME, "tree_len", tree_len, 0, capacity, f"max_blocks * page_size = {capacity}")
+    check_tree_mask(_NAME, tree_mask, B, Tq, tree_len, q.device, "q")
+    check_scale(_NAME, scale)

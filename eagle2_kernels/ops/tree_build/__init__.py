@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
+from eagle2_kernels.ops._checks import (FLOAT_DTYPES, INT_DTYPES, check_device, check_int,
+                                        check_rank, check_shape)
+from eagle2_kernels.ops._dispatch import dispatch
 from eagle2_kernels.ops.tree import DraftTree
-from eagle2_kernels.ops.tree_build.reference import tree_build as _reference
 
 __all__ = ["tree_build"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_INTS = (torch.int32, torch.int64)
-
-
-def _shape(x) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+_NAME = "tree_build"
 
 
 def tree_build(
@@ -67,53 +63,21 @@ def tree_build(
         >>> tree.tokens.tolist(), tree.parents.tolist(), tree.mask.tolist()
         ([[9, 5, 7]], [[-1, 0, 1]], [[[1], [3], [7]]])
     """
-    for name, x, dtypes in (
-        ("cand_tokens", cand_tokens, _INTS),
-        ("cand_scores", cand_scores, _FLOATS),
-        ("cand_parents", cand_parents, _INTS),
-    ):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{name} must be a [B, C] tensor, got {_shape(x)}")
-        if x.dtype not in dtypes:
-            raise TypeError(f"{name} must have dtype in {list(dtypes)}, got {x.dtype}")
+    check_rank(_NAME, "cand_scores", cand_scores, "[B, C]", FLOAT_DTYPES)
     B, C = cand_scores.shape
     if B < 1 or C < 1:
-        raise ValueError(f"cand_scores shape [B, C] = {[B, C]} must have B, C >= 1")
+        raise ValueError(f"{_NAME}: cand_scores shape [B, C] = {[B, C]} must have B, C >= 1")
     for name, x in (("cand_tokens", cand_tokens), ("cand_parents", cand_parents)):
-        if tuple(x.shape) != (B, C):
-            raise ValueError(f"{name} must have the shape of cand_scores {[B, C]}, got {_shape(x)}")
-    if not isinstance(root_tokens, torch.Tensor) or tuple(root_tokens.shape) != (B,):
-        raise ValueError(f"root_tokens must have shape [B] = [{B}], got {_shape(root_tokens)}")
-    if root_tokens.dtype not in _INTS:
-        raise TypeError(f"root_tokens must be int32 or int64, got {root_tokens.dtype}")
-    if isinstance(total_tokens, bool) or not isinstance(total_tokens, int):
-        raise TypeError(f"total_tokens must be an int, got {type(total_tokens).__name__}")
-    if not 2 <= total_tokens <= C + 1:
-        raise ValueError(
-            f"total_tokens={total_tokens} must be in [2, C + 1 = {C + 1}] (the root plus at "
-            f"most all {C} candidates)"
-        )
+        check_shape(_NAME, name, x, (B, C), "[B, C]", INT_DTYPES)
+    check_shape(_NAME, "root_tokens", root_tokens, (B,), "[B]", INT_DTYPES)
+    check_int(_NAME, "total_tokens", total_tokens, 2, C + 1, f"C + 1 = {C + 1}",
+              f" (the root plus at most all {C} candidates)")
     if error_flag is not None:
-        if not isinstance(error_flag, torch.Tensor) or tuple(error_flag.shape) != (B,):
-            raise ValueError(f"error_flag must have shape [B] = [{B}], got {_shape(error_flag)}")
-        if error_flag.dtype != torch.int32:
-            raise TypeError(f"error_flag must be int32, got {error_flag.dtype}")
-    others = [cand_tokens, cand_parents, root_tokens, error_flag]
-    for x in (x for x in others if x is not None):
-        if x.device != cand_scores.device:
-            raise ValueError(
-                f"all tree_build tensors must be on one device: cand_scores is on "
-                f"{cand_scores.device}, another input on {x.device}"
-            )
-
-    name = select_backend(cand_scores, backend)
-    if name == "triton":
-        from eagle2_kernels.ops.tree_build.kernel import tree_build as impl
-    elif name == "ext":
-        from eagle2_kernels import _native
-
-        impl = _native.tree_build
-    else:
-        impl = _reference
-    with device_guard(cand_scores):
-        return impl(cand_tokens, cand_scores, cand_parents, root_tokens, total_tokens, error_flag)
+        check_shape(_NAME, "error_flag", error_flag, (B,), "[B]", (torch.int32,))
+    others = (("cand_tokens", cand_tokens), ("cand_parents", cand_parents),
+              ("root_tokens", root_tokens), ("error_flag", error_flag))
+    for name, x in others:
+        if x is not None:
+            check_device(_NAME, name, x, cand_scores.device, "cand_scores")
+    return dispatch(_NAME, cand_scores, backend, cand_tokens, cand_scores, cand_parents,
+                    root_tokens, total_tokens, error_flag)

@@ -179,17 +179,18 @@ def tree_build(
         flag = torch.empty(B, dtype=torch.int32, device=device)
     scratch = torch.empty(B, C + t_pad, dtype=torch.int32, device=device)
 
-    _tree_build_kernel[(B,)](
-        cand_tokens,
-        cand_scores,
-        cand_parents,
-        root_tokens,
-        tokens,
-        parents,
-        depth,
-        mask,
-        flag,
-        scratch,
+    grid = (B,)
+    _tree_build_kernel[grid](
+        tokens_ptr=cand_tokens,
+        scores_ptr=cand_scores,
+        parents_ptr=cand_parents,
+        root_ptr=root_tokens,
+        out_tokens_ptr=tokens,
+        out_parents_ptr=parents,
+        out_depth_ptr=depth,
+        out_mask_ptr=mask,
+        flag_ptr=flag,
+        scratch_ptr=scratch,
         stride_tokens_b=cand_tokens.stride(0),
         stride_tokens_c=cand_tokens.stride(1),
         stride_scores_b=cand_scores.stride(0),

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels.ops.tree import DraftTree, mask_words
+from eagle2_kernels.ops.tree import DraftTree, pack_bits
 from eagle2_kernels.ops.tree_expand.reference import topk_lowest_index
 
 # Per-sequence error codes written to ``error_flag`` (bits, OR-ed together).
 ERR_PARENT_DROPPED = 1  # a kept candidate's parent is not among the kept candidates
 ERR_PARENT_INVALID = 2  # some candidate's parent is not in [-1, own index)
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a bool [..., N] tensor into int32 words [..., ceil(N/32)]: bit j -> word j // 32,
-    bit j % 32 (bit 31 is the sign bit, so such words are negative)."""
-    n = bits.shape[-1]
-    words = mask_words(n)
-    padded = torch.zeros(*bits.shape[:-1], words * 32, dtype=torch.int64, device=bits.device)
-    padded[..., :n] = bits.to(torch.int64)
-    weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64, device=bits.device)
-    value = (padded.view(*bits.shape[:-1], words, 32) * weights).sum(-1)
-    return torch.where(value >= 1 << 31, value - (1 << 32), value).to(torch.int32)
 
 
 def raise_for_error_codes(codes: torch.Tensor, cand_parents: torch.Tensor) -> None:

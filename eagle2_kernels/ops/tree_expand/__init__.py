@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
-from eagle2_kernels.ops.tree_expand.reference import tree_expand as _reference
+from eagle2_kernels.ops._checks import (FLOAT_DTYPES, INT_DTYPES, check_device, check_int,
+                                        check_rank, check_shape)
+from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["tree_expand"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_INTS = (torch.int32, torch.int64)
-
-
-def _shape(x) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+_NAME = "tree_expand"
 
 
 def tree_expand(
@@ -54,47 +50,14 @@ def tree_expand(
         >>> toks.tolist(), idx.tolist()
         ([[[1, 3]]], [[0, 1]])
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must be a [B, R, V] tensor, got {_shape(logits)}")
-    if logits.dtype not in _FLOATS:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    check_rank(_NAME, "logits", logits, "[B, R, V]", FLOAT_DTYPES)
     B, R, V = logits.shape
     if B < 1 or R < 1 or V < 1:
-        raise ValueError(f"logits shape [B, R, V] = {list(logits.shape)} must have B, R, V >= 1")
-    if not isinstance(parent_scores, torch.Tensor) or tuple(parent_scores.shape) != (B, R):
-        raise ValueError(
-            f"parent_scores must have shape [B, R] = {[B, R]}, got {_shape(parent_scores)}"
-        )
-    if parent_scores.dtype != torch.float32:
-        raise TypeError(f"parent_scores must be float32, got {parent_scores.dtype}")
-    if parent_scores.device != logits.device:
-        raise ValueError(
-            f"parent_scores is on {parent_scores.device} but logits on {logits.device}"
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= V:
-        raise ValueError(f"top_k={top_k} must be in [1, V={V}]")
+        raise ValueError(f"{_NAME}: logits shape [B, R, V] = {list(logits.shape)} must have B, R, V >= 1")
+    check_shape(_NAME, "parent_scores", parent_scores, (B, R), "[B, R]", (torch.float32,))
+    check_device(_NAME, "parent_scores", parent_scores, logits.device, "logits")
+    check_int(_NAME, "top_k", top_k, 1, V, f"V={V}")
     if draft_to_target is not None:
-        if not isinstance(draft_to_target, torch.Tensor) or tuple(draft_to_target.shape) != (V,):
-            raise ValueError(
-                f"draft_to_target must have shape [V] = [{V}], got {_shape(draft_to_target)}"
-            )
-        if draft_to_target.dtype not in _INTS:
-            raise TypeError(f"draft_to_target must be int32 or int64, got {draft_to_target.dtype}")
-        if draft_to_target.device != logits.device:
-            raise ValueError(
-                f"draft_to_target is on {draft_to_target.device} but logits on {logits.device}"
-            )
-
-    name = select_backend(logits, backend)
-    if name == "triton":
-        from eagle2_kernels.ops.tree_expand.kernel import tree_expand as impl
-    elif name == "ext":
-        from eagle2_kernels import _native
-
-        impl = _native.tree_expand
-    else:
-        impl = _reference
-    with device_guard(logits):
-        return impl(logits, parent_scores, top_k, draft_to_target)
+        check_shape(_NAME, "draft_to_target", draft_to_target, (V,), "[V]", INT_DTYPES)
+        check_device(_NAME, "draft_to_target", draft_to_target, logits.device, "logits")
+    return dispatch(_NAME, logits, backend, logits, parent_scores, top_k, draft_to_target)

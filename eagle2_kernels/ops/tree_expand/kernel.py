@@ -258,12 +258,13 @@ def launch(
     next_index = torch.empty(B, K, dtype=torch.int64, device=device)
     next_scores = torch.empty(B, K, dtype=torch.float32, device=device)
 
-    _expand_partial_kernel[(rows, splits)](
-        logits,
-        part_m,
-        part_s,
-        part_v,
-        part_i,
+    grid_partial = (rows, splits)
+    _expand_partial_kernel[grid_partial](
+        logits_ptr=logits,
+        part_m_ptr=part_m,
+        part_s_ptr=part_s,
+        part_v_ptr=part_v,
+        part_i_ptr=part_i,
         stride_logits_b=logits.stride(0),
         stride_logits_r=logits.stride(1),
         stride_logits_v=logits.stride(2),
@@ -278,15 +279,16 @@ def launch(
         num_warps=4,
     )
     has_map = draft_to_target is not None
-    _expand_row_kernel[(rows,)](
-        part_m,
-        part_s,
-        part_v,
-        part_i,
-        parent_scores,
-        draft_to_target if has_map else child_tokens,
-        child_tokens,
-        child_scores,
+    grid_row = (rows,)
+    _expand_row_kernel[grid_row](
+        part_m_ptr=part_m,
+        part_s_ptr=part_s,
+        part_v_ptr=part_v,
+        part_i_ptr=part_i,
+        parent_ptr=parent_scores,
+        map_ptr=draft_to_target if has_map else child_tokens,
+        tokens_ptr=child_tokens,
+        scores_ptr=child_scores,
         stride_parent_b=parent_scores.stride(0),
         stride_parent_r=parent_scores.stride(1),
         stride_map_v=draft_to_target.stride(0) if has_map else 0,
@@ -299,10 +301,11 @@ def launch(
         SENTINEL=_SENTINEL,
         num_warps=4,
     )
-    _expand_frontier_kernel[(B,)](
-        child_scores,
-        next_index,
-        next_scores,
+    grid_frontier = (B,)
+    _expand_frontier_kernel[grid_frontier](
+        scores_ptr=child_scores,
+        next_index_ptr=next_index,
+        next_scores_ptr=next_scores,
         RK=R * K,
         K=K,
         RK_PAD=max(triton.next_power_of_2(R * K), 2),

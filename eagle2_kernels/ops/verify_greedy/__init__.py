@@ -1,15 +1,16 @@
-"""``verify_greedy``: greedy acceptance of a draft tree on device (DESIGN.md section 1.6)."""
+"""``verify_greedy``: greedy acceptance of a draft tree on device."""
 
 from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
+from eagle2_kernels.ops._checks import check_tree_and_logits
+from eagle2_kernels.ops._dispatch import dispatch
 from eagle2_kernels.ops.tree import DraftTree
 
 __all__ = ["verify_greedy"]
 
-_INT_DTYPES = (torch.int32, torch.int64)
+_NAME = "verify_greedy"
 
 
 def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, backend: str | None = None):
@@ -45,51 +46,5 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor, backend: str | N
         >>> verify_greedy(tree, logits)
         (tensor([[ 0,  1, -1]]), tensor([2]), tensor([3]))
     """
-    check_tree_and_logits(tree, target_logits)
-    name = select_backend(target_logits, backend)
-    if name == "reference":
-        from eagle2_kernels.ops.verify_greedy.reference import verify_greedy as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.verify_greedy.kernel import verify_greedy as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.verify_greedy
-    with device_guard(target_logits):
-        return impl(tree, target_logits)
-
-
-def check_tree_and_logits(tree, target_logits) -> None:
-    """Shape/dtype/device checks shared by ``verify_greedy`` and ``verify_sample``."""
-    if not isinstance(tree, DraftTree):
-        raise TypeError(f"tree must be an eagle2_kernels.ops.DraftTree, got {type(tree).__name__}")
-    tokens, parents = tree.tokens, tree.parents
-    for name, t in (("tree.tokens", tokens), ("tree.parents", parents)):
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be [B, T], got shape {tuple(t.shape)}")
-        if t.dtype not in _INT_DTYPES:
-            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    if tuple(parents.shape) != tuple(tokens.shape):
-        raise ValueError(
-            f"tree.parents shape {tuple(parents.shape)} differs from tree.tokens shape "
-            f"{tuple(tokens.shape)}"
-        )
-    batch, num_nodes = tokens.shape
-    if batch < 1 or num_nodes < 1:
-        raise ValueError(f"the tree needs B >= 1 and T >= 1 (the root), got [B, T] = [{batch}, {num_nodes}]")
-    if not torch.is_tensor(target_logits):
-        raise TypeError(f"target_logits must be a tensor, got {type(target_logits).__name__}")
-    if not target_logits.is_floating_point():
-        raise ValueError(f"target_logits must be float (fp32/fp16/bf16), got {target_logits.dtype}")
-    if target_logits.dim() != 3 or tuple(target_logits.shape[:2]) != (batch, num_nodes):
-        raise ValueError(
-            f"target_logits must be [B, T, V] = [{batch}, {num_nodes}, V], got shape "
-            f"{tuple(target_logits.shape)}"
-        )
-    if target_logits.shape[2] < 1:
-        raise ValueError("target_logits has an empty vocabulary dim (V = 0)")
-    for name, t in (("tree.tokens", tokens), ("tree.parents", parents)):
-        if t.device != target_logits.device:
-            raise ValueError(f"{name} is on {t.device} but target_logits on {target_logits.device}")
+    check_tree_and_logits(_NAME, tree, target_logits)
+    return dispatch(_NAME, target_logits, backend, tree, target_logits)

@@ -156,9 +156,9 @@ def launch(
     part_idx = torch.empty((B * T, splits), dtype=torch.int32, device=device)
     grid_rows = (B * T, splits)
     _row_argmax_kernel[grid_rows](
-        target_logits,
-        part_val,
-        part_idx,
+        logits_ptr=target_logits,
+        part_val_ptr=part_val,
+        part_idx_ptr=part_idx,
         stride_logits_b=target_logits.stride(0),
         stride_logits_t=target_logits.stride(1),
         stride_logits_v=target_logits.stride(2),
@@ -175,13 +175,13 @@ def launch(
     bonus = torch.empty((B,), dtype=torch.int64, device=device)
     grid_walk = (B,)
     _greedy_walk_kernel[grid_walk](
-        tokens,
-        parents,
-        part_val,
-        part_idx,
-        path,
-        accept_len,
-        bonus,
+        tokens_ptr=tokens,
+        parents_ptr=parents,
+        part_val_ptr=part_val,
+        part_idx_ptr=part_idx,
+        path_ptr=path,
+        accept_len_ptr=accept_len,
+        bonus_ptr=bonus,
         stride_tokens_b=tokens.stride(0),
         stride_tokens_t=tokens.stride(1),
         stride_parents_b=parents.stride(0),

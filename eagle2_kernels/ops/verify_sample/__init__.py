@@ -1,15 +1,17 @@
-"""``verify_sample``: lossless rejection sampling of a draft tree on device (DESIGN.md section 2)."""
+"""``verify_sample``: lossless rejection sampling of a draft tree on device."""
 
 from __future__ import annotations
 
 import torch
 
-from eagle2_kernels._backend import device_guard, select_backend
+from eagle2_kernels.ops._checks import check_device, check_shape, check_tree_and_logits
+from eagle2_kernels.ops._dispatch import dispatch
 from eagle2_kernels.ops.sampling import check_sampling_params
 from eagle2_kernels.ops.tree import DraftTree
-from eagle2_kernels.ops.verify_greedy import check_tree_and_logits
 
 __all__ = ["verify_sample"]
+
+_NAME = "verify_sample"
 
 
 def verify_sample(
@@ -69,27 +71,9 @@ def verify_sample(
         >>> verify_sample(tree, logits, torch.tensor([[0.9, 0.2]]), temperature=1.0)
         (tensor([[0, 1]]), tensor([2]), tensor([3]))
     """
-    check_tree_and_logits(tree, target_logits)
+    B, T = check_tree_and_logits(_NAME, tree, target_logits)
     temperature, top_p, top_k = check_sampling_params(temperature, top_p, top_k)
-    if not torch.is_tensor(uniforms):
-        raise TypeError(f"uniforms must be a tensor, got {type(uniforms).__name__}")
-    if uniforms.dtype != torch.float32:
-        raise ValueError(f"uniforms must be float32, got {uniforms.dtype}")
-    if tuple(uniforms.shape) != tuple(tree.tokens.shape):
-        raise ValueError(
-            f"uniforms must be [B, T] = {list(tree.tokens.shape)}, got shape {tuple(uniforms.shape)}"
-        )
-    if uniforms.device != target_logits.device:
-        raise ValueError(f"uniforms is on {uniforms.device} but target_logits on {target_logits.device}")
-    name = select_backend(target_logits, backend)
-    args = (tree, target_logits, uniforms, temperature, top_p, top_k)
-    if name == "reference":
-        from eagle2_kernels.ops.verify_sample.reference import verify_sample as impl
-    elif name == "triton":
-        from eagle2_kernels.ops.verify_sample.kernel import verify_sample as impl
-    else:
-        from eagle2_kernels import _native
-
-        impl = _native.verify_sample
-    with device_guard(target_logits):
-        return impl(*args)
+    check_shape(_NAME, "uniforms", uniforms, (B, T), "[B, T]", (torch.float32,))
+    check_device(_NAME, "uniforms", uniforms, target_logits.device, "target_logits")
+    return dispatch(_NAME, target_logits, backend, tree, target_logits, uniforms, temperature,
+                    top_p, top_k)

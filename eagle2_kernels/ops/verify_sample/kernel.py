@@ -136,14 +136,14 @@ def launch_on_probs(
     bonus = torch.empty((B,), dtype=torch.int64, device=probs.device)
     grid = (B,)
     _sample_walk_kernel[grid](
-        tokens,
-        parents,
-        probs,
-        rowsum,
-        uniforms,
-        path,
-        accept_len,
-        bonus,
+        tokens_ptr=tokens,
+        parents_ptr=parents,
+        probs_ptr=probs,
+        rowsum_ptr=rowsum,
+        uniforms_ptr=uniforms,
+        path_ptr=path,
+        accept_len_ptr=accept_len,
+        bonus_ptr=bonus,
         stride_tokens_b=tokens.stride(0),
         stride_tokens_t=tokens.stride(1),
         stride_parents_b=parents.stride(0),
