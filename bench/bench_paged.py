@@ -34,6 +34,7 @@ from bench.common import (add_timings, bench, bench_args, check_row, device_and_
                           finish, print_cpu_note)
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import kv_compact_paged, remap_slots, tree_attention, tree_attention_paged
+from eagle2_kernels.ops.tree import pack_bits
 
 GPU_SHAPE = dict(Hq=32, Hkv=8, Dh=128, layers=32, T=60, prefix=4096, page=16)
 CPU_SHAPE = dict(Hq=9, Hkv=3, Dh=64, layers=30, T=16, prefix=512, page=16)
@@ -42,13 +43,13 @@ CPU_SHAPE = dict(Hq=9, Hkv=3, Dh=64, layers=30, T=16, prefix=512, page=16)
 def tree_mask(T: int, rng: random.Random) -> torch.Tensor:
     """Packed ancestor-or-self rows [T, W] of a random parents-first tree."""
     parents = [-1] + [rng.randrange(max(0, i - 8), i) for i in range(1, T)]
-    rows = torch.zeros(T, (T + 31) // 32, dtype=torch.int64)
+    rows = torch.zeros(T, T, dtype=torch.bool)
     for i in range(T):
         n = i
         while n >= 0:
-            rows[i, n // 32] |= 1 << (n % 32)
+            rows[i, n] = True
             n = parents[n]
-    return torch.where(rows >= 2**31, rows - 2**32, rows).to(torch.int32)
+    return pack_bits(rows)
 
 
 def block_table(lengths: list[int], page: int, rng: random.Random, device) -> tuple[torch.Tensor, int]:

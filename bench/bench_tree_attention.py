@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import tree_attention
+from eagle2_kernels.ops.tree import pack_bits, unpack_bits
 
 HQ, HKV, DH, T = 32, 8, 128, 60
 # Peak HBM bandwidth in bytes/s by device name (vendor figures), for the bandwidth bound.
@@ -34,20 +35,18 @@ PEAK_BW = {"H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12, "A100": 2.0e12}
 def tree_rows(num_nodes: int, rng: random.Random) -> torch.Tensor:
     """Ancestor-or-self packed mask [num_nodes, W] of a random parents-first tree."""
     parents = [-1] + [rng.randrange(max(0, i - 12), i) for i in range(1, num_nodes)]
-    words = (num_nodes + 31) // 32
-    rows = torch.zeros(num_nodes, words, dtype=torch.int64)
+    rows = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
     for i in range(num_nodes):
         n = i
         while n >= 0:
-            rows[i, n // 32] |= 1 << (n % 32)
+            rows[i, n] = True
             n = parents[n]
-    return torch.where(rows >= 2**31, rows - 2**32, rows).to(torch.int32)
+    return pack_bits(rows)
 
 
 def dense_mask(packed: torch.Tensor, prefix: int, tree_len: int, dtype) -> torch.Tensor:
     """The plain way's additive mask [Tq, prefix + tree_len]: 0 visible, -inf hidden."""
-    j = torch.arange(tree_len, device=packed.device)
-    bits = ((packed[:, j // 32].long() >> (j % 32)) & 1).bool()
+    bits = unpack_bits(packed, tree_len)
     vis = torch.cat([torch.ones(packed.shape[0], prefix, dtype=torch.bool, device=packed.device),
                      bits], dim=1)
     zero = torch.zeros((), dtype=dtype, device=packed.device)

@@ -21,7 +21,7 @@ import torch
 from bench.common import add_timings, bench, bench_args, check_row, device_and_dtype, finish, print_cpu_note
 from eagle2_kernels._backend import select_backend
 from eagle2_kernels.ops import tree_build
-from eagle2_kernels.ops.tree import mask_words
+from eagle2_kernels.ops.tree import pack_bits
 
 
 def draft_candidates(B: int, K: int, D: int, device: str, seed: int = 0):
@@ -62,12 +62,7 @@ def composite(tokens, scores, parents, roots, T, max_depth):
         anc.scatter_(2, col, up[..., None] | anc.gather(2, col))
         depth += up.long()
         cur = torch.where(up, node_parents.gather(1, cur.clamp(min=0)), -1)
-    W = mask_words(T)
-    bits = torch.zeros(B, T, W * 32, dtype=torch.int64, device=dev)
-    bits[..., :T] = anc.long()
-    weights = 2 ** torch.arange(32, device=dev, dtype=torch.int64)
-    words = (bits.view(B, T, W, 32) * weights).sum(-1)
-    mask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    mask = pack_bits(anc)
     return node_tokens, node_parents.to(torch.int32), depth.to(torch.int32), mask
 
 

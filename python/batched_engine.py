@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle2_kernels.ops import kv_compact, tree_attention, tree_build, tree_expand, verify_greedy
+from eagle2_kernels.ops.tree import pack_bits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,13 +113,8 @@ class ToyTarget(torch.nn.Module):
 
 def causal_mask(batch: int, n: int) -> torch.Tensor:
     """[B, n, ceil(n/32)] int32 packed mask of a causal (lower-triangular) block."""
-    words = (n + 31) // 32
-    mask = torch.zeros(n, words, dtype=torch.int64)
-    for i in range(n):
-        for j in range(i + 1):
-            mask[i, j // 32] |= 1 << (j % 32)
-    mask = torch.where(mask >= 2**31, mask - 2**32, mask)  # bit 31 is the int32 sign bit
-    return mask.to(torch.int32).expand(batch, n, words).contiguous()
+    mask = pack_bits(torch.tril(torch.ones(n, n, dtype=torch.bool)))
+    return mask.expand(batch, *mask.shape).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from eagle2_kernels.models.draft_head import EagleDraftHead
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
 from eagle2_kernels.ops import (kv_compact_paged, remap_slots, tree_attention_paged, tree_build, tree_expand,
                                 verify_greedy)
+from eagle2_kernels.ops.tree import pack_bits
 
 SCRATCH_BLOCK = 0
 
@@ -64,29 +65,16 @@ SCRATCH_BLOCK = 0
 # Masks
 
 
-def _int32_words(words: torch.Tensor) -> torch.Tensor:
-    """int64 holding 32-bit patterns -> int32 with the same bits (bit 31 -> negative)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def causal_mask(n: int) -> torch.Tensor:
     """[n, ceil(n/32)] int32 packed mask: row i sees rows 0..i."""
-    words = torch.zeros(n, (n + 31) // 32, dtype=torch.int64)
-    for i in range(n):
-        for j in range(i + 1):
-            words[i, j // 32] |= 1 << (j % 32)
-    return _int32_words(words)
+    return pack_bits(torch.tril(torch.ones(n, n, dtype=torch.bool)))
 
 
 def level_bits(depth: int, top_k: int) -> torch.Tensor:
     """[D, K, ceil(D*K/32)] int32: expansion level j (0-based) writes its K rows at tree slots
     j*K + r; row r of level j carries only its own bit."""
-    words = torch.zeros(depth, top_k, (depth * top_k + 31) // 32, dtype=torch.int64)
-    for j in range(depth):
-        for r in range(top_k):
-            bit = j * top_k + r
-            words[j, r, bit // 32] |= 1 << (bit % 32)
-    return _int32_words(words)
+    n = depth * top_k
+    return pack_bits(torch.eye(n, dtype=torch.bool).view(depth, top_k, n))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from eagle2_kernels.ops.tree import pack_bits
+
 __all__ = ["CostModel", "machine_info", "cost_key", "measure", "load", "cache_path"]
 
 SCHEMA = 2
@@ -277,12 +279,7 @@ def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = ad.vocab_size
     tc = ad.new_cache(batch, long_prefix + n_max + 1)
-    chain = torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))
-    words = (n_max + 31) // 32
-    bits = torch.zeros(n_max, words, dtype=torch.int64)
-    for j in range(n_max):
-        bits[:, j // 32] |= chain[:, j].to(torch.int64) << (j % 32)
-    mask = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).to(dev)
+    mask = pack_bits(torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))).to(dev)
     backend = cfg.backend
 
     def target_curve(prefix: int) -> list[float]:

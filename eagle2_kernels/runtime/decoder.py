@@ -30,6 +30,7 @@ from eagle2_kernels.cache import StaticKVCache
 from eagle2_kernels.models.draft_head import EagleDraftHead
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
 from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
+from eagle2_kernels.ops.tree import pack_bits
 from eagle2_kernels.runtime.config import DecodeConfig, default_tree
 from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
 
@@ -285,20 +286,11 @@ class TreeSpecDecoder:
         K, D = self.config.top_k, self.config.depth
         # Expansion step j (1-based) writes its K rows at tree slots (j-1)*K + r: own bits.
         words = (D * K + 31) // 32
-        own = torch.zeros(D, K, words, dtype=torch.int64)
-        for j in range(D):
-            for r in range(K):
-                bit = j * K + r
-                own[j, r, bit // 32] |= 1 << (bit % 32)
-        self._own_bits = _as_int32_words(own).to(dev).unsqueeze(1).expand(D, batch, K, words).contiguous()
+        own = pack_bits(torch.eye(D * K, dtype=torch.bool).view(D, K, D * K))  # row (j, r): bit j*K + r
+        self._own_bits = own.to(dev).unsqueeze(1).expand(D, batch, K, words).contiguous()
         # Catch-up over n <= D + 2 committed pairs: causal chain masks.
         n_max = D + 2
-        cwords = (n_max + 31) // 32
-        chain = torch.zeros(n_max, cwords, dtype=torch.int64)
-        for i in range(n_max):
-            for j in range(i + 1):
-                chain[i, j // 32] |= 1 << (j % 32)
-        self._chain = _as_int32_words(chain).to(dev)
+        self._chain = pack_bits(torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))).to(dev)
         self._zero_scores = torch.zeros(batch, 1, dtype=torch.float32, device=dev)
         self._root_parent = torch.full((batch, K), -1, dtype=torch.int64, device=dev)
         self._one_mask = torch.ones(batch, 1, 1, dtype=torch.int32, device=dev)
@@ -872,11 +864,8 @@ class TreeSpecDecoder:
             return self._chain[:n, : (n + 31) // 32]
         mask = self._chain_masks.get(n)
         if mask is None:
-            words = torch.zeros(n, (n + 31) // 32, dtype=torch.int64)
-            for i in range(n):
-                for j in range(i + 1):
-                    words[i, j // 32] |= 1 << (j % 32)
-            mask = self._chain_masks[n] = _as_int32_words(words).to(self._adapter.device)
+            words = pack_bits(torch.tril(torch.ones(n, n, dtype=torch.bool)))
+            mask = self._chain_masks[n] = words.to(self._adapter.device)
         return mask
 
     def _static_round(self, batch: int, total_tokens: int):
@@ -1181,7 +1170,3 @@ class _Sizer:
             accepted += len(paths[b])
         policy.record(predicted, accepted)
 
-
-def _as_int32_words(words: torch.Tensor) -> torch.Tensor:
-    """int64 holding 32-bit patterns -> int32 with the same bits (bit 31 -> negative)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
