@@ -346,9 +346,7 @@ def test_triton_long_causal_mask_many_words():
     T, rows = 1030, 8
     i = torch.arange(T - rows, T)[:, None]  # query rows
     j = torch.arange(33 * 32)[None, :]  # bit positions
-    bits = (j <= i).to(torch.int64).reshape(rows, 33, 32)
-    words = (bits << torch.arange(32)).sum(-1)
-    mask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)[None]
+    mask = pack_bits(j <= i)[None]
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 2, rows, 16, generator=g)
     k = torch.randn(1, 1, T + 5, 16, generator=g)

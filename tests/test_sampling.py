@@ -115,27 +115,27 @@ def test_process_logits_low_precision_input(dtype):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,exc,match",
     [
-        pytest.param(dict(temperature=0.0), "temperature", id="temp0"),
-        pytest.param(dict(temperature=-1.0), "temperature", id="temp-neg"),
-        pytest.param(dict(temperature=float("nan")), "temperature", id="temp-nan"),
-        pytest.param(dict(temperature=float("inf")), "temperature", id="temp-inf"),
-        pytest.param(dict(temperature=True), "temperature", id="temp-bool"),
-        pytest.param(dict(temperature=1.0, top_p=0.0), "top_p", id="topp0"),
-        pytest.param(dict(temperature=1.0, top_p=1.5), "top_p", id="topp1.5"),
-        pytest.param(dict(temperature=1.0, top_k=-1), "top_k", id="topk-neg"),
-        pytest.param(dict(temperature=1.0, top_k=2.5), "top_k", id="topk-float"),
+        pytest.param(dict(temperature=0.0), ValueError, "temperature", id="temp0"),
+        pytest.param(dict(temperature=-1.0), ValueError, "temperature", id="temp-neg"),
+        pytest.param(dict(temperature=float("nan")), ValueError, "temperature", id="temp-nan"),
+        pytest.param(dict(temperature=float("inf")), ValueError, "temperature", id="temp-inf"),
+        pytest.param(dict(temperature=True), TypeError, "temperature", id="temp-bool"),
+        pytest.param(dict(temperature=1.0, top_p=0.0), ValueError, "top_p", id="topp0"),
+        pytest.param(dict(temperature=1.0, top_p=1.5), ValueError, "top_p", id="topp1.5"),
+        pytest.param(dict(temperature=1.0, top_k=-1), ValueError, "top_k", id="topk-neg"),
+        pytest.param(dict(temperature=1.0, top_k=2.5), TypeError, "top_k", id="topk-float"),
     ],
 )
-def test_sampling_params_rejected(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_sampling_params_rejected(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         process_logits(torch.zeros(2, 4), **kwargs)
 
 
 def test_sampling_params_normalised():
     assert check_sampling_params(1, 1, 0) == (1.0, 1.0, 0)
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(TypeError, match="logits"):
         process_logits(torch.zeros(2, 4, dtype=torch.long), 1.0)
 
 

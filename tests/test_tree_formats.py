@@ -108,6 +108,11 @@ def test_tree_from_parents_and_mask_reject_bad_input():
     with pytest.raises(TypeError, match="parents"):
         tf.tree_from_parents(tok, torch.tensor([[-1.0, 0, 0]]))
     good = make_tree([-1, 0, 1], [0, 0, 0]).mask
+    # The ops' rule: a wrong dtype is a TypeError, a wrong shape a ValueError.
+    with pytest.raises(TypeError, match="mask must be int32"):
+        tf.tree_from_mask(good.long(), tok)
+    with pytest.raises(ValueError, match="mask must be"):
+        tf.tree_from_mask(good[:, :2], tok)
     for bad, why in [
         (good & ~torch.tensor([0, 1 << 0, 0], dtype=torch.int32)[None, :, None], "orphan row 1"),
         (good | torch.tensor([0, 0, 1 << 3], dtype=torch.int32)[None, :, None], "bit past T"),

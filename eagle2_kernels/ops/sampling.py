@@ -20,11 +20,13 @@ def check_sampling_params(temperature, top_p=1.0, top_k=0) -> tuple[float, float
     """Validate the sampling parameters and return them as ``(float, float, int)``.
 
     Raises:
+        TypeError: ``temperature`` or ``top_p`` is not a real number, or ``top_k`` not an
+            integer (bools are neither).
         ValueError: ``temperature`` is not a finite number > 0, ``top_p`` is not in (0, 1],
-            or ``top_k`` is not an integer >= 0.
+            or ``top_k`` is < 0.
     """
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a real number > 0, got {temperature!r}")
+        raise TypeError(f"temperature must be a real number > 0, got {temperature!r}")
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0.0):
         raise ValueError(
@@ -32,12 +34,12 @@ def check_sampling_params(temperature, top_p=1.0, top_k=0) -> tuple[float, float
             "(for temperature 0 use greedy decoding: verify_greedy / argmax)"
         )
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
-        raise ValueError(f"top_p must be a real number in (0, 1], got {top_p!r}")
+        raise TypeError(f"top_p must be a real number in (0, 1], got {top_p!r}")
     top_p = float(top_p)
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables top-k), got {top_k!r}")
+        raise TypeError(f"top_k must be an integer >= 0 (0 disables top-k), got {top_k!r}")
     top_k = int(top_k)
     if top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 disables top-k), got {top_k!r}")
@@ -77,7 +79,7 @@ def process_logits(
     """
     temperature, top_p, top_k = check_sampling_params(temperature, top_p, top_k)
     if not torch.is_tensor(logits) or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor [..., V], got {_describe(logits)}")
+        raise TypeError(f"logits must be a floating-point tensor [..., V], got {_describe(logits)}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dim, got shape {tuple(logits.shape)}")
     scores = logits.float() / temperature
@@ -115,9 +117,9 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
         tensor(2)
     """
     if not torch.is_tensor(probs) or not probs.is_floating_point():
-        raise ValueError(f"probs must be a floating-point tensor [..., V], got {_describe(probs)}")
+        raise TypeError(f"probs must be a floating-point tensor [..., V], got {_describe(probs)}")
     if not torch.is_tensor(uniforms) or not uniforms.is_floating_point():
-        raise ValueError(f"uniforms must be a floating-point tensor, got {_describe(uniforms)}")
+        raise TypeError(f"uniforms must be a floating-point tensor, got {_describe(uniforms)}")
     if probs.dim() < 1 or tuple(uniforms.shape) != tuple(probs.shape[:-1]):
         raise ValueError(
             f"uniforms must have the leading shape of probs {tuple(probs.shape[:-1])}, "

@@ -31,8 +31,9 @@ Plus two constructors shared by the inverses: ``tree_from_parents`` and ``tree_f
 
 The forward converters run on the tree's device without host reads, except those whose output
 length depends on the prefix lengths (FlashInfer's custom mask, SGLang's ``full`` tree mask;
-FlashInfer's own ``segment_packbits`` reads them on the host as well). The inverses validate their input and raise ValueError on a
-layout that is not a parents-first tree (host reads). Tokens are not part of any of these
+FlashInfer's own ``segment_packbits`` reads them on the host as well). The inverses validate their input (the ops' rule: TypeError for a
+wrong type or dtype) and raise ValueError on a layout that is not a parents-first tree (host
+reads). Tokens are not part of any of these
 layouts (the engines keep them in a separate draft-token array); the inverses take them as
 ``tokens`` [B, T].
 """
@@ -43,6 +44,7 @@ from typing import Sequence
 
 import torch
 
+from eagle2_kernels.ops._checks import INT_DTYPES, check_rank, check_tensor
 from eagle2_kernels.ops.tree import DraftTree, mask_words, pack_bits, unpack_bits
 
 __all__ = [
@@ -58,7 +60,6 @@ __all__ = [
     "from_trtllm_packed_mask",
 ]
 
-_INT_DTYPES = (torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------- constructors
@@ -83,8 +84,8 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> DraftTree:
                  [3],
                  [5]]], dtype=torch.int32)
     """
-    _check_int("tree_from_parents", "tokens", tokens, 2)
-    _check_int("tree_from_parents", "parents", parents, 2)
+    check_rank("tree_from_parents", "tokens", tokens, "[B, T]", INT_DTYPES)
+    check_rank("tree_from_parents", "parents", parents, "[B, T]", INT_DTYPES)
     if tokens.shape != parents.shape:
         raise ValueError(
             f"tree_from_parents: tokens {tuple(tokens.shape)} and parents {tuple(parents.shape)} "
@@ -125,13 +126,14 @@ def tree_from_mask(mask: torch.Tensor, tokens: torch.Tensor) -> DraftTree:
         ValueError: ``mask`` is not exactly the ancestor-or-self mask of a parents-first tree
             (bits past T set, a missing self bit, a non-closed ancestor set, ...).
     """
-    _check_int("tree_from_mask", "tokens", tokens, 2)
+    check_rank("tree_from_mask", "tokens", tokens, "[B, T]", INT_DTYPES)
     B, T = tokens.shape
     W = mask_words(T)
-    if mask.dim() != 3 or mask.dtype != torch.int32 or tuple(mask.shape) != (B, T, W):
+    check_tensor("tree_from_mask", "mask", mask, (torch.int32,))
+    if tuple(mask.shape) != (B, T, W):
         raise ValueError(
             f"tree_from_mask: mask must be [B={B}, T={T}, W={W}] int32, got shape "
-            f"{tuple(mask.shape)} dtype {mask.dtype}"
+            f"{tuple(mask.shape)}"
         )
     bits = unpack_bits(mask, T)  # [B, T, T]
     strict = bits & torch.ones(T, T, dtype=torch.bool, device=mask.device).tril(-1)
@@ -228,9 +230,9 @@ def from_sglang(
             twice or never, a cycle, a child with a smaller index than its parent).
     """
     name = "from_sglang"
-    _check_int(name, "retrive_next_token", retrive_next_token, 2)
-    _check_int(name, "retrive_next_sibling", retrive_next_sibling, 2)
-    _check_int(name, "tokens", tokens, 2)
+    check_rank(name, "retrive_next_token", retrive_next_token, "[B, T]", INT_DTYPES)
+    check_rank(name, "retrive_next_sibling", retrive_next_sibling, "[B, T]", INT_DTYPES)
+    check_rank(name, "tokens", tokens, "[B, T]", INT_DTYPES)
     B, T = tokens.shape
     for arg, t in (("retrive_next_token", retrive_next_token),
                    ("retrive_next_sibling", retrive_next_sibling)):
@@ -238,7 +240,7 @@ def from_sglang(
             raise ValueError(f"{name}: {arg} has shape {tuple(t.shape)}, tokens [B={B}, T={T}]")
     dev = tokens.device
     if retrive_index is not None:
-        _check_int(name, "retrive_index", retrive_index, 2)
+        check_rank(name, "retrive_index", retrive_index, "[B, T]", INT_DTYPES)
         flat = torch.arange(B * T, device=dev).view(B, T)
         if tuple(retrive_index.shape) != (B, T) or not torch.equal(retrive_index.long(), flat):
             raise ValueError(
@@ -331,11 +333,12 @@ def from_sglang_tree_mask(
     """The ``DraftTree`` of an SGLang ``tree_mask`` (the inverse of ``to_sglang_tree_mask``).
 
     Raises:
-        ValueError: a mask of the wrong size or dtype for ``mode``, a hidden prefix key
+        TypeError: a mask of the wrong dtype for ``mode``.
+        ValueError: a mask of the wrong size for ``mode``, a hidden prefix key
             (``"full"``), or rows that are not the ancestor-or-self sets of a parents-first tree.
     """
     name = "from_sglang_tree_mask"
-    _check_int(name, "tokens", tokens, 2)
+    check_rank(name, "tokens", tokens, "[B, T]", INT_DTYPES)
     B, T = tokens.shape
     if mode not in SGLANG_TREE_MASK_MODES:
         raise ValueError(f"{name}: mode={mode!r}; valid: {SGLANG_TREE_MASK_MODES}")
@@ -346,14 +349,16 @@ def from_sglang_tree_mask(
         sizes = torch.tensor([0] + [T * (P + T) for P in prefixes]).cumsum(0)
         return from_flashinfer_custom_mask(tree_mask, sizes, prefixes, tokens)
     if mode == "qlen_only":
-        if tree_mask.dtype != torch.bool or tree_mask.numel() != B * T * T:
+        check_tensor(name, "a qlen_only tree_mask", tree_mask, (torch.bool,))
+        if tree_mask.numel() != B * T * T:
             raise ValueError(
                 f"{name}: a qlen_only mask is bool [B*T*T = {B * T * T}], got "
                 f"{tree_mask.numel()} elements of {tree_mask.dtype}"
             )
         return tree_from_mask(pack_bits(tree_mask.reshape(B, T, T).to(tokens.device)), tokens)
     nbytes = _sglang_row_bytes(T)
-    if tree_mask.dtype != torch.uint8 or tree_mask.numel() != B * T * nbytes:
+    check_tensor(name, "a qlen_only_bitpacking tree_mask", tree_mask, (torch.uint8,))
+    if tree_mask.numel() != B * T * nbytes:
         raise ValueError(
             f"{name}: a qlen_only_bitpacking mask of T={T} is uint8 [B*T*{nbytes} = "
             f"{B * T * nbytes}] (view SGLang's uint16/uint32 array as uint8), got "
@@ -444,9 +449,10 @@ def from_flashinfer_custom_mask(
             ancestor-or-self mask of a parents-first tree.
     """
     name = "from_flashinfer_custom_mask"
-    _check_int(name, "tokens", tokens, 2)
+    check_rank(name, "tokens", tokens, "[B, T]", INT_DTYPES)
     B, T = tokens.shape
-    if custom_mask.dtype not in (torch.uint8, torch.bool) or custom_mask.dim() != 1:
+    check_tensor(name, "custom_mask", custom_mask, (torch.uint8, torch.bool))
+    if custom_mask.dim() != 1:
         raise ValueError(
             f"{name}: custom_mask must be 1-D uint8 (packed) or bool (unpacked), got shape "
             f"{tuple(custom_mask.shape)} dtype {custom_mask.dtype}"
@@ -494,15 +500,6 @@ def from_trtllm_packed_mask(packed_mask: torch.Tensor, tokens: torch.Tensor) -> 
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_int(fn: str, name: str, t, dim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _INT_DTYPES:
-        raise TypeError(f"{fn}: {name} has dtype {t.dtype}; valid: int32, int64")
-    if t.dim() != dim:
-        raise ValueError(f"{fn}: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
 
 
 def _host_lengths(fn: str, values, n: int, what: str = "prefix_len") -> list[int]:
