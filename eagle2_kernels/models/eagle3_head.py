@@ -398,11 +398,9 @@ class Eagle3DraftHead(EagleDraftHead):
         h, q, k, v = self.project(hidden_states, input_ids, position_ids, from_target=True)
         return self.finish(h, self._causal_attention(q, k, v))
 
-    def prefill(self, hidden_states, input_ids, cache, start: int = 0) -> torch.Tensor:
+    def prefill(self, hidden_states, input_ids, cache) -> torch.Tensor:
         """Causal forward over N pairs of target features and tokens, written at cache slots
         0..N-1 (an empty cache). Returns [B, N, H]."""
-        if start != 0:
-            raise ValueError("Eagle3DraftHead.prefill: only an empty cache (start=0) is supported")
         n = input_ids.shape[1]
         pos = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], n)
         h, q, k, v = self.project(hidden_states, input_ids, pos, from_target=True)

@@ -5,7 +5,7 @@ The pipeline (``eagle2 train ...`` or ``python -m eagle2_kernels.train ...``):
 1. ``features``: run the target over chat-templated ShareGPT conversations (or the target's
    own greedy answers, ``selfdistill``) and cache its post-norm last hidden states on disk in
    resumable bf16 chunks.
-2. ``fit``: train an EAGLE head on the cached features (DESIGN.md section 6: SmoothL1 feature
+2. ``fit``: train an EAGLE head on the cached features (the reference recipe: SmoothL1 feature
    loss + 0.1 * soft cross-entropy against the target's distribution, AdamW (0.9, 0.95), clip
    0.5, warm-up, input noise; optional training-time test that rolls the draft on its own
    predicted features), with a reduced draft vocabulary chosen from token frequencies.

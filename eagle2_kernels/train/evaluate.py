@@ -146,7 +146,7 @@ def mtbench_tau(head_dir, configs, questions: int = 5, max_new_tokens: int = 128
     """tau (mean tokens committed per draft-verify round) of the head with our decoder on the first turns
     of the first ``questions`` MT-bench questions, greedy, bf16, for each ``(T, D, K)`` in
     ``configs``. Also checks each output against plain greedy decoding of the same loop
-    (reported as ``matches``: bf16 allows rare divergences, see DESIGN.md section 5)."""
+    (reported as ``matches``: bf16 allows rare divergences: tree-batched and one-token numerics round differently)."""
     from eagle2_kernels.models.default import load_default
     from eagle2_kernels.models.draft_head import EagleDraftHead
     from eagle2_kernels.runtime.decoder import TreeSpecDecoder

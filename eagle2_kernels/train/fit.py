@@ -1,4 +1,4 @@
-"""Train an EAGLE draft head on cached target features (DESIGN.md section 6).
+"""Train an EAGLE draft head on cached target features (README: "Training a head").
 
 Per draft step j (j = 1 is the teacher-forced pass; j > 1 only with ``ttt_steps > 1``, see
 :mod:`eagle2_kernels.train.rollout`), at every position whose predicted token is an assistant
