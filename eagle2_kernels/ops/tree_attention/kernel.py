@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -294,6 +295,98 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class LaunchPlan(NamedTuple):
+    """Block sizes, split policy and precision of one tree-attention launch (dense or paged)."""
+
+    scale: float
+    group: int
+    block_m: int
+    block_n: int
+    block_d: int
+    num_m: int
+    num_warps: int
+    min_chunk: int
+    num_splits: int
+    compute_fp32: bool
+    precision: str
+
+
+def plan_launch(fn, q, Hkv, capacity, scale, num_splits, min_chunk, block_m, block_n) -> LaunchPlan:
+    """The launch policy shared by ``tree_attention`` and ``tree_attention_paged`` (see
+    ``launch``); ``capacity`` is the most slots a sequence can have (Lmax, or max_blocks *
+    page_size), which caps the splits statically so that CUDA graphs can be captured."""
+    B, Hq, Tq, Dh = q.shape
+    if Dh > 256:
+        raise ValueError(f"{fn} (triton): head dim Dh={Dh} > 256 is not supported")
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dh)
+    group = Hq // Hkv
+    rows = group * Tq
+    interp = _interpreted() or q.device.type != "cuda"
+    block_d = max(16, triton.next_power_of_2(Dh))
+    if block_m is None:
+        block_m = min(128, max(16, triton.next_power_of_2(rows)))
+    if block_n is None:
+        block_n = 128 if interp else (64 if block_d <= 128 else 32)
+    num_m = triton.cdiv(rows, block_m)
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    if min_chunk is None:
+        min_chunk = max(512, 4 * rows)
+    if num_splits is None:
+        if interp:
+            num_splits = 1
+        else:
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            resident = _sm_count(index) * (1 if num_warps == 8 else 2)
+            programs = num_m * B * Hkv
+            num_splits = max(1, min(resident // programs, triton.cdiv(capacity, min_chunk), 64))
+    min_chunk = max(int(min_chunk), 1)
+    # fp16/bf16 go through the tensor cores with fp32 accumulation; fp32 inputs (and all
+    # inputs under the interpreter, whose bf16 arithmetic is wrong) are multiplied in fp32.
+    compute_fp32 = interp or q.dtype == torch.float32
+    precision = "ieee" if q.dtype == torch.float32 or interp else "tf32"
+    return LaunchPlan(scale, group, block_m, block_n, block_d, num_m, num_warps, min_chunk,
+                      num_splits, compute_fp32, precision)
+
+
+def split_buffers(plan: LaunchPlan, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 partial results of the splits: acc [S * B * Hq * Tq * Dh], (m, l) pairs."""
+    if plan.num_splits == 1:
+        return out, out  # never touched: every sequence takes the one-split path
+    n = plan.num_splits * out[..., 0].numel()
+    acc = torch.empty(n * out.shape[-1], device=out.device, dtype=torch.float32)
+    return acc, torch.empty(2 * n, device=out.device, dtype=torch.float32)
+
+
+def combine_splits(plan: LaunchPlan, part_acc, part_ml, prefix_len, out, tree_len: int) -> None:
+    """Merge the splits' partial results into ``out`` (nothing to do with one split)."""
+    if plan.num_splits == 1:
+        return
+    B, Hq, Tq, Dh = out.shape
+    block_t = min(64, max(16, triton.next_power_of_2(Tq)))
+    grid = (B * Hq, triton.cdiv(Tq, block_t))
+    _tree_attention_combine_kernel[grid](
+        part_acc_ptr=part_acc,
+        part_ml_ptr=part_ml,
+        prefix_ptr=prefix_len,
+        out_ptr=out,
+        stride_out_b=out.stride(0),
+        stride_out_h=out.stride(1),
+        stride_out_t=out.stride(2),
+        stride_out_d=out.stride(3),
+        B=B,
+        HQ=Hq,
+        TQ=Tq,
+        DH=Dh,
+        TREE_LEN=tree_len,
+        NUM_SPLITS=plan.num_splits,
+        MIN_CHUNK=plan.min_chunk,
+        BLOCK_T=block_t,
+        BLOCK_D=plan.block_d,
+        num_warps=4,
+    )
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -338,46 +431,13 @@ def launch(
         )
     B, Hq, Tq, Dh = q.shape
     Hkv, Lmax = k_cache.shape[1], k_cache.shape[2]
-    group = Hq // Hkv
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    if Dh > 256:
-        raise ValueError(f"tree_attention (triton): head dim Dh={Dh} > 256 is not supported")
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dh)
-    rows = group * Tq
-    interp = _interpreted() or q.device.type != "cuda"
-    block_d = max(16, triton.next_power_of_2(Dh))
-    if block_m is None:
-        block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    if block_n is None:
-        block_n = 128 if interp else (64 if block_d <= 128 else 32)
-    num_m = triton.cdiv(rows, block_m)
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    if min_chunk is None:
-        min_chunk = max(512, 4 * rows)
-    if num_splits is None:
-        if interp:
-            num_splits = 1
-        else:
-            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-            resident = _sm_count(index) * (1 if num_warps == 8 else 2)
-            programs = num_m * B * Hkv
-            num_splits = max(1, min(resident // programs, triton.cdiv(Lmax, min_chunk), 64))
-    min_chunk = max(int(min_chunk), 1)
+    plan = plan_launch("tree_attention", q, Hkv, Lmax, scale, num_splits, min_chunk, block_m, block_n)
+    part_acc, part_ml = split_buffers(plan, out)
 
-    # fp16/bf16 go through the tensor cores with fp32 accumulation; fp32 inputs (and all
-    # inputs under the interpreter, whose bf16 arithmetic is wrong) are multiplied in fp32.
-    compute_fp32 = interp or q.dtype == torch.float32
-    precision = "ieee" if q.dtype == torch.float32 or interp else "tf32"
-    if num_splits > 1:
-        part_acc = torch.empty(num_splits * B * Hq * Tq * Dh, device=q.device, dtype=torch.float32)
-        part_ml = torch.empty(2 * num_splits * B * Hq * Tq, device=q.device, dtype=torch.float32)
-    else:
-        part_acc = part_ml = out  # never touched: every sequence takes the one-split path
-
-    grid = (num_m, B * Hkv, num_splits)
+    grid = (plan.num_m, B * Hkv, plan.num_splits)
     _tree_attention_kernel[grid](
         q_ptr=q,
         k_ptr=k_cache,
@@ -411,41 +471,19 @@ def launch(
         TQ=Tq,
         DH=Dh,
         TREE_LEN=tree_len,
-        NUM_SPLITS=num_splits,
-        MIN_CHUNK=min_chunk,
-        qk_scale=scale * _LOG2E,
-        GROUP=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        NUM_WORDS=(block_n + 31) // 32 + 1,
-        EVEN_D=block_d == Dh,
-        COMPUTE_FP32=compute_fp32,
-        DOT_PRECISION=precision,
-        num_warps=num_warps,
+        NUM_SPLITS=plan.num_splits,
+        MIN_CHUNK=plan.min_chunk,
+        qk_scale=plan.scale * _LOG2E,
+        GROUP=plan.group,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        BLOCK_D=plan.block_d,
+        NUM_WORDS=(plan.block_n + 31) // 32 + 1,
+        EVEN_D=plan.block_d == Dh,
+        COMPUTE_FP32=plan.compute_fp32,
+        DOT_PRECISION=plan.precision,
+        num_warps=plan.num_warps,
         num_stages=2,
     )
-    if num_splits > 1:
-        block_t = min(64, max(16, triton.next_power_of_2(Tq)))
-        grid_combine = (B * Hq, triton.cdiv(Tq, block_t))
-        _tree_attention_combine_kernel[grid_combine](
-            part_acc_ptr=part_acc,
-            part_ml_ptr=part_ml,
-            prefix_ptr=prefix_len,
-            out_ptr=out,
-            stride_out_b=out.stride(0),
-            stride_out_h=out.stride(1),
-            stride_out_t=out.stride(2),
-            stride_out_d=out.stride(3),
-            B=B,
-            HQ=Hq,
-            TQ=Tq,
-            DH=Dh,
-            TREE_LEN=tree_len,
-            NUM_SPLITS=num_splits,
-            MIN_CHUNK=min_chunk,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+    combine_splits(plan, part_acc, part_ml, prefix_len, out, tree_len)
     return out

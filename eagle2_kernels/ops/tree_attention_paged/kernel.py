@@ -17,15 +17,12 @@ they are gathered; the online-softmax arithmetic is the same.
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from eagle2_kernels.ops.tree_attention.kernel import _tree_attention_combine_kernel
+from eagle2_kernels.ops.tree_attention.kernel import (_interpreted, combine_splits, plan_launch,
+                                                   split_buffers)
 
 _LOG2E = 1.4426950408889634
 
@@ -237,15 +234,6 @@ def _tree_attention_paged_kernel(
         tl.store(part_ml_ptr + NUM_SPLITS * B * HKV * GROUP * TQ + row, l_i, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def tree_attention_paged(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -291,44 +279,14 @@ def launch(
     B, Hq, Tq, Dh = q.shape
     page_size, Hkv = k_pages.shape[1], k_pages.shape[2]
     capacity = block_table.shape[1] * page_size
-    group = Hq // Hkv
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    if Dh > 256:
-        raise ValueError(f"tree_attention_paged (triton): head dim Dh={Dh} > 256 is not supported")
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dh)
-    rows = group * Tq
-    interp = _interpreted() or q.device.type != "cuda"
-    block_d = max(16, triton.next_power_of_2(Dh))
-    if block_m is None:
-        block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    if block_n is None:
-        block_n = 128 if interp else (64 if block_d <= 128 else 32)
-    num_m = triton.cdiv(rows, block_m)
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    if min_chunk is None:
-        min_chunk = max(512, 4 * rows)
-    if num_splits is None:
-        if interp:
-            num_splits = 1
-        else:
-            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-            resident = _sm_count(index) * (1 if num_warps == 8 else 2)
-            programs = num_m * B * Hkv
-            num_splits = max(1, min(resident // programs, triton.cdiv(capacity, min_chunk), 64))
-    min_chunk = max(int(min_chunk), 1)
+    plan = plan_launch("tree_attention_paged", q, Hkv, capacity, scale, num_splits, min_chunk,
+                       block_m, block_n)
+    part_acc, part_ml = split_buffers(plan, out)
 
-    compute_fp32 = interp or q.dtype == torch.float32
-    precision = "ieee" if q.dtype == torch.float32 or interp else "tf32"
-    if num_splits > 1:
-        part_acc = torch.empty(num_splits * B * Hq * Tq * Dh, device=q.device, dtype=torch.float32)
-        part_ml = torch.empty(2 * num_splits * B * Hq * Tq, device=q.device, dtype=torch.float32)
-    else:
-        part_acc = part_ml = out  # never touched: every sequence takes the one-split path
-
-    grid = (num_m, B * Hkv, num_splits)
+    grid = (plan.num_m, B * Hkv, plan.num_splits)
     _tree_attention_paged_kernel[grid](
         q_ptr=q,
         k_ptr=k_pages,
@@ -366,41 +324,19 @@ def launch(
         DH=Dh,
         PAGE_SIZE=page_size,
         TREE_LEN=tree_len,
-        NUM_SPLITS=num_splits,
-        MIN_CHUNK=min_chunk,
-        qk_scale=scale * _LOG2E,
-        GROUP=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        NUM_WORDS=(block_n + 31) // 32 + 1,
-        EVEN_D=block_d == Dh,
-        COMPUTE_FP32=compute_fp32,
-        DOT_PRECISION=precision,
-        num_warps=num_warps,
+        NUM_SPLITS=plan.num_splits,
+        MIN_CHUNK=plan.min_chunk,
+        qk_scale=plan.scale * _LOG2E,
+        GROUP=plan.group,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        BLOCK_D=plan.block_d,
+        NUM_WORDS=(plan.block_n + 31) // 32 + 1,
+        EVEN_D=plan.block_d == Dh,
+        COMPUTE_FP32=plan.compute_fp32,
+        DOT_PRECISION=plan.precision,
+        num_warps=plan.num_warps,
         num_stages=2,
     )
-    if num_splits > 1:
-        block_t = min(64, max(16, triton.next_power_of_2(Tq)))
-        grid_combine = (B * Hq, triton.cdiv(Tq, block_t))
-        _tree_attention_combine_kernel[grid_combine](
-            part_acc_ptr=part_acc,
-            part_ml_ptr=part_ml,
-            prefix_ptr=prefix_len,
-            out_ptr=out,
-            stride_out_b=out.stride(0),
-            stride_out_h=out.stride(1),
-            stride_out_t=out.stride(2),
-            stride_out_d=out.stride(3),
-            B=B,
-            HQ=Hq,
-            TQ=Tq,
-            DH=Dh,
-            TREE_LEN=tree_len,
-            NUM_SPLITS=num_splits,
-            MIN_CHUNK=min_chunk,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+    combine_splits(plan, part_acc, part_ml, prefix_len, out, tree_len)
     return out

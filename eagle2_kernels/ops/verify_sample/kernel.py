@@ -126,8 +126,10 @@ def launch_on_probs(
     tokens, parents = tree.tokens, tree.parents
     B, T = tokens.shape
     V = probs.shape[-1]
-    if probs.dtype != torch.float32 or probs.stride(-1) != 1:
-        raise ValueError("probs must be float32 and contiguous in the vocabulary dim")
+    if probs.dtype != torch.float32:
+        raise TypeError(f"verify_sample (triton): probs must be float32, got {probs.dtype}")
+    if probs.stride(-1) != 1:
+        raise ValueError("verify_sample (triton): probs must be contiguous in the vocabulary dim")
     if block_v is None:
         block_v = min(triton.next_power_of_2(V), 4096 if probs.device.type == "cpu" else 2048)
     rowsum = probs.sum(dim=-1, dtype=torch.float64)  # [B, T], contiguous
