@@ -37,7 +37,7 @@ it, so the rows a padded batch writes past a request's own pages land there and 
 
 Greedy only (``verify_greedy``); EAGLE-1/2 heads. The output of every request equals plain
 greedy decoding of the same target (``model.generate(do_sample=False)``) in float32;
-tests/test_continuous_engine.py checks it token for token.
+tests/entry/test_continuous_engine.py checks it token for token.
 
 Run a self-check (tiny random target and head, staggered arrivals, compares with HF greedy):
     python python/continuous_engine.py

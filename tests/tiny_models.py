@@ -5,7 +5,7 @@ Mistral-7B hidden 4096, vocab 32000. Here: 2 layers, hidden 64, GQA with 4 query
 unless a test asks otherwise. Builders do not seed unless they say so: the caller's seed (or the
 per-test seed of conftest.py) fixes the random weights.
 
-Test modules import from here (pytest puts tests/ on sys.path); ``one_thread`` is an autouse
+Test modules import from here (pyproject's pytest ``pythonpath`` puts tests/ on sys.path); ``one_thread`` is an autouse
 fixture that a module activates by importing it.
 """
 

@@ -17,7 +17,7 @@ from eagle2_kernels.ops.verify_greedy.reference import verify_greedy as ref_veri
 from eagle2_kernels.ops.verify_sample.reference import verify_sample as ref_verify_sample
 
 # Every test here needs the extension; that it is built at all is checked by
-# tests/test_library.py::test_extension_is_built, which this module-wide skip cannot hide.
+# tests/ops/test_library.py::test_extension_is_built, which this module-wide skip cannot hide.
 requires_ext = pytest.mark.skipif(not ext_available(), reason="native extension not built")
 
 

@@ -85,6 +85,6 @@ def test_hf_hub_offline_from_the_environment(hub, tmp_path):
     code = ("from eagle2_kernels.models.hub import resolve_head; import json, sys; "
             f"print(json.dumps(resolve_head({HEAD_ID!r})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     assert out.returncode == 0, out.stderr
     assert Path(json.loads(out.stdout.strip().splitlines()[-1])) == head_dir

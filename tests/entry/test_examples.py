@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "python"
+EXAMPLES = Path(__file__).resolve().parents[2] / "python"
 
 
 def _load(name: str):

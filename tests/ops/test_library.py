@@ -18,7 +18,7 @@ from eagle2_kernels import _backend, ops
 from eagle2_kernels.ops._library import OP_NAMES
 from eagle2_kernels.ops.tree import mask_words
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def candidates(B=2, C=30, seed=0):
@@ -134,7 +134,7 @@ def test_ops_inside_torch_compile():
 
 def test_extension_is_built(monkeypatch):
     """`make test` builds the extension: its absence is a failure unless the build was
-    switched off on purpose (EAGLE2_KERNELS_BUILD_EXT=0). Kept out of tests/test_native.py,
+    switched off on purpose (EAGLE2_KERNELS_BUILD_EXT=0). Kept out of tests/ops/test_native.py,
     whose module-wide skip without the extension would hide exactly this failure."""
     if os.environ.get("EAGLE2_KERNELS_BUILD_EXT", "").strip() == "0":
         pytest.skip("EAGLE2_KERNELS_BUILD_EXT=0: pure-Python install")

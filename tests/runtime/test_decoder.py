@@ -156,7 +156,7 @@ def test_stream_matches_generate_and_plain(arch):
     with pytest.raises(RuntimeError, match="overtaken"):
         next(first)
     assert torch.equal(dec.generate(ids, 33).sequences, out.sequences)
-    # A tokenizer-style mapping is accepted (padded ones: tests/test_ragged.py).
+    # A tokenizer-style mapping is accepted (padded ones: tests/runtime/test_ragged.py).
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert torch.equal(dec.generate(enc, 33).sequences, out.sequences)
     with pytest.raises(ValueError, match="at least one token"):

@@ -13,7 +13,7 @@ import torch
 
 from tiny_models import hf_greedy, one_thread, trained_setup  # noqa: F401  (one_thread: autouse)
 
-ENGINE = Path(__file__).resolve().parent.parent / "python" / "continuous_engine.py"
+ENGINE = Path(__file__).resolve().parents[2] / "python" / "continuous_engine.py"
 
 
 def _engine_module():
