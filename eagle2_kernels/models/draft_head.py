@@ -26,7 +26,6 @@ and resolves Hugging Face hub repository ids (:mod:`eagle2_kernels.models.hub`).
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -132,6 +131,27 @@ class _Layer(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def load_checked(head: nn.Module, state: dict, target, dtype, device, where: str):
+    """Load ``state`` into ``head`` after checking every shape, cast it (to the target's dtype
+    and device when a target is given, else ``dtype`` / the file's), put it in eval mode and
+    attach it to ``target``. Shared by the EAGLE-1/2 and EAGLE-3 loaders."""
+    own = head.state_dict()
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}")
+    head.load_state_dict(state, strict=True)
+    if target is not None:
+        ref = target.get_output_embeddings().weight
+        dtype = dtype or ref.dtype
+        device = device or ref.device
+    float_dtype = dtype or next(iter(v.dtype for v in state.values() if v.is_floating_point()))
+    head.to(device=device or "cpu", dtype=float_dtype)
+    head.eval()
+    if target is not None:
+        head.attach_target(target)
+    return head
 
 
 class EagleDraftHead(nn.Module):
@@ -579,24 +599,7 @@ class EagleDraftHead(nn.Module):
                 f"head format (config bias={head.bias}, qkv_bias={head.qkv_bias}): missing keys "
                 f"{missing}, unexpected keys {unexpected}"
             )
-        own = head.state_dict()
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(
-                    f"EagleDraftHead.from_pretrained: {k} has shape {tuple(v.shape)}, the config "
-                    f"implies {tuple(own[k].shape)}"
-                )
-        head.load_state_dict(state, strict=True)
-        if target is not None:
-            ref = target.get_output_embeddings().weight
-            dtype = dtype or ref.dtype
-            device = device or ref.device
-        float_dtype = dtype or next(iter(v.dtype for v in state.values() if v.is_floating_point()))
-        head.to(device=device or "cpu", dtype=float_dtype)
-        head.eval()
-        if target is not None:
-            head.attach_target(target)
-        return head
+        return load_checked(head, state, target, dtype, device, "EagleDraftHead.from_pretrained")
 
     def extra_repr(self) -> str:
         return (

@@ -43,6 +43,7 @@ from eagle2_kernels.models.draft_head import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
     EagleDraftHead,
+    load_checked,
     _MLP,
     _RMSNorm,
     _rotate_half,
@@ -578,21 +579,7 @@ class Eagle3DraftHead(EagleDraftHead):
         if missing or unexpected:
             raise ValueError(f"{where}: the weights do not match the EAGLE-3 head format: missing keys "
                              f"{missing}, unexpected keys {unexpected}")
-        own = head.state_dict()
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the config implies {tuple(own[k].shape)}")
-        head.load_state_dict(state, strict=True)
-        if target is not None:
-            ref = target.get_output_embeddings().weight
-            dtype = dtype or ref.dtype
-            device = device or ref.device
-        float_dtype = dtype or next(iter(v.dtype for v in state.values() if v.is_floating_point()))
-        head.to(device=device or "cpu", dtype=float_dtype)
-        head.eval()
-        if target is not None:
-            head.attach_target(target)
-        return head
+        return load_checked(head, state, target, dtype, device, where)
 
     def extra_repr(self) -> str:
         layers = self._layers_for if self._layers_for is not None else "default (2, L//2, L-3)"
