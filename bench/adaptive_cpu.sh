@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The cost-aware decoder on this CPU, side by side (one process per command, method order rotating):
+#   0. fp32 gate: every method equals plain decoding on 2 MT-bench turns (no timing is trusted otherwise)
 #   1. eagle2 tune: measure the machine, print the curve and the implied policy (tune.png)
 #   2. eagle2 tune --curve: the policy on a CPU without AVX-512-BF16 (injected curves, bf16 and fp32)
 #   3. eagle2 bench: 8 MT-bench first turns, 128 new tokens, bf16: transformers generate, the plain
@@ -21,6 +22,10 @@ mkdir -p "$OUT"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
+# Correctness first: in fp32 the adaptive decoder and every fixed tree must reproduce plain
+# decoding token for token (eagle2 bench exits 1 on a mismatch, and set -e stops the script).
+"$PY" -m eagle2_kernels.cli bench --dtype fp32 --limit 2 --turns 1 --max-new-tokens 48 --threads "$THREADS" \
+  --configs "4,2,2;8,3,4;16,4,8" --no-progress --no-plots --out "$OUT/fp32_gate" | tee "$OUT/fp32_gate.txt"
 "$PY" -m eagle2_kernels.cli tune --remeasure --threads "$THREADS" --out "$OUT/tune" | tee "$OUT/tune.txt"
 # Zen 3 (AVX2 only) curves of SmolLM2-135M from the cost-aware issue: bf16 emulated, and fp32.
 "$PY" -m eagle2_kernels.cli tune --threads "$THREADS" --curve "1:42,2:53,4:92,8:169,16:270" \
