@@ -34,6 +34,7 @@ from eagle2_kernels.ops.kv_compact import kv_compact
 from eagle2_kernels.ops.tree_attention_paged import tree_attention_paged
 from eagle2_kernels.ops.kv_compact_paged import kv_compact_paged
 from eagle2_kernels.ops.remap_slots import remap_slots
+from eagle2_kernels.ops.ngram_lookup import ngram_lookup
 from eagle2_kernels.ops import tree_formats  # noqa: F401  (ops.tree_formats, a module)
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "tree_attention_paged",
     "kv_compact_paged",
     "remap_slots",
+    "ngram_lookup",
 ]
