@@ -35,7 +35,9 @@ PYBIND11_MODULE(_C, m) {
         "-> (tokens, parents, depth, mask, error codes [B] i32)");
   m.def("tree_attention", &eagle2::tree_attention, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("prefix_len"), py::arg("tree_mask"), py::arg("tree_len"),
-        py::arg("scale") = py::none(), "-> out [B,Hq,Tq,Dh] like q");
+        py::arg("scale") = py::none(), py::arg("window") = py::none(),
+        py::arg("softcap") = py::none(), py::arg("sinks") = py::none(),
+        "-> out [B,Hq,Tq,Dh] like q");
   m.def("verify_greedy", &eagle2::verify_greedy, py::arg("tokens"), py::arg("parents"),
         py::arg("target_logits"), "-> (path [B,T] i64, accept_len [B] i64, bonus [B] i64)");
   m.def("verify_sample_step", &eagle2::verify_sample_step, py::arg("tokens"),

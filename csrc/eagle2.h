@@ -30,10 +30,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> tree_build(
     const Tensor& cand_tokens, const Tensor& cand_scores, const Tensor& cand_parents,
     const Tensor& root_tokens, int64_t total_tokens);
 
-// q [B,Hq,Tq,Dh], caches [B,Hkv,Lmax,Dh], prefix_len [B], tree_mask [B,Tq,W] -> out like q.
+// q [B,Hq,Tq,Dh], caches [B,Hkv,Lmax,Dh], prefix_len [B], tree_mask [B,Tq,W] -> out like q;
+// optional sliding window, logit softcap and per-head sinks [Hq].
 Tensor tree_attention(
     const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& prefix_len,
-    const Tensor& tree_mask, int64_t tree_len, std::optional<double> scale);
+    const Tensor& tree_mask, int64_t tree_len, std::optional<double> scale,
+    std::optional<int64_t> window, std::optional<double> softcap,
+    const std::optional<Tensor>& sinks);
 
 // tokens [B,T], parents [B,T], target_logits [B,T,V] -> path [B,T] i64, accept_len [B] i64,
 // bonus [B] i64.

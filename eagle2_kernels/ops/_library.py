@@ -9,7 +9,7 @@ without our Python wrappers or the ``DraftTree`` dataclass:
     torch.ops.eagle2.tree_build(cand_tokens, cand_scores, cand_parents, root_tokens,
                                 total_tokens, error_flag=None) -> (tokens, parents, depth, mask)
     torch.ops.eagle2.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, tree_len,
-                                    scale=None) -> out
+                                    scale=None, window=None, softcap=None, sinks=None) -> out
     torch.ops.eagle2.verify_greedy(tokens, parents, target_logits) -> (path, accept_len, bonus)
     torch.ops.eagle2.verify_sample(tokens, parents, target_logits, uniforms, temperature,
                                    top_p=1.0, top_k=0) -> (path, accept_len, bonus)
@@ -18,7 +18,8 @@ without our Python wrappers or the ``DraftTree`` dataclass:
 and the paged ops for serving engines (``PAGED_OP_NAMES``):
 
     torch.ops.eagle2.tree_attention_paged(q, k_pages, v_pages, block_table, prefix_len,
-                                          tree_mask, tree_len, scale=None) -> out
+                                          tree_mask, tree_len, scale=None, window=None,
+                                          softcap=None, sinks=None) -> out
     torch.ops.eagle2.kv_compact_paged(kv_pages, block_table, prefix_len, path, accept_len)
         -> ()                                                            # mutates kv_pages
     torch.ops.eagle2.remap_slots(req_to_token, prefix_len, path, accept_len, tree_len=None,
@@ -144,14 +145,20 @@ def tree_attention(
     tree_mask: Tensor,
     tree_len: int,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """q [B, Hq, Tq, Dh], k_cache / v_cache [B, Hkv, Lmax, Dh], prefix_len [B] int,
-    tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh] (dtype and layout of q)."""
-    return _ops().tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
+    tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh] (dtype and layout of q); optional
+    sliding window (int), logit softcap (float) and per-head sinks [Hq]."""
+    return _ops().tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale,
+                                 window=window, softcap=softcap, sinks=sinks)
 
 
 @tree_attention.register_fake
-def _(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale=None):
+def _(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale=None, window=None, softcap=None,
+      sinks=None):
     return torch.empty_like(q)
 
 
@@ -233,16 +240,22 @@ def tree_attention_paged(
     tree_mask: Tensor,
     tree_len: int,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """q [B, Hq, Tq, Dh], k_pages / v_pages [num_blocks, page_size, Hkv, Dh], block_table
-    [B, max_blocks] int, prefix_len [B] int, tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh]."""
+    [B, max_blocks] int, prefix_len [B] int, tree_mask [B, Tq, W] int32 -> out [B, Hq, Tq, Dh];
+    optional sliding window (int), logit softcap (float) and per-head sinks [Hq]."""
     return _ops().tree_attention_paged(
-        q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale
+        q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
+        window=window, softcap=softcap, sinks=sinks,
     )
 
 
 @tree_attention_paged.register_fake
-def _(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale=None):
+def _(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale=None, window=None,
+      softcap=None, sinks=None):
     return torch.empty_like(q)
 
 

@@ -477,15 +477,18 @@ C = importlib.import_module("eagle2_kernels.ops.kv_compact.kernel")
 def types(pointers, scalar=lambda n: "i32"):
     return lambda n: pointers.get(n, pointers["*"]) if n.endswith("_ptr") else scalar(n)
 
-build(K._tree_attention_kernel,
-      types({"prefix_ptr": "*i64", "mask_ptr": "*i32", "part_acc_ptr": "*fp32",
-             "part_ml_ptr": "*fp32", "*": "*bf16"},
-            lambda n: "fp32" if n == "qk_scale" else "i32"),
-      dict(GROUP=4, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, NUM_WORDS=3, EVEN_D=True,
-           COMPUTE_FP32=False, DOT_PRECISION="tf32"), 8)
-build(K._tree_attention_combine_kernel,
-      types({"prefix_ptr": "*i32", "out_ptr": "*bf16", "*": "*fp32"}),
-      dict(BLOCK_T=64, BLOCK_D=128), 4)
+# Plain, and with the sliding window, softcap and sinks switched on (popcounts, tanh).
+for local in (False, True):
+    build(K._tree_attention_kernel,
+          types({"prefix_ptr": "*i64", "mask_ptr": "*i32", "part_acc_ptr": "*fp32",
+                 "part_ml_ptr": "*fp32", "*": "*bf16"},
+                lambda n: "fp32" if n in ("qk_scale", "cap_out") else "i32"),
+          dict(GROUP=4, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, NUM_WORDS=3, EVEN_D=True,
+               COMPUTE_FP32=False, DOT_PRECISION="tf32", HAS_WINDOW=local, HAS_SOFTCAP=local,
+               HAS_SINKS=local), 8)
+    build(K._tree_attention_combine_kernel,
+          types({"prefix_ptr": "*i32", "out_ptr": "*bf16", "sinks_ptr": "*bf16", "*": "*fp32"}),
+          dict(BLOCK_T=64, BLOCK_D=128, HAS_WINDOW=local, HAS_SINKS=local), 4)
 build(C._kv_compact_kernel, types({"cache_ptr": "*i16", "*": "*i64"}),
       dict(BLOCK_T=64, BLOCK_D=128), 4)
 """

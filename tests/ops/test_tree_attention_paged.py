@@ -355,7 +355,7 @@ except ImportError:
 def build(module, name, pointers, consts, num_warps):
     fn = getattr(importlib.import_module(module), name)
     sig = {n: ("constexpr" if n in consts else (pointers.get(n, pointers["*"])
-           if n.endswith("_ptr") else ("fp32" if n == "qk_scale" else "i32")))
+           if n.endswith("_ptr") else ("fp32" if n in ("qk_scale", "cap_out") else "i32")))
            for n in fn.arg_names}
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
@@ -363,11 +363,13 @@ def build(module, name, pointers, consts, num_warps):
         sys.exit(3)  # an older signature format of the compile API
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
-build("eagle2_kernels.ops.tree_attention_paged.kernel", "_tree_attention_paged_kernel",
-      {"table_ptr": "*i32", "prefix_ptr": "*i64", "mask_ptr": "*i32", "part_acc_ptr": "*fp32",
-       "part_ml_ptr": "*fp32", "*": "*bf16"},
-      dict(GROUP=4, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, NUM_WORDS=3, EVEN_D=True,
-           COMPUTE_FP32=False, DOT_PRECISION="tf32"), 8)
+for local in (False, True):  # plain, and with the sliding window, softcap and sinks
+    build("eagle2_kernels.ops.tree_attention_paged.kernel", "_tree_attention_paged_kernel",
+          {"table_ptr": "*i32", "prefix_ptr": "*i64", "mask_ptr": "*i32", "part_acc_ptr": "*fp32",
+           "part_ml_ptr": "*fp32", "*": "*bf16"},
+          dict(GROUP=4, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, NUM_WORDS=3, EVEN_D=True,
+               COMPUTE_FP32=False, DOT_PRECISION="tf32", HAS_WINDOW=local, HAS_SOFTCAP=local,
+               HAS_SINKS=local), 8)
 build("eagle2_kernels.ops.kv_compact_paged.kernel", "_kv_compact_paged_kernel",
       {"kv_ptr": "*i16", "table_ptr": "*i32", "*": "*i64"}, dict(BLOCK_T=64, BLOCK_D=128), 4)
 build("eagle2_kernels.ops.remap_slots.kernel", "_remap_slots_kernel",

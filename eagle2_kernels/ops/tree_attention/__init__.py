@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels.ops._checks import (check_attention, check_heads, check_index_vector, check_int,
-                                        check_scale, check_tree_mask)
+from eagle2_kernels.ops._checks import (check_attention, check_device, check_heads,
+                                        check_index_vector, check_int, check_scale, check_tree_mask,
+                                        describe)
 from eagle2_kernels.ops._dispatch import dispatch
 
 __all__ = ["tree_attention"]
@@ -22,6 +23,10 @@ def tree_attention(
     tree_len: int,
     scale: float | None = None,
     backend: str | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of Tq query rows over a cache prefix and a tree region (GQA, packed mask).
 
@@ -48,6 +53,20 @@ def tree_attention(
         scale: softmax scale; default 1 / sqrt(Dh).
         backend: ``"reference"``, ``"triton"`` or ``"ext"``; default by device (see
             ``eagle2_kernels._backend``).
+        window: sliding-window attention, an int >= 1, or None (no window). Row i keeps only
+            the last ``window`` of the slots it sees, in slot order (its prefix slots, then its
+            tree slots). With the masks of this package (each row marks its root path, parents
+            before children: a verify tree, a causal prefill, one decode token) row i is the
+            token at position prefix + depth_i and this is transformers' sliding window: it
+            sees the keys at positions p with p > prefix + depth_i - window, ``window``
+            positions including itself. Slots outside the window are skipped, not read: the
+            kernels start (and split) the prefix at prefix - window.
+        softcap: attention-logit soft-capping (Gemma-2), a float > 0, or None: the scores
+            q.k * scale become softcap * tanh(score / softcap) before the mask and softmax.
+        sinks: attention sinks (GPT-OSS), a [Hq] float tensor (any float dtype, device of
+            ``q``) of per-head logits, or None: exp(sinks[h]) is added to the softmax
+            denominator of every row of head h (a key that has no value); not scaled or
+            capped.
 
     Returns:
         out: [B, Hq, Tq, Dh], the dtype and layout (strides) of ``q``. Scores and softmax are
@@ -66,7 +85,27 @@ def tree_attention(
         torch.Size([1, 4, 2, 16])
     """
     _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
-    return dispatch(_NAME, q, backend, q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale)
+    check_window_softcap_sinks(_NAME, q, window, softcap, sinks)
+    return dispatch(_NAME, q, backend, q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale,
+                    window, softcap, sinks)
+
+
+def check_window_softcap_sinks(fn: str, q: torch.Tensor, window, softcap, sinks) -> None:
+    """The optional local-attention arguments of the tree-attention ops (shared with paged)."""
+    if window is not None:
+        check_int(fn, "window", window, 1, 2**31 - 1, hint=" (or None for no window)")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"{fn}: softcap must be a float or None, got {softcap!r}")
+        if not 0.0 < float(softcap) < float("inf"):
+            raise ValueError(f"{fn}: softcap={softcap} must be a finite number > 0 (or None)")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            got = sinks.dtype if isinstance(sinks, torch.Tensor) else describe(sinks)
+            raise TypeError(f"{fn}: sinks must be a float tensor [Hq] or None, got {got}")
+        if tuple(sinks.shape) != (q.shape[1],):
+            raise ValueError(f"{fn}: sinks has shape {tuple(sinks.shape)}; expected [Hq={q.shape[1]}]")
+        check_device(fn, "sinks", sinks, q.device, "q")
 
 
 def _check(q, k_cache, v_cache, prefix_len, tree_mask, tree_len, scale) -> None:

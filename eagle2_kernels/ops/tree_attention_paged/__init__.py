@@ -7,6 +7,7 @@ import torch
 from eagle2_kernels.ops._checks import (check_attention, check_block_table, check_heads,
                                         check_index_vector, check_int, check_scale, check_tree_mask)
 from eagle2_kernels.ops._dispatch import dispatch
+from eagle2_kernels.ops.tree_attention import check_window_softcap_sinks
 
 __all__ = ["tree_attention_paged"]
 
@@ -23,6 +24,10 @@ def tree_attention_paged(
     tree_len: int,
     scale: float | None = None,
     backend: str | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tree_attention`` with K/V in pages (vLLM's block-table layout) instead of a dense cache.
 
@@ -51,6 +56,9 @@ def tree_attention_paged(
         backend: ``"reference"``, ``"triton"`` or ``"ext"``; default by device. There is no
             native paged kernel: on CPU (``ext`` included) the pages of each sequence are
             gathered and the dense ``tree_attention`` runs on them (native when built).
+        window, softcap, sinks: sliding window, logit soft-capping and attention sinks, as in
+            ``tree_attention`` (the window counts logical slots; pages wholly before
+            prefix_len - window are not read on Triton).
 
     Returns:
         out: [B, Hq, Tq, Dh], dtype and layout of ``q``; float32 softmax; a row that sees no
@@ -66,8 +74,9 @@ def tree_attention_paged(
         torch.Size([1, 2, 2, 8])
     """
     _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+    check_window_softcap_sinks(_NAME, q, window, softcap, sinks)
     return dispatch(_NAME, q, backend, q, k_pages, v_pages, block_table, prefix_len, tree_mask,
-                    tree_len, scale)
+                    tree_len, scale, window, softcap, sinks)
 
 
 def _check(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale) -> None:

@@ -5,7 +5,9 @@ head are folded with the Tq query rows into M = G * Tq rows; grid (row blocks, B
 splits); an online softmax walks the logical slots [0, prefix_len + tree_len), first the
 prefix (all visible), then the tree slots (per the packed mask); long contexts are split over
 up to NUM_SPLITS programs, the splits used computed on the device from prefix_len, and merged
-by the dense op's combine kernel (the partial-result layout is the same).
+by the dense op's combine kernel (the partial-result layout is the same). The sliding window,
+softcap and sinks are the dense kernel's (its visibility helpers are shared): with a window
+the pages before prefix_len - window are not read.
 
 What differs is the address of a key: for a block of BLOCK_N logical slots the program loads
 their pages from the sequence's block-table row (one int per slot, cached in L1 since
@@ -21,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle2_kernels.ops.tree_attention.kernel import (_interpreted, combine_splits, plan_launch,
-                                                   split_buffers)
+from eagle2_kernels.ops.tree_attention.kernel import (_add_sink, _interpreted, _key_range,
+                                                   _row_tree_counts, _tanh, _tree_block_visible,
+                                                   combine_splits, plan_launch, split_buffers)
 
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -50,9 +52,11 @@ def _paged_block(
     stride_v_d,
     PAGE_SIZE,
     qk_scale,
+    cap_out,
     EVEN_D: tl.constexpr,
     COMPUTE_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step over BLOCK_N logical slots; returns the updated (acc, m, l)."""
     # [BLOCK_N] physical page and slot of each logical slot (masked columns read page 0).
@@ -78,6 +82,8 @@ def _paged_block(
         v = v.to(tl.float32)
     # [BLOCK_M, BLOCK_N] scores in log2 units
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        s = _tanh(s) * cap_out  # qk_scale = scale / softcap, cap_out = softcap * log2(e)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # A row with nothing visible yet keeps max -inf; subtract 0 instead to avoid inf - inf.
@@ -97,6 +103,7 @@ def _tree_attention_paged_kernel(
     table_ptr,
     prefix_ptr,
     mask_ptr,
+    sinks_ptr,
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
@@ -129,7 +136,9 @@ def _tree_attention_paged_kernel(
     TREE_LEN,
     NUM_SPLITS,
     MIN_CHUNK,
+    WINDOW,
     qk_scale,
+    cap_out,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -138,6 +147,9 @@ def _tree_attention_paged_kernel(
     EVEN_D: tl.constexpr,
     COMPUTE_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -146,13 +158,12 @@ def _tree_attention_paged_kernel(
     kvh = pid_bh % HKV
 
     prefix = tl.load(prefix_ptr + b).to(tl.int32)
-    total = prefix + TREE_LEN
     # Splits actually used for this sequence, and this program's slot range [lo, hi).
-    n_splits = tl.minimum(tl.maximum(tl.cdiv(total, MIN_CHUNK), 1), NUM_SPLITS)
+    key_lo, total, n_splits = _key_range(prefix, TREE_LEN, WINDOW, NUM_SPLITS, MIN_CHUNK, HAS_WINDOW)
     if pid_s >= n_splits:
         return
-    chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
-    lo = pid_s * chunk
+    chunk = tl.cdiv(tl.cdiv(total - key_lo, n_splits), BLOCK_N) * BLOCK_N
+    lo = key_lo + pid_s * chunk
     hi = tl.minimum(lo + chunk, total)
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,43 +191,44 @@ def _tree_attention_paged_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Prefix slots: visible to every row.
+    # Prefix slots: visible to every row (with a window: from prefix + n_i - WINDOW on).
+    p_lo = lo
+    n_vis = tl.zeros([BLOCK_M], dtype=tl.int32)
+    row_first = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_WINDOW:
+        n_vis = _row_tree_counts(mask_rows, stride_mask_w, row_ok, TREE_LEN, BLOCK_M)
+        row_first = prefix + n_vis - WINDOW
+        p_lo = tl.maximum(lo, tl.min(tl.where(row_ok, row_first, total), axis=0))
     p_end = tl.minimum(hi, prefix)
-    for start in range(lo, p_end, BLOCK_N):
+    for start in range(p_lo, p_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < p_end
         visible = row_ok[:, None] & col_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] >= row_first[:, None])
         acc, m_i, l_i = _paged_block(
             acc, m_i, l_i, q, k_head, v_head, table_row, offs_n, col_ok, visible, offs_d, d_ok,
             stride_table_m, stride_k_page, stride_k_slot, stride_k_d,
-            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale,
-            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
+            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale, cap_out,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION, HAS_SOFTCAP,
         )
     # Tree slots: logical prefix + j is visible to row t iff bit j of tree_mask[b, t] is set.
-    # A block of BLOCK_N slots spans at most NUM_WORDS mask words; each is loaded as a
-    # [BLOCK_M] vector and picked per column.
-    num_words = tl.cdiv(TREE_LEN, 32)
     for start in range(tl.maximum(lo, prefix), hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < hi
-        j = offs_n - prefix  # tree slot index of each column
-        first = (start - prefix) // 32
-        words = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for w in tl.static_range(NUM_WORDS):
-            # [BLOCK_M]
-            word_ok = row_ok & (tl.full([BLOCK_M], w, tl.int32) + first < num_words)
-            word = tl.load(mask_rows + (first + w) * stride_mask_w, mask=word_ok, other=0)
-            words = tl.where((j // 32 - first == w)[None, :], word[:, None], words)
-        bits = (words >> (j % 32)[None, :]) & 1
-        visible = row_ok[:, None] & col_ok[None, :] & (bits != 0)
+        offs_n, col_ok, visible = _tree_block_visible(
+            mask_rows, stride_mask_w, row_ok, start, prefix, hi, TREE_LEN, n_vis, WINDOW,
+            BLOCK_M, BLOCK_N, NUM_WORDS, HAS_WINDOW,
+        )
         acc, m_i, l_i = _paged_block(
             acc, m_i, l_i, q, k_head, v_head, table_row, offs_n, col_ok, visible, offs_d, d_ok,
             stride_table_m, stride_k_page, stride_k_slot, stride_k_d,
-            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale,
-            EVEN_D, COMPUTE_FP32, DOT_PRECISION,
+            stride_v_page, stride_v_slot, stride_v_d, PAGE_SIZE, qk_scale, cap_out,
+            EVEN_D, COMPUTE_FP32, DOT_PRECISION, HAS_SOFTCAP,
         )
 
     if n_splits == 1:
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            acc, m_i, l_i = _add_sink(acc, m_i, l_i, sink)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + b * stride_out_b + h[:, None] * stride_out_h + t[:, None] * stride_out_t
@@ -243,9 +255,13 @@ def tree_attention_paged(
     tree_mask: torch.Tensor,
     tree_len: int,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton launcher of ``tree_attention_paged`` (see ``eagle2_kernels.ops.tree_attention_paged``)."""
-    return launch(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale)
+    return launch(q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
+                  window=window, softcap=softcap, sinks=sinks)
 
 
 def launch(
@@ -258,6 +274,9 @@ def launch(
     tree_len: int,
     scale: float | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
     min_chunk: int | None = None,
     block_m: int | None = None,
@@ -283,8 +302,9 @@ def launch(
     if out.numel() == 0:
         return out
     plan = plan_launch("tree_attention_paged", q, Hkv, capacity, scale, num_splits, min_chunk,
-                       block_m, block_n)
+                       block_m, block_n, window, softcap)
     part_acc, part_ml = split_buffers(plan, out)
+    sinks = None if sinks is None else sinks.contiguous()
 
     grid = (plan.num_m, B * Hkv, plan.num_splits)
     _tree_attention_paged_kernel[grid](
@@ -294,6 +314,7 @@ def launch(
         table_ptr=block_table,
         prefix_ptr=prefix_len,
         mask_ptr=tree_mask,
+        sinks_ptr=out if sinks is None else sinks,
         out_ptr=out,
         part_acc_ptr=part_acc,
         part_ml_ptr=part_ml,
@@ -326,7 +347,9 @@ def launch(
         TREE_LEN=tree_len,
         NUM_SPLITS=plan.num_splits,
         MIN_CHUNK=plan.min_chunk,
-        qk_scale=plan.scale * _LOG2E,
+        WINDOW=plan.window,
+        qk_scale=plan.qk_scale,
+        cap_out=plan.cap_out,
         GROUP=plan.group,
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
@@ -335,8 +358,11 @@ def launch(
         EVEN_D=plan.block_d == Dh,
         COMPUTE_FP32=plan.compute_fp32,
         DOT_PRECISION=plan.precision,
+        HAS_WINDOW=plan.has_window,
+        HAS_SOFTCAP=plan.has_softcap,
+        HAS_SINKS=sinks is not None,
         num_warps=plan.num_warps,
         num_stages=2,
     )
-    combine_splits(plan, part_acc, part_ml, prefix_len, out, tree_len)
+    combine_splits(plan, part_acc, part_ml, prefix_len, out, tree_len, sinks)
     return out

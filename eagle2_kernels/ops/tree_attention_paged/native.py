@@ -20,9 +20,12 @@ def tree_attention_paged(
     tree_mask: torch.Tensor,
     tree_len: int,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, Tq, Dh], pages [num_blocks, page_size, Hkv, Dh] -> out [B, Hq, Tq, Dh]."""
     return reference.tree_attention_paged(
         q, k_pages, v_pages, block_table, prefix_len, tree_mask, tree_len, scale,
-        dense=dense_native.tree_attention,
+        window, softcap, sinks, dense=dense_native.tree_attention,
     )

@@ -59,12 +59,17 @@ def tree_attention_paged(
     tree_mask: torch.Tensor,
     tree_len: int,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     dense: Callable | None = None,
 ) -> torch.Tensor:
     """Tree attention over a paged cache (shapes: see ``eagle2_kernels.ops.tree_attention_paged``).
 
     ``dense`` is the dense ``tree_attention`` implementation run on the gathered cache (the
-    reference by default; the CPU dispatch passes the native kernel).
+    reference by default; the CPU dispatch passes the native kernel). ``window``, ``softcap``
+    and ``sinks`` as in the dense op. With a window only the slots a row can see are needed,
+    but the gather copies every slot: this is the specification, not a fast path.
     """
     lengths = prefix_len.to(torch.int64) + tree_len
     capacity = block_table.shape[1] * k_pages.shape[1]
@@ -79,4 +84,4 @@ def tree_attention_paged(
     v = gather_pages(v_pages, block_table, lengths)
     # Looked up at call time (not bound at import), so the dense reference can be swapped.
     dense = dense_reference.tree_attention if dense is None else dense
-    return dense(q, k, v, prefix_len, tree_mask, tree_len, scale)
+    return dense(q, k, v, prefix_len, tree_mask, tree_len, scale, window, softcap, sinks)
