@@ -63,6 +63,10 @@ class DecodeConfig:
             replay them. "auto" (default) = on when the static round runs on a CUDA target,
             falling back to eager replay (with a warning naming the reason) when capture
             fails; True = as "auto" but only valid for CUDA targets; False = never.
+        lookup: merge continuations found in the context (n-gram / suffix lookup,
+            ``runtime/lookup.py``) into each round's tree as extra candidates (default True);
+            without a draft head the trees come from lookup alone. The dynamic round only
+            (the CPU default); the static round drafts with the head alone.
 
     Invariant: T - 1 <= K + D*K*K (the draft must supply enough candidates).
 
@@ -80,6 +84,7 @@ class DecodeConfig:
     cuda_graphs: bool | str = "auto"
     adaptive: bool = True
     kv_block_size: int | None = None
+    lookup: bool = True
 
     def __post_init__(self):
         _positive_int("total_tokens", self.total_tokens, 2)
@@ -104,6 +109,8 @@ class DecodeConfig:
             _positive_int("kv_block_size", self.kv_block_size, 1)
         if self.adaptive not in (True, False):
             raise ValueError(f"DecodeConfig: adaptive must be True or False, got {self.adaptive!r}")
+        if self.lookup not in (True, False):
+            raise ValueError(f"DecodeConfig: lookup must be True or False, got {self.lookup!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"DecodeConfig: backend {self.backend!r} is not one of {', '.join(BACKENDS)} or None")
 

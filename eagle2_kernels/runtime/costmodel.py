@@ -199,8 +199,9 @@ def cost_key(decoder, batch: int) -> dict:
         model_cfg = cfg.to_json_string(use_diff=False)
     except Exception:  # an unusual config class: its repr still pins the architecture
         model_cfg = repr(cfg)
-    head_desc = [type(head).__name__, head.hidden_size, head.draft_vocab_size, head.num_kv_heads,
-                 head.head_dim, getattr(head, "target_feature_size", head.hidden_size)]
+    head_desc = None if head is None else [
+        type(head).__name__, head.hidden_size, head.draft_vocab_size, head.num_kv_heads,
+        head.head_dim, getattr(head, "target_feature_size", head.hidden_size)]
     return {
         "model": hashlib.sha1(model_cfg.encode()).hexdigest()[:16],
         "head": head_desc,
@@ -312,25 +313,28 @@ def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int
         short = [min(a, b) for a, b in zip(short, long)]  # a shorter prefix is never slower
 
         # Draft steps over k rows: head forward with tree attention, lm_head, tree_expand.
-        H = head.hidden_size
-        dc = StaticKVCache(1, batch, head.num_kv_heads, short_prefix + 2 * k_top + 1, head.head_dim, dtype, dev)
-        dc.set_length(short_prefix)
-        K = cfg.top_k
-        draft = []
-        for k in k_grid:
-            feats = torch.randn(batch, k, H, generator=gen).to(device=dev, dtype=dtype)
-            toks = torch.randint(0, vocab, (batch, k), generator=gen).to(dev)
-            pos = torch.full((batch, k), short_prefix, dtype=torch.int64, device=dev)
-            m = mask[:k, : (k + 31) // 32].unsqueeze(0).expand(batch, k, -1).contiguous()
-            parent = torch.zeros(batch, k, dtype=torch.float32, device=dev)
+        if head is None:  # no draft head (lookup trees alone): no draft forward to time
+            k_grid, draft = (1,), [0.0]
+        else:
+            H = head.hidden_size
+            dc = StaticKVCache(1, batch, head.num_kv_heads, short_prefix + 2 * k_top + 1, head.head_dim, dtype, dev)
+            dc.set_length(short_prefix)
+            K = cfg.top_k
+            draft = []
+            for k in k_grid:
+                feats = torch.randn(batch, k, H, generator=gen).to(device=dev, dtype=dtype)
+                toks = torch.randint(0, vocab, (batch, k), generator=gen).to(dev)
+                pos = torch.full((batch, k), short_prefix, dtype=torch.int64, device=dev)
+                m = mask[:k, : (k + 31) // 32].unsqueeze(0).expand(batch, k, -1).contiguous()
+                parent = torch.zeros(batch, k, dtype=torch.float32, device=dev)
 
-            def step():
-                hs = head.tree_step(feats, toks, pos, dc, [short_prefix] * batch, m, k, backend)
-                return ops.tree_expand(head.logits(hs), parent, min(K, head.draft_vocab_size),
-                                       head.draft_to_target, backend=backend)
+                def step():
+                    hs = head.tree_step(feats, toks, pos, dc, [short_prefix] * batch, m, k, backend)
+                    return ops.tree_expand(head.logits(hs), parent, min(K, head.draft_vocab_size),
+                                           head.draft_to_target, backend=backend)
 
-            draft.append(_timed(step, reps, sync))
-            tick()
+                draft.append(_timed(step, reps, sync))
+                tick()
 
         # Round overhead: tree_build over the full candidate set, verify, compaction.
         C = cfg.num_candidates

@@ -65,7 +65,9 @@ class TreeSpecDecoder:
         target: a transformers causal LM whose attention goes through transformers'
             attention interface (Llama, Qwen2/3, Mistral, SmolLM, ...). It stays a normal
             model: our attention is switched in only around the decoder's own forwards.
-        draft: an :class:`EagleDraftHead` for this target (attached to it if it is not yet).
+        draft: an :class:`EagleDraftHead` for this target (attached to it if it is not yet), or
+            None: no head, the trees come from context lookup alone (``runtime/lookup.py``);
+            any supported target then decodes faster where its text repeats, same output.
         total_tokens: T, tree nodes per round including the root (>= 2); with ``adaptive`` the
             most a round verifies. None = ``runtime.config.default_tree(device)``: (60, 5, 10)
             on CUDA, (32, 5, 8) on CPU, for depth and top_k as well.
@@ -108,7 +110,7 @@ class TreeSpecDecoder:
     def __init__(
         self,
         target,
-        draft: EagleDraftHead,
+        draft: EagleDraftHead | None = None,
         total_tokens: int | None = None,
         depth: int | None = None,
         top_k: int | None = None,
@@ -121,6 +123,7 @@ class TreeSpecDecoder:
         adaptive: bool = True,
         cost_model=None,
         kv_block_size: int | None = None,
+        lookup: bool = True,
     ):
         if config is None:
             # Unset tree fields come from the one table of defaults, by the target's device.
@@ -135,39 +138,23 @@ class TreeSpecDecoder:
             config = DecodeConfig(
                 total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend,
                 static_round=static_round, cuda_graphs=cuda_graphs, adaptive=adaptive,
-                kv_block_size=kv_block_size,
+                kv_block_size=kv_block_size, lookup=lookup,
             )
         elif not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
         self.config = config
         backend, max_length = config.backend, config.max_length
-        if not isinstance(draft, EagleDraftHead):
-            raise TypeError(f"draft must be an EagleDraftHead, got {type(draft).__name__}")
+        if draft is not None and not isinstance(draft, EagleDraftHead):
+            raise TypeError(f"draft must be an EagleDraftHead or None (lookup trees only), got {type(draft).__name__}")
+        if draft is None and not config.lookup:
+            raise ValueError("lookup=False needs a draft head: without one the trees come from context lookup alone")
         self._adapter = TargetAdapter(target, backend=backend)  # validates the target first
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
-        lm = target.get_output_embeddings().weight
-        head_w = draft.fc.weight
-        if head_w.device != lm.device:
-            raise ValueError(
-                f"the draft head is on {head_w.device} but the target on {lm.device}; move both to one device"
-            )
-        if head_w.dtype != lm.dtype:
-            raise ValueError(
-                f"the draft head is {head_w.dtype} but the target {lm.dtype}; load the head with "
-                f"EagleDraftHead.from_pretrained(path, target=model) or call head.to(dtype)"
-            )
-        # (Re-)attach: checks hidden size / vocab against this target and shares its weights.
-        # Then the adapter captures the features this head reads (EAGLE-3: layers that depend
-        # on the target's depth, known once attached).
-        draft.attach_target(target)
-        if draft.feature_layers is not None:
-            self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
-        if self.config.top_k > draft.draft_vocab_size:
-            raise ValueError(
-                f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
-            )
+        self._lookup_run = None  # the LookupDrafter of the running call (runtime/lookup.py)
+        if draft is not None:
+            self._attach_head(target, draft, backend)
         if config.cuda_graphs is True and self._adapter.device.type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA target, the model is on {self._adapter.device}; "
@@ -192,6 +179,30 @@ class TreeSpecDecoder:
         if max_length is not None:
             self._ensure_buffers(1, max_length)
 
+    def _attach_head(self, target, draft: EagleDraftHead, backend) -> None:
+        """Check the head against the target (device, dtype, top_k) and attach it."""
+        lm = target.get_output_embeddings().weight
+        head_w = draft.fc.weight
+        if head_w.device != lm.device:
+            raise ValueError(
+                f"the draft head is on {head_w.device} but the target on {lm.device}; move both to one device"
+            )
+        if head_w.dtype != lm.dtype:
+            raise ValueError(
+                f"the draft head is {head_w.dtype} but the target {lm.dtype}; load the head with "
+                f"EagleDraftHead.from_pretrained(path, target=model) or call head.to(dtype)"
+            )
+        # (Re-)attach: checks hidden size / vocab against this target and shares its weights.
+        # Then the adapter captures the features this head reads (EAGLE-3: layers that depend
+        # on the target's depth, known once attached).
+        draft.attach_target(target)
+        if draft.feature_layers is not None:
+            self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
+        if self.config.top_k > draft.draft_vocab_size:
+            raise ValueError(
+                f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
+            )
+
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_pretrained(cls, target=None, draft=None, dtype: torch.dtype | None = None, device=None, **config):
@@ -204,7 +215,8 @@ class TreeSpecDecoder:
             draft: an :class:`EagleDraftHead`, a directory in the released EAGLE-1/2 or EAGLE-3
                 layout, or a Hugging Face hub repository id (read from the local cache when
                 ``HF_HUB_OFFLINE`` is set); None with target None = the default head shipped
-                with the package.
+                with the package; None with any other target, or False, = no head: lookup
+                trees alone (``runtime/lookup.py``).
             dtype, device: used when loading a target by name or the default (default: the
                 file's dtype, or bf16 for the default model; CPU).
             **config: the constructor's keyword arguments (total_tokens, depth, top_k,
@@ -231,12 +243,9 @@ class TreeSpecDecoder:
                 tokenizer = AutoTokenizer.from_pretrained(name)
             except (OSError, ValueError):
                 tokenizer = None
-        if draft is None:
-            raise ValueError(
-                "TreeSpecDecoder.from_pretrained: a draft head is needed for this target (a directory "
-                "in the EAGLE-1/2 layout or an EagleDraftHead); only the default target has a default head"
-            )
-        if isinstance(draft, (str, os.PathLike)):
+        if draft is None or draft is False:
+            draft = None  # no head: the decoder drafts from the context alone
+        elif isinstance(draft, (str, os.PathLike)):
             draft = EagleDraftHead.from_pretrained(draft, target=target)
         return cls(target, draft, tokenizer=tokenizer, **config)
 
@@ -277,7 +286,8 @@ class TreeSpecDecoder:
         if self._tcache is None or not self._tcache.matches(batch, capacity, dtype, dev, block):
             self._tcache = ad.new_cache(batch, capacity, block)
             d_cap = capacity + cfg.depth * cfg.top_k + cfg.depth + 2
-            self._dcache = StaticKVCache(1, batch, head.num_kv_heads, d_cap, head.head_dim, dtype, dev)
+            self._dcache = None if head is None else StaticKVCache(1, batch, head.num_kv_heads, d_cap,
+                                                                   head.head_dim, dtype, dev)
             self._positions = torch.arange(d_cap, device=dev, dtype=torch.int64)
         if getattr(self, "_consts_for", None) != (batch, dev):
             self._make_constants(batch, dev)
@@ -581,6 +591,8 @@ class TreeSpecDecoder:
             total += len(chunk)
             chunks.append(chunk)
         stats.record(total)
+        if self._lookup_run is not None:
+            self._lookup_run.extend(chunks)  # the context the next lookup searches
         return chunks
 
     def _run(self, tree, req: "_Request"):
@@ -609,7 +621,8 @@ class TreeSpecDecoder:
         # of different lengths are right-padded: causal attention keeps each valid position
         # blind to the padding after it, and the cache lengths then drop the padding's KV.
         tc.set_length(0)
-        dc.set_length(0)
+        if dc is not None:
+            dc.set_length(0)
         ctx = DecodeContext(tc, 0, None, length, backend)
         last = torch.tensor(lengths, device=input_ids.device) - 1
         keep = 1 if not req.ragged else torch.unique(last)
@@ -621,6 +634,13 @@ class TreeSpecDecoder:
         root = self._pick(logits[:, -1], temperature, top_p, top_k, generator)  # [B]
         t_verify = time.perf_counter()
         stats.verify_s += t_verify - t_start
+        # Context lookup (runtime/lookup.py): its store sees every chunk committed from here on.
+        lookup = None
+        if tree and not self.uses_static_round and (self.config.lookup or self.draft is None):
+            from eagle2_kernels.runtime.lookup import LookupDrafter
+
+            lookup = LookupDrafter(input_ids, lengths, req.need)
+        self._lookup_run = lookup
         chunks = self._commit([[t] for t in root.tolist()], active, budgets, eos, stats)
         if tree and self.uses_static_round:
             stats.other_s += time.perf_counter() - t_verify
@@ -631,6 +651,13 @@ class TreeSpecDecoder:
         if not tree:
             yield from self._plain_loop(chunks, root, active, budgets, temperature, top_p, top_k, eos, generator,
                                         stats, epoch)
+            return
+        if self.draft is None:
+            from eagle2_kernels.runtime.lookup import lookup_rounds
+
+            stats.other_s += time.perf_counter() - t_verify
+            yield chunks
+            yield from lookup_rounds(self, req, root, active, budgets, lookup, stats, epoch)
             return
         # Pending catch-up: the prompt's pairs (f_t, x_{t+1}), t = 1..L (row b: its own L).
         pending = _Pending(batch)
@@ -657,6 +684,7 @@ class TreeSpecDecoder:
                 t_mark = time.perf_counter()
                 continue
             # ---------------- draft: catch-up, root expansion, expansions, build
+            lround = lookup.begin_round(active) if lookup is not None else None  # context continuations
             stable = dc.host_lengths
             pend_feats, pend_tokens, pend_n = pending.take(active)
             n = pend_tokens.shape[1]
@@ -677,10 +705,10 @@ class TreeSpecDecoder:
                 dc.set_lengths(stable)
                 slots = lambda j: [s + (j - 1) * K for s in stable]  # noqa: E731
                 if policy is None:
-                    draft_tree, sizing = self._expand_and_build(h_parent, root, slots, backend), None
+                    draft_tree, sizing = self._expand_and_build(h_parent, root, slots, backend, lookup=lround), None
                 else:
                     draft_tree, sizing = self._expand_adaptive(h_parent, root, slots, backend, policy, n,
-                                                               tc.host_lengths, active)
+                                                               tc.host_lengths, active, lookup=lround)
             self._sync()
             t_draft = time.perf_counter()
             stats.draft_s += t_draft - t_mark
@@ -721,6 +749,9 @@ class TreeSpecDecoder:
             if sizing is not None:
                 paths = [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None for b, row in enumerate(packed)]
                 sizing.record(policy, stats, paths)
+            if lround is not None:
+                lookup.record(lround, [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None
+                                       for b, row in enumerate(packed)], T, stats)
             chunks = self._commit(proposals, active, budgets, eos, stats)
             stats.tree_sizes.append(T)
             if any(active):
@@ -766,6 +797,8 @@ class TreeSpecDecoder:
         """True when ``generate`` runs the static-shape round (config ``static_round``; by
         default on CUDA targets only)."""
         forced = self.config.static_round
+        if self.draft is None:
+            return False  # lookup trees alone run in the dynamic round
         return self._adapter.device.type == "cuda" if forced is None else forced
 
     @property
@@ -777,7 +810,7 @@ class TreeSpecDecoder:
         return "graphs" if sr.graphs else f"eager ({sr.graph_error or 'cuda_graphs off'})"
 
     def _expand_and_build(self, h_parent, root, level_slots, backend, error_flag=None, sizer=None,
-                          total_tokens=None):
+                          total_tokens=None, lookup=None):
         """Root expansion, the expansion levels and ``tree_build``: the draft tree of a round.
 
         ``h_parent`` [B, 1, H] is the draft feature of each sequence's last committed token and
@@ -789,7 +822,8 @@ class TreeSpecDecoder:
         are fixed by the config alone (the static round captures this). With a
         :class:`_Sizer` (the adaptive dynamic round) the sizer sees each level's scores on the
         host, decides whether to expand further and how many nodes to keep; it may return
-        None (verify no draft: a plain step).
+        None (verify no draft: a plain step). ``lookup`` (a ``runtime.lookup.LookupRound``)
+        merges the context's continuations into the candidates before the sizing and the build.
         """
         head, dc = self.draft, self._dcache
         K, D = self.config.top_k, self.config.depth
@@ -805,6 +839,8 @@ class TreeSpecDecoder:
         f_mask = self._own_bits[0]
         base = K
         draft_pos = dc.lengths[:, None].to(torch.int64).expand(batch, K)
+        if sizer is not None and lookup is not None:
+            sizer.seed(lookup.seed_scores)  # the expansion decisions see the lookup's nodes too
         j = 1
         while j <= D and (sizer is None or sizer.keep_going(cand_scores[-1], f_scores, j - 1)):
             hs = head.tree_step(f_feats, f_tokens, draft_pos + (j - 1), dc, level_slots(j), f_mask, j * K, backend)
@@ -821,21 +857,25 @@ class TreeSpecDecoder:
                 f_mask = f_mask.gather(1, rows[:, :, None].expand(batch, K, f_mask.shape[-1])) | self._own_bits[j]
             base += K * K
             j += 1
+        tokens, scores, parents = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1)
+        if lookup is not None:
+            # The context's continuations join the candidates here, before the size and the
+            # tree are chosen. Like the head's, they come from draft-side information only
+            # (committed tokens, earlier rounds' outcomes): the tree is fixed before the target
+            # sees it, so greedy and sampled acceptance stay lossless.
+            tokens, scores, parents = lookup.merge(tokens, scores, parents, batch, scores.device)
         if sizer is not None:
-            T = sizer.size(cand_scores[-1], j - 1)
+            T = sizer.size(cand_scores[-1], j - 1, merged=None if lookup is None else lookup.scores)
             if T is None:
                 return None
-        scores = torch.cat(cand_scores, 1)
         self._cand_scores = scores  # [B, C], read by the static round's profile (on device)
-        return ops.tree_build(
-            torch.cat(cand_tokens, 1), scores, torch.cat(cand_parents, 1), root, T,
-            backend=backend, error_flag=error_flag,
-        )
+        return ops.tree_build(tokens, scores, parents, root, T, backend=backend, error_flag=error_flag)
 
-    def _expand_adaptive(self, h_parent, root, level_slots, backend, policy, catchup_rows, prefix, active):
+    def _expand_adaptive(self, h_parent, root, level_slots, backend, policy, catchup_rows, prefix, active,
+                         lookup=None):
         """The adaptive round's draft tree (or None for a plain step) and its sizer."""
         sizer = _Sizer(policy, catchup_rows, max(prefix), active)
-        tree = self._expand_and_build(h_parent, root, level_slots, backend, sizer=sizer)
+        tree = self._expand_and_build(h_parent, root, level_slots, backend, sizer=sizer, lookup=lookup)
         return tree, (None if tree is None else sizer)
 
     # ------------------------------------------------------------------ the cost model
@@ -1131,6 +1171,11 @@ class _Sizer:
             self.scores[b].extend(rows[b])
         self.levels_absorbed += 1
 
+    def seed(self, rows: list[list[float]]) -> None:
+        """Extra candidate scores per sequence known before the expansion (context lookup)."""
+        for b in self.active:
+            self.scores[b].extend(rows[b])
+
     def _draft_s(self, levels: int) -> float:
         return self.base_s + levels * self.policy.step_seconds(self.policy.top_k)
 
@@ -1145,8 +1190,12 @@ class _Sizer:
         mass = sum(math.exp(x) for b in self.active for x in f[b])
         return self.policy.keep_expanding(self._top(), mass, self._draft_s(levels_done), levels_done, self.prefix)
 
-    def size(self, level_scores, levels_done: int) -> int | None:
-        """T for tree_build (n + 1), or None for a plain step."""
+    def size(self, level_scores, levels_done: int, merged: list[list[float]] | None = None) -> int | None:
+        """T for tree_build (n + 1), or None for a plain step. ``merged``: the final candidate
+        scores per sequence (in candidate order) when lookup changed the head's set."""
+        if merged is not None:
+            self.scores = [list(row) for row in merged]
+            self.levels_absorbed = levels_done + 1
         if self.levels_absorbed < levels_done + 1:
             self._absorb(level_scores)
         choice = self.policy.choose(self._top(), self._draft_s(levels_done), self.prefix, levels_done)

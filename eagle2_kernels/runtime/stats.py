@@ -61,6 +61,11 @@ class DecodeStats:
             plain step chosen by the adaptive policy); empty for plain decoding.
         reliability: predicted vs actual acceptance of verified nodes by probability bin
             (adaptive dynamic round only).
+        head_tokens, lookup_tokens, both_tokens: committed drafted tokens (bonus tokens
+            excluded) whose tree node the draft head proposed alone, the context lookup alone
+            (``runtime/lookup.py``), or both; zero without lookup (then only the head's tokens
+            are not split out: ``new_tokens - rounds`` drafted tokens in all).
+        lookup_nodes: verified tree nodes that the lookup proposed (alone or with the head).
     """
 
     rounds: int = 0
@@ -71,6 +76,10 @@ class DecodeStats:
     other_s: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)
     reliability: Reliability = field(default_factory=Reliability)
+    head_tokens: int = 0
+    lookup_tokens: int = 0
+    both_tokens: int = 0
+    lookup_nodes: int = 0
 
     @property
     def mean_accept_length(self) -> float:
@@ -97,6 +106,10 @@ class DecodeStats:
             "other_s": self.other_s,
             "tree_sizes": list(self.tree_sizes),
             "reliability": self.reliability.as_dict(),
+            "head_tokens": self.head_tokens,
+            "lookup_tokens": self.lookup_tokens,
+            "both_tokens": self.both_tokens,
+            "lookup_nodes": self.lookup_nodes,
         }
 
     def __repr__(self) -> str:

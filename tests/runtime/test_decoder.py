@@ -282,8 +282,9 @@ def test_from_pretrained_with_objects_and_paths(tmp_path):
     assert dec.target is model and dec.tokenizer is None and dec.config.total_tokens == 10
     ids = prompt(model.config.vocab_size, 4, 8)
     assert torch.equal(dec.generate(ids, 12).sequences, hf_greedy(model, ids, 12))
-    with pytest.raises(ValueError, match="draft head is needed"):
-        TreeSpecDecoder.from_pretrained(model)
+    # No head for a target given by object: lookup trees alone (runtime/lookup.py), same output.
+    alone = TreeSpecDecoder.from_pretrained(model, total_tokens=10, depth=3, top_k=4)
+    assert alone.draft is None and torch.equal(alone.generate(ids, 12).sequences, hf_greedy(model, ids, 12))
     dec.close()
     with pytest.raises(RuntimeError, match="closed"):
         dec.generate(ids, 3)
