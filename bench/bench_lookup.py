@@ -1,0 +1,137 @@
+"""Context lookup in the tree, side by side in one run: plain decoding vs head-only EAGLE-2 vs
+head + lookup vs lookup alone (no head), greedy, on MT-bench first turns and on code prompts.
+
+Every method decodes every prompt in rotation (the order rotates per prompt) after one warm-up
+generation each; the target, the head and the dtype are shared. Reports tokens/s, the speedup
+over plain decoding, tau (tokens per target forward), how many committed drafted tokens came from
+the head, the lookup or both, and how many outputs equal plain decoding's (in bf16, tree-batched
+numerics may flip near-ties: the mean common prefix is given too).
+
+    python bench/bench_lookup.py --sets mtbench,code --limit 8 --max-new-tokens 128 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+
+import torch
+
+from eagle2_kernels import TreeSpecDecoder
+from eagle2_kernels.eval.environment import environment
+
+# Held-out-style code prompts: two completions (HumanEval-like), two edits of given code (the
+# answer repeats much of the prompt, where lookup pays most).
+CODE_PROMPTS = [
+    "Complete this Python function and explain it briefly.\n\n```python\ndef running_max(values: list[int]) "
+    "-> list[int]:\n    \"\"\"Return the list of running maxima of values, e.g. running_max([1, 3, 2, 5]) == "
+    "[1, 3, 3, 5].\"\"\"\n```",
+    "Write a Python function `is_palindrome(text: str) -> bool` that ignores case and non-letters, with a "
+    "docstring and three doctest examples.",
+    "Add type hints and a docstring to this function, and return the whole function:\n\n```python\ndef "
+    "merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n"
+    "            out.append(a[i])\n            i += 1\n        else:\n            out.append(b[j])\n"
+    "            j += 1\n    out.extend(a[i:])\n    out.extend(b[j:])\n    return out\n```",
+    "Rename the variable `x` to `total` in this code and return the full code:\n\n```python\ndef score(items):\n"
+    "    x = 0\n    for item in items:\n        if item.valid:\n            x += item.weight * item.value\n"
+    "        else:\n            x -= item.penalty\n    return x\n\n\ndef report(items):\n    x = score(items)\n"
+    "    print(f\"score: {x}\")\n    return x\n```",
+]
+
+
+def prompts_of(name: str, limit: int | None, tokenizer) -> list[torch.Tensor]:
+    if name == "mtbench":
+        from eagle2_kernels.eval.questions import load_questions
+
+        texts = [q.turns[0] for q in load_questions(limit=limit)]
+    elif name == "code":
+        texts = CODE_PROMPTS[:limit]
+    else:
+        raise SystemExit(f"unknown prompt set {name!r}; valid: mtbench, code")
+    out = []
+    for text in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        out.append(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sets", default="mtbench,code")
+    ap.add_argument("--limit", type=int, default=8, help="prompts per set (MT-bench: spread over categories)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = TreeSpecDecoder.from_pretrained()  # the default model (bf16) and its shipped head
+    model, head, tok = base.target, base.draft, base.tokenizer
+    extra = {}
+    if "compile" in inspect.signature(TreeSpecDecoder.__init__).parameters:
+        extra["compile"] = False  # eager forwards for every method (the compiled forward is measured apart)
+    decs = {
+        "head": TreeSpecDecoder(model, head, tokenizer=tok, lookup=False, **extra),
+        "head+lookup": TreeSpecDecoder(model, head, tokenizer=tok, **extra),
+        "lookup": TreeSpecDecoder(model, None, tokenizer=tok, **extra),
+    }
+    eos = [tok.convert_tokens_to_ids("<|im_end|>")]
+    methods = {"plain": lambda ids, n: decs["head"].generate_plain(ids, n, eos_token_id=eos)}
+    for name, dec in decs.items():
+        methods[name] = (lambda d: lambda ids, n: d.generate(ids, n, eos_token_id=eos))(dec)
+    warm = prompts_of("code", 1, tok)[0]
+    for name, fn in methods.items():  # warm-up (and the cost-model measurement on first use)
+        fn(warm, 16)
+
+    env = environment()
+    print(f"# {env.get('processor', '')} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"bf16 | greedy | {args.max_new_tokens} new tokens")
+    results = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "json"}, "sets": {}}
+    for set_name in args.sets.split(","):
+        prompts = prompts_of(set_name, args.limit, tok)
+        rows = {m: {"tokens": 0, "seconds": 0.0, "rounds": 0, "head": 0, "lookup": 0, "both": 0, "same": 0,
+                    "prefix": 0, "per_prompt": []} for m in methods}
+        for i, ids in enumerate(prompts):
+            order = list(methods)[i % len(methods):] + list(methods)[: i % len(methods)]
+            outs = {}
+            for m in order:
+                t0 = time.perf_counter()
+                out = methods[m](ids, args.max_new_tokens)
+                dt = time.perf_counter() - t0
+                new = out.sequences[0, ids.shape[1]:].tolist()
+                outs[m] = new
+                r, s = rows[m], out.stats
+                r["tokens"] += len(new)
+                r["seconds"] += dt
+                r["rounds"] += s.rounds
+                r["head"] += s.head_tokens
+                r["lookup"] += s.lookup_tokens
+                r["both"] += s.both_tokens
+                r["per_prompt"].append({"tokens": len(new), "seconds": dt, "tau": s.mean_accept_length})
+            for m in methods:
+                a, b = outs[m], outs["plain"]
+                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                rows[m]["same"] += int(a == b)
+                rows[m]["prefix"] += k
+        plain_rate = rows["plain"]["tokens"] / rows["plain"]["seconds"]
+        print(f"\n## {set_name}: {len(prompts)} prompts")
+        print(f"{'method':<12} {'tok/s':>7} {'vs plain':>9} {'tau':>6} {'same':>6} {'prefix':>7} "
+              f"{'head':>6} {'lookup':>7} {'both':>6}")
+        for m, r in rows.items():
+            rate = r["tokens"] / r["seconds"]
+            tau = r["tokens"] / r["rounds"] if r["rounds"] else 0.0
+            r.update(rate=rate, speedup=rate / plain_rate, tau=tau)
+            print(f"{m:<12} {rate:7.2f} {rate / plain_rate:8.2f}x {tau:6.2f} {r['same']:>3}/{len(prompts):<2} "
+                  f"{r['prefix'] / len(prompts):7.1f} {r['head']:6d} {r['lookup']:7d} {r['both']:6d}")
+        results["sets"][set_name] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
