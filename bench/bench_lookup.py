@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=8, help="prompts per set (MT-bench: spread over categories)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--hf", action="store_true",
+                    help="also transformers' generate, plain and with prompt lookup (prompt_lookup_num_tokens=10)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -83,6 +85,17 @@ def main() -> None:
     methods = {"plain": lambda ids, n: decs["head"].generate_plain(ids, n, eos_token_id=eos)}
     for name, dec in decs.items():
         methods[name] = (lambda d: lambda ids, n: d.generate(ids, n, eos_token_id=eos))(dec)
+    if args.hf:
+        from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
+
+        def hf(ids, n, **kw):
+            with torch.no_grad():
+                seq = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0],
+                                     **kw)
+            return GenerateOutput(seq, DecodeStats())  # rounds unknown: no tau
+
+        methods["hf"] = hf
+        methods["hf-lookup"] = lambda ids, n: hf(ids, n, prompt_lookup_num_tokens=10)
     warm = prompts_of("code", 1, tok)[0]
     for name, fn in methods.items():  # warm-up (and the cost-model measurement on first use)
         fn(warm, 16)

@@ -61,10 +61,10 @@ class DecodeStats:
             plain step chosen by the adaptive policy); empty for plain decoding.
         reliability: predicted vs actual acceptance of verified nodes by probability bin
             (adaptive dynamic round only).
-        head_tokens, lookup_tokens, both_tokens: committed drafted tokens (bonus tokens
-            excluded) whose tree node the draft head proposed alone, the context lookup alone
-            (``runtime/lookup.py``), or both; zero without lookup (then only the head's tokens
-            are not split out: ``new_tokens - rounds`` drafted tokens in all).
+        head_tokens, lookup_tokens, both_tokens: accepted drafted tokens (bonus tokens excluded;
+            the last round counted before its cut at EOS / ``max_new_tokens``) whose tree node
+            the draft head proposed alone, the context lookup alone (``runtime/lookup.py``), or
+            both. Counted only when lookup is on (all zero with ``lookup=False``).
         lookup_nodes: verified tree nodes that the lookup proposed (alone or with the head).
     """
 
