@@ -93,7 +93,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None,
                    help="a local transformers model directory (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--draft", default=None,
-                   help="an EAGLE-1/2 head directory (default: the head shipped for the default target)")
+                   help="an EAGLE-1/2 head directory (default: the head shipped for the default target); "
+                        "'none' = no head: trees from context lookup alone (also what --target without "
+                        "--draft gets)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="model dtype (default bf16; fp32 gives exact equality with plain decoding)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -107,6 +109,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_BOUNDS['cuda']} on GPU)")
     t.add_argument("--fixed", action="store_true",
                    help="verify exactly the --tree shape every round (no adaptive sizing)")
+    t.add_argument("--no-lookup", action="store_true",
+                   help="draft with the head alone: no continuations looked up in the context")
     t.add_argument("--total-tokens", type=int, default=None, metavar="T", help="overrides T of --tree")
     t.add_argument("--depth", type=int, default=None, metavar="D", help="overrides D of --tree")
     t.add_argument("--tree-top-k", type=int, default=None, metavar="K",
@@ -251,7 +255,8 @@ def _configs(args, trees: list[tuple[int, int, int]], fixed_extra: bool):
     for i, (T, D, K) in enumerate(trees):
         adaptive = not getattr(args, "fixed", False) if i == 0 else not fixed_extra
         try:
-            configs.append(DecodeConfig(total_tokens=T, depth=D, top_k=K, adaptive=adaptive, backend=args.backend))
+            configs.append(DecodeConfig(total_tokens=T, depth=D, top_k=K, adaptive=adaptive, backend=args.backend,
+                                        lookup=not getattr(args, "no_lookup", False)))
         except ValueError as exc:
             raise CLIError(f"tree {T},{D},{K}: {exc}") from None
     return configs
@@ -286,11 +291,14 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    no_head = args.draft is not None and args.draft.lower() == "none"
+    if no_head and getattr(args, "no_lookup", False):
+        raise CLIError("--no-lookup needs a draft head: with --draft none the trees come from lookup alone")
     if args.target is None:
         from eagle2_kernels.models import default as default_model
 
-        head_path = Path(args.draft) if args.draft else default_model.default_head_path()
-        if not (head_path / "config.json").is_file() and not head_path.is_file():
+        head_path = None if no_head else Path(args.draft) if args.draft else default_model.default_head_path()
+        if head_path is not None and not (head_path / "config.json").is_file() and not head_path.is_file():
             raise CLIError(
                 f"no draft head at {head_path}" + ("" if args.draft else
                 " (the head shipped for the default model is missing; train one with "
@@ -302,15 +310,17 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
 
         if not Path(args.target).exists() and not looks_like_repo_id(args.target):
             raise CLIError(f"--target {args.target!r} is neither a local model directory nor a hub repository id")
-        if args.draft is None:
-            raise CLIError("--target needs --draft (an EAGLE-1/2 or EAGLE-3 head directory or hub id for that model)")
-        try:  # resolved here so that a missing head is named as --draft's
-            head_path = Path(resolve_head(args.draft))
-        except FileNotFoundError as exc:
-            raise CLIError(f"--draft: {exc}") from None
+        if args.draft is None or no_head:
+            head_path = None  # no head for this target: lookup trees alone
+        else:
+            try:  # resolved here so that a missing head is named as --draft's
+                head_path = Path(resolve_head(args.draft))
+            except FileNotFoundError as exc:
+                raise CLIError(f"--draft: {exc}") from None
         name = Path(args.target).name
     try:
-        dec = TreeSpecDecoder.from_pretrained(args.target, head_path, dtype=dtype, device=device, config=configs[0])
+        dec = TreeSpecDecoder.from_pretrained(args.target, False if head_path is None else head_path, dtype=dtype,
+                                              device=device, config=configs[0])
     except FileNotFoundError as exc:
         if args.target is not None:
             raise
@@ -330,7 +340,7 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
     info = {
         "target": name,
         # names only: result files must not carry this machine's paths
-        "draft": head_path.name,
+        "draft": "none (lookup trees alone)" if head_path is None else head_path.name,
         "dtype": args.dtype,
         "device": device,
         "threads": torch.get_num_threads(),
@@ -430,9 +440,15 @@ def _policy_lines(dec, stats, scope: str = "this call") -> list[str]:
         used = sorted(set(stats.tree_sizes)) if stats is not None else []
         return [f"policy: static round, one captured tree per call, sized from earlier calls' draft "
                 f"confidence within T<={cfg.total_tokens} D={cfg.depth} K={cfg.top_k}; tree sizes used: {used}"]
+    lookup = ([f"lookup: accepted drafted tokens from the head {stats.head_tokens}, from context lookup "
+               f"{stats.lookup_tokens}, from both {stats.both_tokens}"]
+              if stats is not None and hasattr(stats, "lookup_nodes") and cfg.lookup else [])
+    if dec.draft is None:
+        return [f"policy: lookup trees alone (no head) within T<={cfg.total_tokens}; each round verifies the "
+                f"continuations found in the context that maximise predicted tokens per second"] + lookup
     pol = dec.last_policy
     if pol is None or not pol.sizes:
-        return ["policy: adaptive (no round drafted)"]
+        return ["policy: adaptive (no round drafted)"] + lookup
     cm, s = pol.costs, pol.summary()
     sizes = stats.tree_sizes
     hist: dict[int, int] = {}
@@ -447,7 +463,7 @@ def _policy_lines(dec, stats, scope: str = "this call") -> list[str]:
         f"why: measured target forward {1e3 * t1:.1f} ms for 1 token, {1e3 * t_mean:.1f} ms for "
         f"{max(2, round(s['mean_nodes']) + 1)}; draft step {1e3 * cm.draft(cfg.top_k):.2f} ms; each round "
         f"verifies the n best candidates maximising (1 + sum of their probabilities) / cost",
-    ]
+    ] + lookup
 
 
 def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) -> str:

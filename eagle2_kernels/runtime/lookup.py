@@ -26,6 +26,7 @@ for any tree fixed in advance, so lookup changes how many tokens a round commits
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ __all__ = ["LookupConfig", "ContextStore", "LookupCalibration", "LookupRound", "
 # A candidate score that no real one reaches (padding of ragged candidate rows): log p of
 # path probabilities stays far above it, and exp() of it is 0.
 PAD_SCORE = -1.0e9
+
+# Candidates of the head's own confidence profile (the i-th best path probability per round).
+_PROFILE_LEN = 64
 
 # Provenance of a verified node (stats: committed tokens by source).
 HEAD, LOOKUP, BOTH = 0, 1, 2
@@ -172,6 +176,7 @@ class LookupRound:
         self.scores: list[list[float]] = []
         self.source: list[list[int]] = []
         self.lookup_info: list[dict[int, tuple[int, int]]] = []  # candidate -> (m, depth)
+        self.head_top: list[list[float]] | None = None  # the head's own best p per sequence
 
     @property
     def empty(self) -> bool:
@@ -189,6 +194,7 @@ class LookupRound:
         """
         if cand_tokens is not None:
             toks_h, scores_h, pars_h = cand_tokens.tolist(), cand_scores.tolist(), cand_parents.tolist()
+            self.head_top = [[math.exp(s) for s in heapq.nlargest(_PROFILE_LEN, row)] for row in scores_h]
         else:
             toks_h = scores_h = pars_h = [[] for _ in range(batch)]
         self.tokens, self.parents, self.scores, self.source, self.lookup_info = [], [], [], [], []
@@ -257,6 +263,16 @@ class LookupDrafter:
         self.store = ContextStore(prompts, lengths, capacity)
         self.calibration = LookupCalibration(self.cfg)
         self.seconds = 0.0  # time spent searching and merging (part of the draft phase)
+        # The head's own confidence (its candidates before the merge), decayed over rounds:
+        # what a head draft would add, for the choice of a lookup-only round (prefer_alone).
+        self.head_sum = [0.0] * _PROFILE_LEN
+        self.head_rounds = 0.0
+
+    def head_profile(self) -> list[float] | None:
+        """Mean i-th best path probability of the head's candidates (None before any round)."""
+        if self.head_rounds <= 0:
+            return None
+        return [s / self.head_rounds for s in self.head_sum]
 
     def extend(self, chunks: list[list[int]]) -> None:
         self.store.extend(chunks)
@@ -278,6 +294,15 @@ class LookupDrafter:
         node whose parent was accepted is one observation at its depth) and the stats."""
         cal = self.calibration
         cal.decay()
+        if rnd.head_top is not None:
+            w = self.cfg.decay
+            self.head_sum = [w * s for s in self.head_sum]
+            self.head_rounds *= w
+            for b, top in enumerate(rnd.head_top):
+                if rnd.active[b] and paths[b] is not None:
+                    for i, p in enumerate(top):
+                        self.head_sum[i] += p
+                    self.head_rounds += 1.0
         for b, path in enumerate(paths):
             if path is None or not rnd.active[b]:
                 continue
@@ -312,6 +337,108 @@ class _NoCatchup:
         pass
 
 
+def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bool]):
+    """The :class:`~eagle2_kernels.runtime.policy.Choice` of verifying the lookup's candidates
+    alone (no draft forward: nothing is charged for drafting), after ``rnd.merge`` with no head."""
+    from eagle2_kernels.runtime.policy import choose_size
+
+    n_cap = min(n_max, max(len(t) for t in rnd.tokens))
+    top = [sorted((math.exp(s) for s in rnd.scores[b]), reverse=True) for b in range(len(rnd.tokens)) if active[b]]
+    top = [p + [0.0] * (n_cap - len(p)) for p in top]
+    return choose_size(top, costs, 0.0, n_cap, prefix)
+
+
+def prefer_alone(dec, rnd: LookupRound, policy, active: list[bool]) -> int:
+    """With a head: the size of a lookup-only round when it should replace this round's head
+    draft, else 0.
+
+    A lookup-only round skips the head's catch-up and expansion (its pairs wait in the catch-up
+    queue, as a plain step's do). It is taken when its predicted rate beats the head's typical
+    round, predicted from the policy's confidence profile of earlier rounds (before any, the
+    head drafts), or, during the policy's plain-step backoff, when it beats a plain step. Only
+    draft-side information and earlier rounds enter, so the tree stays fixed before the target
+    sees it (lossless).
+    """
+    if rnd.empty:
+        return 0
+    prefix = max(dec._tcache.host_lengths)
+    rnd.merge(None, None, None, len(active), "cpu")
+    costs = policy.costs
+    alone = size_alone(rnd, costs, policy.max_nodes, prefix, active)
+    if alone.n == 0 or policy.plain_due > 0:
+        return alone.n
+    profile = dec._lookup_run.head_profile() if dec._lookup_run is not None else None
+    if profile is None or not policy.depths:
+        return 0  # nothing known of the head yet: draft with it
+    # The merged round, optimistically: the head's typical gain (its own profile, calibrated)
+    # on top of these lookup nodes, for one draft (catch-up + typical levels) and a forward
+    # over both. Per sequence, as the profile is.
+    seqs = max(1, sum(active))
+    gain = (alone.expected - seqs) / seqs
+    levels = max(1, round(sum(policy.depths) / len(policy.depths)))
+    draft_s = costs.draft(2) + levels * costs.draft(policy.top_k) + costs.round_overhead_s
+    merged, acc = 0.0, 0.0
+    for n_head in range(0, min(len(profile), policy.max_nodes - alone.n) + 1):
+        if n_head:
+            acc += profile[n_head - 1]
+        e = 1.0 + policy.calibration * acc + gain
+        merged = max(merged, e / (draft_s + costs.target(n_head + alone.n + 1, prefix)))
+    return alone.n if alone.rate / seqs >= merged else 0
+
+
+def verify_alone(dec, drafter: LookupDrafter, rnd: LookupRound, n: int, root: torch.Tensor, pending,
+                 active: list[bool], budgets: list[int], req, stats):
+    """One round that verifies the n best of ``rnd``'s candidates (no head) and commits.
+
+    ``pending`` is the head's catch-up queue (the accepted path's pairs join it) or a
+    :class:`_NoCatchup`. Yields the round's chunks; returns the next root [B].
+    """
+    cfg, tc, ad = dec.config, dec._tcache, dec._adapter
+    backend = cfg.backend
+    batch = root.shape[0]
+    t1 = time.perf_counter()
+    tokens, scores, parents = rnd.merge(None, None, None, batch, ad.device)
+    T = n + 1
+    tree = ops.tree_build(tokens, scores, parents, root, T, backend=backend)
+    prefix = tc.host_lengths
+    ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, tree.mask, T, backend)
+    positions = tree.depth.to(torch.int64) + tc.lengths[:, None]
+    with torch.no_grad():
+        logits, feats = ad.forward(tree.tokens, positions, ctx)
+    if req.temperature == 0.0:
+        path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
+    else:
+        uniforms = dec._uniforms((batch, T), req.generator)
+        path, alen, bonus = ops.verify_sample(tree, logits, uniforms, req.temperature, req.top_p, req.top_k,
+                                              backend=backend)
+    dec._sync()
+    t2 = time.perf_counter()
+    stats.verify_s += t2 - t1
+    tc.compact(path, alen, backend=backend)
+    path_tokens = tree.tokens.gather(1, path.clamp(min=0))
+    P = path.shape[1]
+    packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens, path], dim=1).tolist()
+    counts = [row[0] for row in packed]
+    was_active = list(active)
+    tc.set_lengths([p + (c if was_active[b] else 0) for b, (p, c) in enumerate(zip(prefix, counts))])
+    drafter.record(rnd, [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None
+                         for b, row in enumerate(packed)], T, stats)
+    chunks = dec._commit([row[3 : 2 + row[0]] + [row[1]] for row in packed], active, budgets, req.eos, stats)
+    stats.tree_sizes.append(T)
+    if any(active):
+        # The head's catch-up pairs: (feature of path node i, the token after it), i < accept
+        # length; the token after the deepest node is the bonus.
+        a_max = max(counts)
+        sel = path[:, :a_max].clamp(min=0)
+        toks = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
+        toks.scatter_(1, (alen - 1).view(batch, 1), bonus.view(batch, 1))
+        pending.add(feats.gather(1, sel[:, :, None].expand(batch, a_max, feats.shape[-1])), toks[:, :a_max],
+                    counts)
+    stats.other_s += time.perf_counter() - t2
+    yield chunks
+    return bonus.view(batch)
+
+
 def lookup_rounds(dec, req, root: torch.Tensor, active: list[bool], budgets: list[int], drafter: LookupDrafter,
                   stats, epoch: int):
     """Decoding rounds with lookup trees alone (a target with no draft head).
@@ -321,12 +448,8 @@ def lookup_rounds(dec, req, root: torch.Tensor, active: list[bool], budgets: lis
     model, n = 0 being a plain step; fixed: up to T - 1 candidates), verify, commit. Yields
     each round's committed chunks, as the decoder's loops do.
     """
-    from eagle2_kernels.runtime.policy import choose_size
-
     cfg = dec.config
-    tc, ad = dec._tcache, dec._adapter
-    backend = cfg.backend
-    temperature, top_p, top_k, eos, generator = req.temperature, req.top_p, req.top_k, req.eos, req.generator
+    tc = dec._tcache
     batch = root.shape[0]
     costs = dec.cost_model(batch) if cfg.adaptive else None
     sink = _NoCatchup()
@@ -336,48 +459,16 @@ def lookup_rounds(dec, req, root: torch.Tensor, active: list[bool], budgets: lis
         rnd = drafter.begin_round(active)
         n = 0
         if not rnd.empty:
-            tokens, scores, parents = rnd.merge(None, None, None, batch, ad.device)
-            n_cap = min(cfg.total_tokens - 1, max(len(t) for t in rnd.tokens))
+            rnd.merge(None, None, None, batch, "cpu")
             if costs is None:
-                n = n_cap
+                n = min(cfg.total_tokens - 1, max(len(t) for t in rnd.tokens))
             else:
                 # The size reads only lookup scores and measured costs (no target output of
                 # this round), so the tree is fixed before verification: lossless.
-                top = [sorted((math.exp(s) for s in rnd.scores[b]), reverse=True)
-                       for b in range(batch) if active[b]]
-                top = [p + [0.0] * (n_cap - len(p)) for p in top]
-                n = choose_size(top, costs, 0.0, n_cap, max(tc.host_lengths)).n
-        t1 = time.perf_counter()
-        stats.draft_s += t1 - t0
+                n = size_alone(rnd, costs, cfg.total_tokens - 1, max(tc.host_lengths), active).n
+        stats.draft_s += time.perf_counter() - t0
         if n == 0:
-            root = yield from dec._plain_round(root, sink, active, budgets, temperature, top_p, top_k, eos,
-                                               generator, stats)
-            continue
-        T = n + 1
-        tree = ops.tree_build(tokens, scores, parents, root, T, backend=backend)
-        prefix = tc.host_lengths
-        ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, tree.mask, T, backend)
-        positions = tree.depth.to(torch.int64) + tc.lengths[:, None]
-        with torch.no_grad():
-            logits, _ = ad.forward(tree.tokens, positions, ctx)
-        if temperature == 0.0:
-            path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
+            root = yield from dec._plain_round(root, sink, active, budgets, req.temperature, req.top_p, req.top_k,
+                                               req.eos, req.generator, stats)
         else:
-            uniforms = dec._uniforms((batch, T), generator)
-            path, alen, bonus = ops.verify_sample(tree, logits, uniforms, temperature, top_p, top_k, backend=backend)
-        dec._sync()
-        t2 = time.perf_counter()
-        stats.verify_s += t2 - t1
-        tc.compact(path, alen, backend=backend)
-        path_tokens = tree.tokens.gather(1, path.clamp(min=0))
-        P = path.shape[1]
-        packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens, path], dim=1).tolist()
-        was_active = list(active)
-        tc.set_lengths([p + (row[0] if was_active[b] else 0) for b, (p, row) in enumerate(zip(prefix, packed))])
-        drafter.record(rnd, [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None
-                             for b, row in enumerate(packed)], T, stats)
-        chunks = dec._commit([row[3 : 2 + row[0]] + [row[1]] for row in packed], active, budgets, eos, stats)
-        stats.tree_sizes.append(T)
-        root = bonus.view(batch)
-        stats.other_s += time.perf_counter() - t2
-        yield chunks
+            root = yield from verify_alone(dec, drafter, rnd, n, root, sink, active, budgets, req, stats)

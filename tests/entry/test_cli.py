@@ -336,3 +336,15 @@ def test_library_errors_print_a_message_not_a_traceback(tiny, capsys):
     err = capsys.readouterr().err
     assert err.startswith("eagle2: error: ") and "max_position_embeddings=1024" in err
     assert "Traceback" not in err
+
+
+def test_generate_without_a_head_decodes_with_lookup_alone(tiny, capsys):
+    """--target without --draft: lookup trees alone (runtime/lookup.py), fp32 output identical to
+    plain decoding; --no-lookup then has nothing to draft with."""
+    args = ["--target", tiny["target"], "--dtype", "fp32", "--device", "cpu", "--tree", "6,2,3", "--threads", "1"]
+    assert cli.main(["generate", "abcabcabcabc", "--max-new-tokens", "12", "--plain"] + args) == 0
+    err = capsys.readouterr().err
+    assert "policy: lookup trees alone (no head)" in err and "lookup: accepted drafted tokens" in err
+    assert "identical to plain decoding" in err
+    assert cli.main(["generate", "hi", "--draft", "none", "--no-lookup"] + args) != 0
+    assert "--no-lookup needs a draft head" in capsys.readouterr().err
