@@ -17,6 +17,12 @@ from __future__ import annotations
 import torch
 
 
+def _extra(backend, window, softcap, sinks) -> dict:
+    """The optional keywords of a tree-attention call (only those that are set)."""
+    named = dict(backend=backend, window=window, softcap=softcap, sinks=sinks)
+    return {k: v for k, v in named.items() if v is not None}
+
+
 class StaticKVCache:
     """Preallocated K/V storage for ``num_layers`` attention layers.
 
@@ -142,11 +148,14 @@ class StaticKVCache:
         )
 
     # The two operations the decoder's target forwards need, whatever the storage.
-    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None):
-        """Tree attention of q [B, Hq, N, Dh] over layer ``layer``'s prefix + tree slots."""
+    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None,
+               window=None, softcap=None, sinks=None):
+        """Tree attention of q [B, Hq, N, Dh] over layer ``layer``'s prefix + tree slots, with the
+        layer's optional sliding window, logit softcap and sinks (see ``ops.tree_attention``).
+        The cache keeps every slot; a windowed layer's attention just does not read the old ones."""
         from eagle2_kernels.ops import tree_attention
 
-        extra = {} if backend is None else {"backend": backend}
+        extra = _extra(backend, window, softcap, sinks)
         return tree_attention(q, self.keys(layer), self.values(layer), self.lengths, tree_mask, tree_len,
                               scale=scale, **extra)
 
@@ -251,10 +260,11 @@ class PagedKVCache(StaticKVCache):
             and self.device == torch.device(device)
         )
 
-    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None):
+    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale, backend=None,
+               window=None, softcap=None, sinks=None):
         from eagle2_kernels.ops import tree_attention_paged
 
-        extra = {} if backend is None else {"backend": backend}
+        extra = _extra(backend, window, softcap, sinks)
         return tree_attention_paged(q, self.pages[2 * layer], self.pages[2 * layer + 1], self.block_table,
                                     self.lengths, tree_mask, tree_len, scale=scale, **extra)
 

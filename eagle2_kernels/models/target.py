@@ -59,6 +59,37 @@ class DecodeContext:
     tree_len: int
     backend: str | None = None
     calls: int = field(default=0, compare=False)
+    windowed: int = field(default=0, compare=False)  # calls that carried a sliding window
+
+
+def _local_attention(module, kwargs) -> tuple:
+    """(window, softcap, sinks) of one attention call, as transformers hands them to an
+    attention function: ``sliding_window`` (per layer, None on global layers; else the
+    module's ``sliding_window`` attribute), ``softcap`` (Gemma-2's attn_logit_softcapping) and
+    ``s_aux`` (GPT-OSS's per-head sinks). Plain ints / floats / a tensor, so that they pass
+    through the compiled path's operator too."""
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    return (int(window) if window else None, None if softcap is None else float(softcap), kwargs.get("s_aux"))
+
+
+_CAUSAL: dict = {}
+
+
+def _causal_mask(batch: int, n: int, device) -> torch.Tensor:
+    """[B, n, ceil(n / 32)] int32 packed lower-triangular mask (a prefill as a tree: row i
+    sees tokens 0..i), kept for the last few shapes."""
+    key = (batch, n, str(device))
+    mask = _CAUSAL.get(key)
+    if mask is None:
+        from eagle2_kernels.ops.tree import pack_bits
+
+        bits = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        mask = pack_bits(bits).unsqueeze(0).expand(batch, -1, -1).contiguous()
+        if len(_CAUSAL) >= 4:
+            _CAUSAL.clear()
+        _CAUSAL[key] = mask
+    return mask
 
 
 def _tree_attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -67,16 +98,25 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
     Returns (out [B, N, Hq, Dh], None) as transformers expects.
     """
     ctx: DecodeContext | None = kwargs.get(CTX_KWARG)
+    window, softcap, sinks = _local_attention(module, kwargs)
     if ctx is None:
         raise RuntimeError(
             f"the {ATTN_NAME!r} attention implementation only runs inside a TreeSpecDecoder "
             f"forward (it needs the {CTX_KWARG} keyword)"
         )
     ctx.calls += 1
+    ctx.windowed += window is not None
     layer = module.layer_idx
     cache = ctx.cache
     cache.write(layer, ctx.slot, key, value)
-    if ctx.tree_mask is None:
+    local = window is not None or softcap is not None or sinks is not None
+    if ctx.tree_mask is None and local:
+        # A prefill with local attention: the tree op over a causal mask (SDPA has no window,
+        # softcap or sinks); the cache lengths are 0 here, so the prompt is the tree region.
+        mask = _causal_mask(query.shape[0], query.shape[2], query.device)
+        out = cache.attend(layer, query, mask, ctx.tree_len, scaling, ctx.backend,
+                           window=window, softcap=softcap, sinks=sinks)
+    elif ctx.tree_mask is None:
         # Prefill over an empty prefix: ordinary causal attention over the new tokens.
         hq, hkv = query.shape[1], key.shape[1]
         if hq != hkv:
@@ -85,7 +125,8 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
         # Dense (StaticKVCache) or paged (PagedKVCache) storage: the cache runs the right op.
-        out = cache.attend(layer, query, ctx.tree_mask, ctx.tree_len, scaling, ctx.backend)
+        out = cache.attend(layer, query, ctx.tree_mask, ctx.tree_len, scaling, ctx.backend,
+                           window=window, softcap=softcap, sinks=sinks)
     return out.transpose(1, 2), None
 
 
@@ -161,10 +202,21 @@ class TargetAdapter:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        window = getattr(cfg, "sliding_window", None)
+        # The model's sliding window (None: none on any layer). Each attention call gets its
+        # layer's window from transformers; this one is what a forward must have seen.
+        window = getattr(cfg, "sliding_window", None) or None
         if getattr(cfg, "use_sliding_window", True) is False:
             window = None
+        layer_types = getattr(cfg, "layer_types", None)
+        if window is not None and layer_types is not None and "sliding_attention" not in layer_types:
+            window = None
         self.sliding_window = window
+        chunk = getattr(cfg, "attention_chunk_size", None)
+        if chunk:
+            raise NotImplementedError(
+                f"{type(model).__name__} uses chunked local attention (attention_chunk_size={chunk}), "
+                f"which the tree attention does not implement"
+            )
         register_attention()
         # Validate once through the public API (raises if the model cannot take our attention),
         # then put the previous implementation back: outside our forwards nothing changes.
@@ -299,7 +351,7 @@ class TargetAdapter:
         """
         multi = self.feature_layers is not None
         captured: list = [None] * (len(self.feature_layers) if multi else 0)
-        ctx.calls = 0
+        ctx.calls = ctx.windowed = 0
         with torch.no_grad(), self.scoped(), self._capturing(captured):
             out = self.model(
                 input_ids=input_ids,
@@ -318,6 +370,12 @@ class TargetAdapter:
                 f"forward, but it has {self.num_layers} layers: with transformers {transformers.__version__} "
                 f"the per-forward attention switch does not reach every layer (the model ran its own "
                 f"attention, so our KV cache was not written and the output would be wrong)"
+            )
+        if self.sliding_window is not None and ctx.windowed == 0:
+            raise RuntimeError(
+                f"{type(self.model).__name__}'s config has sliding_window={self.sliding_window}, but none of "
+                f"its attention calls passed a window (no sliding_window keyword or module attribute): "
+                f"attending to the whole prefix would not be the model's attention"
             )
         if not multi:
             return out.logits, out.hidden_states[-1]

@@ -430,12 +430,6 @@ class TreeSpecDecoder:
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) + {extra} verify slots = {need} "
                 f"exceeds the decoder's max_length={cap}"
             )
-        window = self._adapter.sliding_window
-        if window is not None and need > window:
-            raise NotImplementedError(
-                f"the target uses sliding-window attention (window {window}); sequences of {need} "
-                f"tokens would need it, and tree attention here attends to the whole prefix"
-            )
         return _Request(input_ids, lengths, max_new_tokens, temperature, top_p, top_k, eos, need, generator)
 
     # ------------------------------------------------------------------ public API
