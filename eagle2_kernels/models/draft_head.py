@@ -52,21 +52,112 @@ def _llama_config(values: dict[str, Any]):
     return LlamaConfig(**values)
 
 
+_WEIGHTS_FORMAT = (
+    "the head's tensors by name (EAGLE-1/2: fc.weight, layers.0.self_attn.*, layers.0.mlp.*, ...; "
+    "EAGLE-3: fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t, ...)"
+)
+
+
+def _pointer_hint(path: str) -> str:
+    """' (...)' when ``path`` is a Git LFS / git-annex pointer instead of the file itself."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return ""
+    if head.startswith(b"version https://git-lfs"):
+        return " (it is a Git LFS pointer, not the weights: fetch them with `git lfs pull`)"
+    if b".git/annex/objects" in head:
+        return " (it is a git-annex pointer, not the weights: fetch them with `git annex get`)"
+    return ""
+
+
+def read_head_config(cfg_path: str) -> dict[str, Any]:
+    """The JSON object in a head's ``config.json``; ValueError naming the file otherwise."""
+    try:
+        with open(cfg_path, "rb") as f:
+            text = f.read().decode("utf-8")
+        raw = json.loads(text)
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        detail = exc.msg + f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) \
+            else f"{type(exc).__name__}: {exc}"
+        raise ValueError(
+            f"draft head config {cfg_path} is not valid JSON ({detail}){_pointer_hint(cfg_path)}; expected a "
+            f"JSON object with the head's Llama fields (hidden_size, intermediate_size, num_attention_heads, "
+            f"vocab_size, ...)"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"draft head config {cfg_path} holds a JSON {type(raw).__name__}; expected an object with the "
+            f"head's Llama fields (hidden_size, intermediate_size, num_attention_heads, vocab_size, ...)"
+        )
+    return raw
+
+
+def read_head_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in a head's ``model.safetensors`` or ``pytorch_model.bin`` (the latter
+    with ``weights_only=True``: a downloaded pickle never runs code); ValueError naming the file
+    and what is wrong with it otherwise."""
+    st = path.endswith(".safetensors")
+    try:
+        if st:
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle and zip readers each raise their own kinds
+        kind = "a safetensors file" if st else "a torch.save'd state dict (zip or legacy pickle)"
+        raise ValueError(
+            f"draft head weights {path} cannot be read ({type(exc).__name__}: {exc}){_pointer_hint(path)}: "
+            f"is it truncated or damaged? Expected {kind} of {_WEIGHTS_FORMAT}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(
+            f"draft head weights {path} hold a {type(state).__name__} that is not a flat dict of named "
+            f"tensors; expected {_WEIGHTS_FORMAT}"
+        )
+    return state
+
+
+_REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "num_hidden_layers", "max_position_embeddings")
+
+
+def check_head_config(raw: dict[str, Any], cfg_path: str) -> None:
+    """ValueError naming ``cfg_path`` and the field when a head config lacks a size the head's
+    layer is built from, or holds one that is not a positive int (or heads that do not group)."""
+    def bad(key, why):
+        return ValueError(f"draft head config {cfg_path}: {key} {why}; expected a Llama-style head config "
+                          f"with positive int {', '.join(_REQUIRED_INTS)}")
+
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        if key not in raw or (key in _OPTIONAL_INTS and raw[key] is None):
+            if key in _REQUIRED_INTS:
+                raise bad(key, "is missing")
+            continue
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(key, f"is {v!r}, not a positive int")
+    heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv:
+        raise bad("num_key_value_heads", f"({kv}) does not divide num_attention_heads ({heads})")
+    if not raw.get("head_dim") and raw["hidden_size"] % heads:
+        raise bad("hidden_size", f"({raw['hidden_size']}) is not a multiple of num_attention_heads ({heads}) "
+                                 f"and no head_dim is given")
+
+
 def _read_head_files(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, state dict) of the head in ``folder``; safetensors preferred over .bin
-    (loaded with ``weights_only=True``: a downloaded pickle never runs code)."""
+    """(config dict, state dict) of the head in ``folder``; safetensors preferred over .bin."""
     cfg_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"EagleDraftHead.from_pretrained: no {CONFIG_NAME} in {folder!r}")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+    raw = read_head_config(cfg_path)
     st_path, bin_path = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
     if os.path.isfile(st_path):
-        from safetensors.torch import load_file
-
-        state = load_file(st_path)
+        state = read_head_weights(st_path)
     elif os.path.isfile(bin_path):
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        state = read_head_weights(bin_path)
     else:
         raise FileNotFoundError(
             f"EagleDraftHead.from_pretrained: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {folder!r}"
@@ -154,6 +245,50 @@ def load_checked(head: nn.Module, state: dict, target, dtype, device, where: str
     return head
 
 
+def target_problem(target_model) -> str | None:
+    """Why the decoder cannot run ``target_model`` exactly, or None when nothing is known wrong.
+
+    Tree attention (``ops.tree_attention``) replaces the model's attention with softmax(q k^T *
+    scale) over the cached prefix and the tree, with positions already applied to q and k (RoPE,
+    or learned positions added to the embeddings) and the per-layer sliding window, logit
+    softcap and sinks that transformers hands it. A model whose attention needs anything else (a
+    position bias inside attention, keys and values of different widths) would decode to other
+    tokens than its own ``generate``, so it is refused rather than run inexactly. Attention
+    that does not reach tree attention at all is caught by the target adapter; objects that are
+    not transformers models are left to the adapter's message.
+    """
+    config = getattr(target_model, "config", None)
+    if config is None:
+        return None
+    get = getattr(config, "get_text_config", None)
+    tc = get() if callable(get) else config
+    name = type(target_model).__name__
+    if getattr(config, "is_encoder_decoder", False) or getattr(tc, "is_encoder_decoder", False):
+        return (f"{name} is an encoder-decoder model; speculative decoding here drafts for a decoder-only "
+                f"causal LM (a model whose lm_head reads the last layer of one decoder stack)")
+    # Attention-logit softcapping (Gemma-2), sliding windows and attention sinks (GPT-OSS) are
+    # handed to tree attention per call by the target adapter.
+    if getattr(tc, "alibi", False) is True or getattr(tc, "position_embedding_type", None) == "alibi" \
+            or getattr(tc, "model_type", None) in ("bloom", "mpt"):
+        return (f"{name} adds ALiBi position biases inside attention, which tree attention does not "
+                f"(tree nodes need explicit positions: RoPE or learned position embeddings)")
+    v_dim = getattr(tc, "v_head_dim", None)
+    qk_dim = getattr(tc, "qk_head_dim", None) or getattr(tc, "head_dim", None)
+    if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
+        return (f"{name} has keys of head size {qk_dim} and values of head size {v_dim} (latent attention); "
+                f"the KV cache and tree attention here need one head size")
+    return None
+
+
+def check_pair(target_model, head, where: str) -> None:
+    """Refuse, naming the reason, a target the decoder cannot run exactly (:func:`target_problem`).
+    What a head must share with its target (hidden size, vocabulary, EAGLE-3 feature layers) is
+    checked when it is attached (:meth:`EagleDraftHead.attach_target`), with both values named."""
+    problem = target_problem(target_model)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
+
+
 class EagleDraftHead(nn.Module):
     """EAGLE-1/2 draft head: ``fc`` + one Llama decoder layer (no input norm, no final norm).
 
@@ -239,24 +374,47 @@ class EagleDraftHead(nn.Module):
 
     @staticmethod
     def _config_from_target(target_config):
+        """A head config shaped after a target config. The head is always a Llama-style layer
+        with its own RoPE, whatever the target's family: it takes the target's widths (and its
+        RoPE, norm epsilon and activation where it has them) and falls back to Llama's choices
+        where a family names them otherwise or not at all (GPT-2: learned positions, ``n_inner``
+        = None meaning 4H, ``layer_norm_epsilon``, a GELU)."""
         from transformers import LlamaConfig
+        from transformers.activations import ACT2FN
 
-        tc = target_config
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        get = getattr(target_config, "get_text_config", None)
+        tc = get() if callable(get) else target_config
+        name = type(tc).__name__
+        missing = [k for k in ("hidden_size", "num_attention_heads", "vocab_size") if not getattr(tc, k, None)]
+        if missing:
+            raise ValueError(
+                f"EagleDraftHead.from_target: the target's {name} has no {', '.join(missing)}; a draft head "
+                f"is shaped from the target's hidden size, attention heads and vocabulary"
+            )
+        hidden, heads = int(tc.hidden_size), int(tc.num_attention_heads)
+        head_dim = getattr(tc, "head_dim", None) or hidden // heads
+        # An MLP width: the target's, or GPT-2's n_inner (None there means 4 * hidden).
+        inter = getattr(tc, "intermediate_size", None) or getattr(tc, "n_inner", None) or 4 * hidden
+        kv = getattr(tc, "num_key_value_heads", None) or heads
+        if heads % kv:
+            kv = heads  # a grouping the head's attention cannot mirror: plain multi-head
         rope = getattr(tc, "rope_parameters", None)
         if rope is None:
-            rope = {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 10000.0)}
+            rope = {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", None) or 10000.0}
+        act = getattr(tc, "hidden_act", None)
+        act = act if isinstance(act, str) and act in ACT2FN else "silu"
+        eps = getattr(tc, "rms_norm_eps", None) or getattr(tc, "layer_norm_epsilon", None) or 1e-6
         return LlamaConfig(
-            hidden_size=tc.hidden_size,
-            intermediate_size=tc.intermediate_size,
-            num_attention_heads=tc.num_attention_heads,
-            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+            hidden_size=hidden,
+            intermediate_size=int(inter),
+            num_attention_heads=heads,
+            num_key_value_heads=int(kv),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(eps),
             rope_parameters=dict(rope),
-            vocab_size=tc.vocab_size,
-            max_position_embeddings=tc.max_position_embeddings,
-            hidden_act=getattr(tc, "hidden_act", "silu"),
+            vocab_size=int(tc.vocab_size),
+            max_position_embeddings=getattr(tc, "max_position_embeddings", None) or 4096,
+            hidden_act=act,
             num_hidden_layers=1,
             attention_bias=False,
             tie_word_embeddings=False,
@@ -271,7 +429,14 @@ class EagleDraftHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> "EagleDraftHead":
         """A randomly initialised head shaped for ``target_model`` (a transformers causal LM),
-        attached to it, on its device, in ``dtype`` (default: the target's dtype)."""
+        attached to it, on its device, in ``dtype`` (default: the target's dtype).
+
+        Raises:
+            ValueError: a target the decoder cannot run exactly (encoder-decoder, attention
+                features tree attention lacks; see :func:`target_problem`), or whose config lacks
+                the sizes a head is shaped from; the message names the reason.
+        """
+        check_pair(target_model, None, f"{cls.__name__}.from_target")
         head = cls(cls._config_from_target(target_model.config), bias=bias, draft_to_target=draft_to_target)
         head._init_weights(getattr(target_model.config, "initializer_range", 0.02))
         ref = target_model.get_output_embeddings().weight
@@ -557,7 +722,9 @@ class EagleDraftHead(nn.Module):
         Raises:
             FileNotFoundError: no such path / repository, no config.json or no weights file.
             ValueError: keys that do not match the format (missing / unexpected named), a
-                shape mismatch, or a head that does not fit the target.
+                shape mismatch, or a head that does not fit the target; a config.json or weights
+                file that cannot be read (not JSON, truncated, a Git LFS pointer, a size missing
+                or not a positive int), with the file named.
         """
         from eagle2_kernels.models.hub import resolve_head
 
@@ -578,15 +745,22 @@ class EagleDraftHead(nn.Module):
                 f"midlayer / lm_head / d2t); load it with EagleDraftHead.from_pretrained"
             )
         cfg_path = os.path.join(folder, CONFIG_NAME)
+        check_head_config(raw, cfg_path)
         if int(raw.get("num_hidden_layers", 1)) != 1:
             raise ValueError(
                 f"EagleDraftHead.from_pretrained: {cfg_path} has num_hidden_layers="
                 f"{raw['num_hidden_layers']}; an EAGLE-1/2 head has exactly 1"
             )
-        config = _llama_config(raw)
-        if raw.get("qkv_bias"):
-            config.qkv_bias = True
-        head = cls(config, bias=bool(raw.get("bias", True)), draft_to_target=state.get("draft_to_target"))
+        try:
+            config = _llama_config(raw)
+            if raw.get("qkv_bias"):
+                config.qkv_bias = True
+            head = cls(config, bias=bool(raw.get("bias", True)), draft_to_target=state.get("draft_to_target"))
+        except (TypeError, ValueError, KeyError) as exc:  # a field transformers or the head rejects
+            raise ValueError(
+                f"EagleDraftHead.from_pretrained: {cfg_path} (with the weights beside it) does not describe an "
+                f"EAGLE-1/2 head: {type(exc).__name__}: {exc}"
+            ) from exc
         if "embed_tokens.weight" in state:
             w = state["embed_tokens.weight"]
             head.embed_tokens = nn.Embedding(w.shape[0], w.shape[1])
@@ -599,7 +773,7 @@ class EagleDraftHead(nn.Module):
                 f"head format (config bias={head.bias}, qkv_bias={head.qkv_bias}): missing keys "
                 f"{missing}, unexpected keys {unexpected}"
             )
-        return load_checked(head, state, target, dtype, device, "EagleDraftHead.from_pretrained")
+        return load_checked(head, state, target, dtype, device, f"EagleDraftHead.from_pretrained({folder!r})")
 
     def extra_repr(self) -> str:
         return (

@@ -41,6 +41,8 @@ from torch import nn
 
 from eagle2_kernels.models.draft_head import (
     CONFIG_NAME,
+    check_head_config,
+    check_pair,
     SAFETENSORS_NAME,
     EagleDraftHead,
     load_checked,
@@ -305,6 +307,18 @@ class Eagle3DraftHead(EagleDraftHead):
                 f"Eagle3DraftHead: feature layers {layers} lie outside the target's hidden states 0..{n_layers} "
                 f"({n_layers} layers)"
             )
+        # The decoder captures those hidden states at the inputs of the target's decoder layers,
+        # found where transformers' Llama-style models keep them; other layouts are refused here
+        # rather than when decoding starts.
+        get_decoder = getattr(target_model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        blocks = getattr(decoder, "layers", None)
+        if blocks is None or len(blocks) < n_layers:
+            raise ValueError(
+                f"Eagle3DraftHead: {type(target_model).__name__} keeps its decoder layers elsewhere than "
+                f"model.get_decoder().layers, so the hidden states {layers} an EAGLE-3 head reads cannot be "
+                f"captured; an EAGLE-1/2 head (EagleDraftHead), which reads the last hidden state, works with it"
+            )
         self._layers_for = tuple(layers)
         self._shared["embed"] = embed
         self._shared["target"] = target_model
@@ -444,6 +458,7 @@ class Eagle3DraftHead(EagleDraftHead):
                 own embedding); intermediate_size likewise (default: the target's, scaled).
             feature_layers: explicit hidden-state indices (default (2, L//2, L-3)).
         """
+        check_pair(target_model, None, f"{cls.__name__}.from_target")
         config = cls._config_from_target(target_model.config)
         t_hidden = config.hidden_size
         if hidden_size is not None and hidden_size != t_hidden:
@@ -524,6 +539,7 @@ class Eagle3DraftHead(EagleDraftHead):
         layer_cfg = raw.get("transformer_layer_config")
         if isinstance(layer_cfg, dict):  # speculators: the Llama fields live one level down
             raw = {**raw, **{k: v for k, v in layer_cfg.items() if k not in ("architectures", "model_type")}}
+        check_head_config(raw, os.path.join(folder, CONFIG_NAME))
         if int(raw.get("num_hidden_layers", 1)) != 1:
             raise ValueError(f"{where}: num_hidden_layers={raw['num_hidden_layers']}; only 1-layer heads are supported")
         for flag in ("attention_bias", "norm_before_fc"):
@@ -533,7 +549,11 @@ class Eagle3DraftHead(EagleDraftHead):
         for key in ("fc.weight", "lm_head.weight"):
             if key not in state:
                 raise ValueError(f"{where}: the weights have no {key!r} (keys: {sorted(state)[:12]} ...)")
-        config = _llama_config(raw)
+        try:
+            config = _llama_config(raw)
+        except (TypeError, ValueError, KeyError) as exc:  # a field transformers rejects
+            raise ValueError(f"{where}: {os.path.join(folder, CONFIG_NAME)} does not describe an EAGLE-3 head: "
+                             f"{type(exc).__name__}: {exc}") from exc
         hidden = config.hidden_size
         t_hidden = int(raw.get("target_hidden_size") or hidden)
         vocab = config.vocab_size

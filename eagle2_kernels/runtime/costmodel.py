@@ -143,11 +143,32 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
+        """The inverse of :meth:`to_json`. Raises ValueError naming the first missing or
+        malformed field (a cache file edited by hand or cut short)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a cost model is a JSON object, got {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise ValueError(f"cost model schema {d.get('schema')!r} is not {SCHEMA}")
-        fields = {k: d[k] for k in ("short_prefix", "long_prefix", "round_overhead_s", "info")}
-        for k in ("n_grid", "target_short_s", "target_long_s", "k_grid", "draft_step_s"):
-            fields[k] = tuple(d[k])
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ValueError(f"cost model fields missing: {missing}")
+
+        def number(k, v, kind):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                    kind is int and not (isinstance(v, int) or v.is_integer())):
+                raise ValueError(f"cost model field {k!r} needs {kind.__name__} values, got {v!r}")
+            return kind(v)
+
+        fields = {k: number(k, d[k], int) for k in ("short_prefix", "long_prefix")}
+        fields["round_overhead_s"] = number("round_overhead_s", d["round_overhead_s"], float)
+        for k, kind in (("n_grid", int), ("k_grid", int), ("target_short_s", float), ("target_long_s", float),
+                        ("draft_step_s", float)):
+            if not isinstance(d[k], (list, tuple)):
+                raise ValueError(f"cost model field {k!r} must be a list, got {d[k]!r}")
+            fields[k] = tuple(number(k, v, kind) for v in d[k])
+        if not isinstance(d["info"], dict):
+            raise ValueError(f"cost model field 'info' must be an object, got {d['info']!r}")
+        fields["info"] = d["info"]
         return cls(**fields)
 
     def describe(self) -> str:
@@ -209,7 +230,9 @@ def cost_key(decoder, batch: int) -> dict:
         "batch": int(batch),
         "backend": decoder.config.backend,
         "top_k": decoder.config.top_k,
+        "depth": decoder.config.depth,  # the draft rows timed reach max(K, D + 2)
         "n_max": decoder.config.total_tokens,
+        "compile": getattr(ad, "compile_status", "eager"),  # compiled forwards cost less
         **machine_info(ad.device),
     }
 
@@ -280,7 +303,10 @@ def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = ad.vocab_size
     tc = ad.new_cache(batch, long_prefix + n_max + 1)
-    mask = pack_bits(torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))).to(dev)
+    # One causal mask for every timed forward: the target's (up to n_max tokens) and the draft
+    # step's (up to k_top rows); either may be the larger (T < K, or T < D + 2, are valid bounds).
+    rows = max(n_max, k_top)
+    mask = pack_bits(torch.tril(torch.ones(rows, rows, dtype=torch.bool))).to(dev)
     backend = cfg.backend
 
     def target_curve(prefix: int) -> list[float]:
@@ -360,19 +386,49 @@ def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int
                      draft_step_s=tuple(draft), round_overhead_s=over, info=info)
 
 
+def _read_entry(path: Path, key: dict) -> CostModel | None:
+    """The cached cost model at ``path`` if it is a valid entry for ``key``, else None.
+
+    The cache only saves time, so nothing in it is fatal: an entry of an older schema or
+    another key is silently replaced; an unreadable one (truncated by a crash, edited by hand,
+    not JSON) is replaced after a warning that names the file and what is wrong with it."""
+    import warnings
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        problem = f"not readable JSON ({type(exc).__name__}: {exc})"
+    else:
+        if not isinstance(data, dict):
+            problem = f"a JSON {type(data).__name__}, not an object"
+        elif data.get("schema") != SCHEMA:
+            return None  # written by another version of this package: measure again quietly
+        else:
+            try:
+                cm = CostModel.from_json(data)
+            except Exception as exc:  # any malformed field: missing, wrong type, bad value
+                problem = f"not a valid cost model ({type(exc).__name__}: {exc})"
+            else:
+                return cm if cm.info.get("key") == key else None
+    warnings.warn(
+        f"cost model cache entry {path} is damaged: {problem}; expected a JSON object written by "
+        f"eagle2_kernels.runtime.costmodel (schema {SCHEMA}). Measuring again and replacing it.",
+        stacklevel=3,
+    )
+    return None
+
+
 def load(decoder, batch: int = 1, remeasure: bool = False, progress=None) -> CostModel:
     """The cost model of ``decoder`` for ``batch``: from the on-disk cache when one was
     measured for the same key, else measured now and written there (``remeasure`` forces it).
-    The cache write is atomic (temporary file + rename); an unwritable cache only warns."""
+    The cache write is atomic (temporary file + rename); an unwritable cache only warns, and a
+    damaged entry is measured again (with a warning naming the file), never fatal."""
     key = cost_key(decoder, batch)
     path = cache_path(key)
     if not remeasure and path.is_file():
-        try:
-            cm = CostModel.from_json(json.loads(path.read_text()))
-            if cm.info.get("key") == key:
-                return cm
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            pass  # stale or damaged: measure again
+        cm = _read_entry(path, key)
+        if cm is not None:
+            return cm
     cm = measure(decoder, batch=batch, progress=progress)
     cm = CostModel(**{**{f: getattr(cm, f) for f in cm.__dataclass_fields__}, "info": {**cm.info, "key": key}})
     try:

@@ -27,11 +27,12 @@ import torch
 
 from eagle2_kernels import ops
 from eagle2_kernels.cache import StaticKVCache
-from eagle2_kernels.models.draft_head import EagleDraftHead
+from eagle2_kernels.models.draft_head import EagleDraftHead, check_pair
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
 from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
 from eagle2_kernels.ops.tree import pack_bits
 from eagle2_kernels.runtime.config import DecodeConfig, default_tree
+from eagle2_kernels.runtime.locking import lock_for
 from eagle2_kernels.runtime.stats import DecodeStats, GenerateOutput
 
 __all__ = ["TreeSpecDecoder", "GenerateOutput", "DecodeStats", "InputTypeError"]
@@ -100,6 +101,15 @@ class TreeSpecDecoder:
     Attributes:
         target, draft, tokenizer, config (:class:`DecodeConfig`).
 
+    Threads: calls take turns, never mix. ``generate``, ``generate_plain`` and ``cost_model``
+    hold the target model's lock for the whole call, and a ``stream`` holds it from its first
+    ``next()`` until it is exhausted, closed (``close()``, leaving a ``for`` loop by ``break``
+    and dropping it) or garbage collected; other threads' calls on this decoder, or on another
+    decoder of the same model, wait meanwhile (``runtime/locking.py``). So close a stream you
+    stop reading; one kept suspended blocks every other thread's call. Within one thread a new
+    call proceeds, and a stream it interrupted raises "overtaken" if resumed. Read the stats of
+    a call from its result (``out.stats``): ``last_stats`` is whichever call ran last.
+
     Example::
 
         dec = TreeSpecDecoder(model, head, total_tokens=16, depth=4, top_k=8)
@@ -148,7 +158,12 @@ class TreeSpecDecoder:
             raise TypeError(f"draft must be an EagleDraftHead or None (lookup trees only), got {type(draft).__name__}")
         if draft is None and not config.lookup:
             raise ValueError("lookup=False needs a draft head: without one the trees come from context lookup alone")
-        self._adapter = TargetAdapter(target, backend=backend)  # validates the target first
+        check_pair(target, draft, "TreeSpecDecoder")  # a target/head pair that cannot decode exactly
+        # The model's lock (runtime/locking.py): building an adapter switches the model's
+        # attention and back, which must not interleave with another thread's forward.
+        self._lock = lock_for(target)
+        with self._lock.held():
+            self._adapter = TargetAdapter(target, backend=backend)  # validates the target first
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
@@ -197,7 +212,8 @@ class TreeSpecDecoder:
         # on the target's depth, known once attached).
         draft.attach_target(target)
         if draft.feature_layers is not None:
-            self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
+            with self._lock.held():
+                self._adapter = TargetAdapter(target, backend=backend, feature_layers=draft.feature_layers)
         if self.config.top_k > draft.draft_vocab_size:
             raise ValueError(
                 f"top_k={self.config.top_k} exceeds the draft vocabulary ({draft.draft_vocab_size} tokens)"
@@ -251,7 +267,12 @@ class TreeSpecDecoder:
 
     def close(self) -> None:
         """Release the caches. The target was never left patched (our attention is only
-        switched in around our own forwards), so nothing else needs undoing."""
+        switched in around our own forwards), so nothing else needs undoing. Waits for a call
+        running in another thread (a stream there holds the lock until it is finished or closed)."""
+        with self._lock.held():
+            self._release_buffers()
+
+    def _release_buffers(self) -> None:
         self._tcache = self._dcache = None
         self._static = None
         self._statics = {}
@@ -324,13 +345,37 @@ class TreeSpecDecoder:
                 raise ValueError("attention_mask goes with a padded [B, L] tensor, not with a list of prompts")
             if not input_ids:
                 raise ValueError("input_ids is an empty list; give at least one prompt")
+            if all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in input_ids):
+                raise ValueError(
+                    f"input_ids is a flat list of {len(input_ids)} ints; a list holds prompts: write "
+                    f"[[...]] for one prompt, or pass torch.tensor([...])"
+                )
             rows = []
             for i, row in enumerate(input_ids):
-                t = row if torch.is_tensor(row) else torch.as_tensor(row)
+                if isinstance(row, (str, bytes)):
+                    raise InputTypeError(f"prompt {i} of the list is text ({row[:20]!r}); tokenize it first, "
+                                         f"e.g. tokenizer(texts, return_tensors='pt', padding=True)")
+                if not torch.is_tensor(row) and hasattr(row, "__len__") and len(row) == 0:
+                    raise ValueError(f"prompt {i} of the list is empty; every prompt needs at least one token")
+                try:
+                    t = row if torch.is_tensor(row) else torch.as_tensor(row)
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    raise InputTypeError(f"prompt {i} of the list must be a 1-D tensor or a list of int token "
+                                         f"ids, got {type(row).__name__} ({exc})") from None
                 if t.dim() != 1:
                     raise ValueError(f"prompt {i} of the list must be 1-D, got shape {tuple(t.shape)}")
+                if t.numel() == 0:
+                    raise ValueError(f"prompt {i} of the list is empty; every prompt needs at least one token")
                 rows.append(self._as_ids(t, f"prompt {i}"))
         else:
+            if isinstance(input_ids, (str, bytes)):
+                raise InputTypeError(
+                    f"input_ids is text ({input_ids[:20]!r}); tokenize it first, e.g. "
+                    f"tokenizer(text, return_tensors='pt') (or dec.tokenizer when the decoder has one)"
+                )
+            if isinstance(input_ids, Mapping):
+                raise ValueError(f"input_ids is a mapping without an 'input_ids' key (keys: {sorted(map(str, input_ids))}); "
+                                 f"pass a tokenizer's output or a tensor of token ids")
             if not torch.is_tensor(input_ids):
                 raise InputTypeError(
                     f"input_ids must be a torch.Tensor of token ids [B, L] (or a list of 1-D prompts), got "
@@ -413,7 +458,7 @@ class TreeSpecDecoder:
         eos = frozenset(int(e) for e in items)
         # Padding of sequences that stop early (B > 1), as transformers: pad id, else first EOS.
         pad = getattr(getattr(self.target, "generation_config", None), "pad_token_id", None)
-        self._pad_id = int(pad) if isinstance(pad, numbers.Integral) else (int(items[0]) if items else 0)
+        pad_id = int(pad) if isinstance(pad, numbers.Integral) else (int(items[0]) if items else 0)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         extra = self.config.total_tokens if tree else 1
@@ -430,7 +475,7 @@ class TreeSpecDecoder:
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) + {extra} verify slots = {need} "
                 f"exceeds the decoder's max_length={cap}"
             )
-        return _Request(input_ids, lengths, max_new_tokens, temperature, top_p, top_k, eos, need, generator)
+        return _Request(input_ids, lengths, max_new_tokens, temperature, top_p, top_k, eos, need, generator, pad_id)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -471,10 +516,15 @@ class TreeSpecDecoder:
             that stops early is padded at the end (the model's pad id, else the first EOS id).
             ``stats`` (DecodeStats; for B > 1 ``accept_lengths`` counts the tokens committed by
             the whole batch per round).
+
+        Thread-safe: holds the model's lock for the whole call, so concurrent calls from other
+        threads (on this decoder or another one of the same model) run one after another, each
+        with the output it would have alone.
         """
-        req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
-                               True, attention_mask)
-        return self._collect(True, req)
+        with self._lock.held():  # one call at a time per model (see the Threads note above)
+            req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
+                                   True, attention_mask)
+            return self._collect(True, req)
 
     def generate_plain(
         self,
@@ -489,9 +539,10 @@ class TreeSpecDecoder:
     ) -> GenerateOutput:
         """Plain one-token-per-forward decoding over the same static cache and attention path
         (the baseline; same arguments and output as :meth:`generate`)."""
-        req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
-                               False, attention_mask)
-        return self._collect(False, req)
+        with self._lock.held():
+            req = self._check_call(input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator,
+                                   False, attention_mask)
+            return self._collect(False, req)
 
     def stream(
         self,
@@ -508,14 +559,29 @@ class TreeSpecDecoder:
         """Like :meth:`generate`, but yields the new token ids of each round as it commits them:
         a list of ints for B = 1, a list of B such lists for B > 1 (empty for a sequence that
         has stopped). The arguments are checked when ``stream`` is called; ``self.last_stats``
-        holds the stats once the stream is exhausted. ``plain=True`` streams plain decoding."""
+        holds the stats once the stream is exhausted. ``plain=True`` streams plain decoding.
+
+        Threads: the stream holds the model's lock from its first ``next()`` until it is
+        exhausted, closed or garbage collected, so other threads' calls wait for it meanwhile;
+        call ``.close()`` on a stream you stop reading early (or use it in a ``with
+        contextlib.closing(...)``), since a suspended stream that stays referenced blocks them.
+        """
         req = self._check_call(
             input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, generator, not plain, attention_mask
         )
-        rounds = self._run(not plain, req)
-        if req.batch == 1:
-            return (chunks[0] for chunks in rounds)
-        return rounds
+        return self._locked_rounds(not plain, req)
+
+    def _locked_rounds(self, tree, req: "_Request"):
+        """``stream``'s generator: holds the model's lock from the first ``next()`` (a stream
+        never started holds nothing) to its ``finally``, which runs when it is exhausted,
+        closed, or garbage collected, in whichever thread that happens."""
+        with self._lock.held():
+            rounds = self._run(tree, req)
+            try:
+                for chunks in rounds:
+                    yield chunks[0] if req.batch == 1 else chunks
+            finally:
+                rounds.close()
 
     # ------------------------------------------------------------------ loops
     def _collect(self, tree, req: "_Request"):
@@ -527,13 +593,13 @@ class TreeSpecDecoder:
         t0 = time.perf_counter()
         width = max(len(seq) for seq in new)
         # Sequences that stopped early are padded, as transformers' generate pads them.
-        rows = [seq + [self._pad_id] * (width - len(seq)) for seq in new]
+        rows = [seq + [req.pad_id] * (width - len(seq)) for seq in new]
         out = torch.tensor(rows, dtype=ids.dtype, device=ids.device).view(req.batch, width)
         if req.ragged:
             # Prompts of different lengths: left-padded to the longest, as transformers lays out
             # a batched decoder-only generate (so column Lmax starts every answer).
             lmax = ids.shape[1]
-            prompts = torch.full_like(ids, self._pad_id)
+            prompts = torch.full_like(ids, req.pad_id)
             for b, n in enumerate(req.lengths):
                 prompts[b, lmax - n :] = ids[b, :n]
             ids = prompts
@@ -881,10 +947,12 @@ class TreeSpecDecoder:
 
         if self._cost_model is not None and not remeasure:
             return self._cost_model
-        cm = self._cost_models.get(batch)
-        if cm is None or remeasure:
-            cm = self._cost_models[batch] = costmodel.load(self, batch=batch, remeasure=remeasure, progress=progress)
-        return cm
+        with self._lock.held():  # measuring runs the target (and may run while another thread decodes)
+            cm = self._cost_models.get(batch)
+            if cm is None or remeasure:
+                cm = self._cost_models[batch] = costmodel.load(self, batch=batch, remeasure=remeasure,
+                                                               progress=progress)
+            return cm
 
     def _policy(self, batch: int):
         from eagle2_kernels.runtime.policy import RoundPolicy
@@ -1096,6 +1164,7 @@ class _Request:
     eos: frozenset
     need: int
     generator: torch.Generator | None
+    pad_id: int  # pads sequences that stop early (and the prompts of a ragged batch)
 
     @property
     def batch(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from dataclasses import dataclass
 
 from eagle2_kernels.runtime.costmodel import CostModel
@@ -118,6 +119,14 @@ class RoundPolicy:
 
     def __init__(self, costs: CostModel, max_nodes: int, max_depth: int, top_k: int, max_plain: int = 16,
                  calibration_prior: float = 4.0, decay: float = 0.9):
+        # Any bounds a DecodeConfig accepts are valid here, however small or odd (T - 1 = 1 node,
+        # K above T, D + 2 above T): sizes are clipped to the candidates a round really has.
+        for name, value in (("max_nodes", max_nodes), ("max_depth", max_depth), ("top_k", top_k),
+                            ("max_plain", max_plain)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"RoundPolicy: {name} must be an int >= 1, got {value!r}")
+        if not isinstance(costs, CostModel):
+            raise TypeError(f"RoundPolicy: costs must be a CostModel, got {type(costs).__name__}")
         self.costs = costs
         self.max_nodes, self.max_depth, self.top_k = int(max_nodes), int(max_depth), int(top_k)
         self.max_plain = int(max_plain)
