@@ -26,7 +26,6 @@ for any tree fixed in advance, so lookup changes how many tokens a round commits
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -41,9 +40,6 @@ __all__ = ["LookupConfig", "ContextStore", "LookupCalibration", "LookupRound", "
 # A candidate score that no real one reaches (padding of ragged candidate rows): log p of
 # path probabilities stays far above it, and exp() of it is 0.
 PAD_SCORE = -1.0e9
-
-# Candidates of the head's own confidence profile (the i-th best path probability per round).
-_PROFILE_LEN = 64
 
 # Provenance of a verified node (stats: committed tokens by source).
 HEAD, LOOKUP, BOTH = 0, 1, 2
@@ -176,7 +172,6 @@ class LookupRound:
         self.scores: list[list[float]] = []
         self.source: list[list[int]] = []
         self.lookup_info: list[dict[int, tuple[int, int]]] = []  # candidate -> (m, depth)
-        self.head_top: list[list[float]] | None = None  # the head's own best p per sequence
 
     @property
     def empty(self) -> bool:
@@ -194,7 +189,6 @@ class LookupRound:
         """
         if cand_tokens is not None:
             toks_h, scores_h, pars_h = cand_tokens.tolist(), cand_scores.tolist(), cand_parents.tolist()
-            self.head_top = [[math.exp(s) for s in heapq.nlargest(_PROFILE_LEN, row)] for row in scores_h]
         else:
             toks_h = scores_h = pars_h = [[] for _ in range(batch)]
         self.tokens, self.parents, self.scores, self.source, self.lookup_info = [], [], [], [], []
@@ -263,16 +257,6 @@ class LookupDrafter:
         self.store = ContextStore(prompts, lengths, capacity)
         self.calibration = LookupCalibration(self.cfg)
         self.seconds = 0.0  # time spent searching and merging (part of the draft phase)
-        # The head's own confidence (its candidates before the merge), decayed over rounds:
-        # what a head draft would add, for the choice of a lookup-only round (prefer_alone).
-        self.head_sum = [0.0] * _PROFILE_LEN
-        self.head_rounds = 0.0
-
-    def head_profile(self) -> list[float] | None:
-        """Mean i-th best path probability of the head's candidates (None before any round)."""
-        if self.head_rounds <= 0:
-            return None
-        return [s / self.head_rounds for s in self.head_sum]
 
     def extend(self, chunks: list[list[int]]) -> None:
         self.store.extend(chunks)
@@ -294,15 +278,6 @@ class LookupDrafter:
         node whose parent was accepted is one observation at its depth) and the stats."""
         cal = self.calibration
         cal.decay()
-        if rnd.head_top is not None:
-            w = self.cfg.decay
-            self.head_sum = [w * s for s in self.head_sum]
-            self.head_rounds *= w
-            for b, top in enumerate(rnd.head_top):
-                if rnd.active[b] and paths[b] is not None:
-                    for i, p in enumerate(top):
-                        self.head_sum[i] += p
-                    self.head_rounds += 1.0
         for b, path in enumerate(paths):
             if path is None or not rnd.active[b]:
                 continue
@@ -346,44 +321,6 @@ def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bo
     top = [sorted((math.exp(s) for s in rnd.scores[b]), reverse=True) for b in range(len(rnd.tokens)) if active[b]]
     top = [p + [0.0] * (n_cap - len(p)) for p in top]
     return choose_size(top, costs, 0.0, n_cap, prefix)
-
-
-def prefer_alone(dec, rnd: LookupRound, policy, active: list[bool]) -> int:
-    """With a head: the size of a lookup-only round when it should replace this round's head
-    draft, else 0.
-
-    A lookup-only round skips the head's catch-up and expansion (its pairs wait in the catch-up
-    queue, as a plain step's do). It is taken when its predicted rate beats the head's typical
-    round, predicted from the policy's confidence profile of earlier rounds (before any, the
-    head drafts), or, during the policy's plain-step backoff, when it beats a plain step. Only
-    draft-side information and earlier rounds enter, so the tree stays fixed before the target
-    sees it (lossless).
-    """
-    if rnd.empty:
-        return 0
-    prefix = max(dec._tcache.host_lengths)
-    rnd.merge(None, None, None, len(active), "cpu")
-    costs = policy.costs
-    alone = size_alone(rnd, costs, policy.max_nodes, prefix, active)
-    if alone.n == 0 or policy.plain_due > 0:
-        return alone.n
-    profile = dec._lookup_run.head_profile() if dec._lookup_run is not None else None
-    if profile is None or not policy.depths:
-        return 0  # nothing known of the head yet: draft with it
-    # The merged round, optimistically: the head's typical gain (its own profile, calibrated)
-    # on top of these lookup nodes, for one draft (catch-up + typical levels) and a forward
-    # over both. Per sequence, as the profile is.
-    seqs = max(1, sum(active))
-    gain = (alone.expected - seqs) / seqs
-    levels = max(1, round(sum(policy.depths) / len(policy.depths)))
-    draft_s = costs.draft(2) + levels * costs.draft(policy.top_k) + costs.round_overhead_s
-    merged, acc = 0.0, 0.0
-    for n_head in range(0, min(len(profile), policy.max_nodes - alone.n) + 1):
-        if n_head:
-            acc += profile[n_head - 1]
-        e = 1.0 + policy.calibration * acc + gain
-        merged = max(merged, e / (draft_s + costs.target(n_head + alone.n + 1, prefix)))
-    return alone.n if alone.rate / seqs >= merged else 0
 
 
 def verify_alone(dec, drafter: LookupDrafter, rnd: LookupRound, n: int, root: torch.Tensor, pending,
