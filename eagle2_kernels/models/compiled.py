@@ -36,9 +36,11 @@ Frozen weights are copies taken at compilation: a model whose weights change aft
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import threading
+import types
 from typing import Optional
 
 import torch
@@ -116,10 +118,17 @@ def compile_support(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _inductor_cache_dir() -> str:
-    from eagle2_kernels.models.default import cache_dir
+# A cache folder the user chose for Inductor before importing us is kept.
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
-    return str(cache_dir() / "inductor")
+
+def _use_our_inductor_cache() -> None:
+    """Point Inductor's on-disk cache at ``$EAGLE2_KERNELS_CACHE/inductor`` (beside the cost
+    model) unless the user chose one; Inductor reads the variable at every cache lookup."""
+    if _USER_INDUCTOR_DIR is None:
+        from eagle2_kernels.models.default import cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 # --- the compiled forward ----------------------------------------------------------------------
@@ -195,12 +204,15 @@ class CompiledForward:
         # One graph per (bucket, batch): keep them all rather than falling back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._fn = torch.compile(
-            self._module,
+            _own_forward(self._module),
             fullgraph=True,
             dynamic=False,
             # The graph reads only its inputs and frozen constants: no guard on module state.
+            # That is safe because each instance compiles its own code object (_own_forward):
+            # Dynamo's cache lives on the code, so no other model can match these graphs.
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
         )
+        _use_our_inductor_cache()
         self._seen: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
@@ -219,7 +231,6 @@ class CompiledForward:
         if first and self.progress is not None:
             self.progress(f"compiling the target forward for {key[1]} new tokens (batch {key[0]}); "
                           f"cached on disk for later runs")
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
         with inductor_config.patch(freezing=True):
             yield
         self._seen.add(key)
@@ -249,6 +260,19 @@ class CompiledForward:
         if size > n:
             logits, feats = logits[:, :n], feats[:, :n]
         return logits, feats
+
+
+_instances = itertools.count()
+
+
+def _own_forward(module: _Forward):
+    """``module.forward`` bound to a fresh copy of its code object. Dynamo keys compiled
+    graphs by code object and the graphs hold frozen weights, so two models of the same
+    shapes (two decoders in one process) must never share one: each gets its own code."""
+    f = _Forward.forward
+    code = f.__code__.replace(co_name=f"forward_{next(_instances)}")
+    fn = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    return types.MethodType(fn, module)
 
 
 def _bit_words(idx: Tensor, dtype: torch.dtype) -> Tensor:

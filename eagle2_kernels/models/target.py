@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle2_kernels.cache import PagedKVCache, StaticKVCache
+from eagle2_kernels.models.compiled import KV_KWARG, LEN_KWARG, MASK_KWARG, CompiledForward, compile_support
 
 ATTN_NAME = "eagle2_kernels_tree"
 CTX_KWARG = "eagle2_ctx"
@@ -99,6 +100,14 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
     """
     ctx: DecodeContext | None = kwargs.get(CTX_KWARG)
     window, softcap, sinks = _local_attention(module, kwargs)
+    if ctx is None and KV_KWARG in kwargs:
+        # A compiled forward (models/compiled.py): plain tensors in, one opaque op, no Python
+        # side effects, so the whole forward stays one graph.
+        out = torch.ops.eagle2.cache_tree_attention(
+            query, key, value, kwargs[KV_KWARG], module.layer_idx, kwargs[LEN_KWARG], kwargs[MASK_KWARG],
+            float(scaling if scaling is not None else query.shape[-1] ** -0.5), window, softcap, sinks,
+        )
+        return out.transpose(1, 2), None
     if ctx is None:
         raise RuntimeError(
             f"the {ATTN_NAME!r} attention implementation only runs inside a TreeSpecDecoder "
@@ -173,7 +182,8 @@ class TargetAdapter:
     exist only during that forward too.
     """
 
-    def __init__(self, model, backend: str | None = None, feature_layers: tuple[int, ...] | None = None):
+    def __init__(self, model, backend: str | None = None, feature_layers: tuple[int, ...] | None = None,
+                 compile: bool | str = False, compile_buckets=None, progress=None):
         if not hasattr(model, "set_attn_implementation") or not hasattr(model, "get_output_embeddings"):
             raise TypeError(
                 f"the target must be a transformers causal LM (a PreTrainedModel with an lm_head), "
@@ -225,6 +235,57 @@ class TargetAdapter:
         model.set_attn_implementation(ATTN_NAME)
         for cfg, previous in saved:
             cfg._attn_implementation_internal = previous
+        self.compiled: CompiledForward | None = None
+        self.compile_status = "eager (compile=False)"
+        if compile:
+            self.enable_compile(compile, compile_buckets, progress)
+
+    def enable_compile(self, compile: bool | str = "auto", buckets=None, progress=None) -> None:
+        """Compile the decode forwards when this target and machine allow it; otherwise record
+        why not in ``compile_status``. ``compile=True`` raises instead of falling back;
+        ``"auto"`` also honours ``EAGLE2_KERNELS_COMPILE=0``."""
+        from eagle2_kernels.models.compiled import DEFAULT_BUCKETS, compile_disabled_by_env
+
+        self.compiled = None
+        if not compile:
+            self.compile_status = "eager (compile=False)"
+            return
+        if compile == "auto" and compile_disabled_by_env():
+            self.compile_status = "eager (EAGLE2_KERNELS_COMPILE=0)"
+            return
+        ok, why = compile_support(self.device)
+        if ok:
+            why = self._compile_blocker()
+        if why:
+            if compile is True:
+                raise ValueError(f"compile=True, but the target's forward cannot be compiled: {why}")
+            self.compile_status = f"eager ({why})"
+            return
+        self.compiled = CompiledForward(self.model, DEFAULT_BUCKETS if buckets is None else buckets, progress)
+        self.compile_status = f"compiled (Inductor, buckets {list(self.compiled.buckets)})"
+
+    def _compile_blocker(self) -> str:
+        """Why this target's forward cannot take the compiled path ('' when it can)."""
+        if self.feature_layers is not None:
+            return "EAGLE-3 feature capture uses per-forward hooks"
+        if self.sliding_window is not None:
+            return "sliding-window attention is not compiled yet"
+        cfg = _text_config(self.model)
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            return "attention softcapping is not compiled yet"
+        if not hasattr(self.model, "get_decoder") or self.model.get_decoder() is None:
+            return f"{type(self.model).__name__} has no get_decoder()"
+        # The compiled body computes logits as transform(lm_head(final hidden)); check that on
+        # a 4-token probe through the model's own forward (its own attention, no cache).
+        from eagle2_kernels.models.compiled import _logit_transform
+
+        probe = (torch.arange(1, 5, device=self.device) % self.vocab_size).view(1, 4)
+        with torch.no_grad():
+            out = self.model(input_ids=probe, use_cache=False, output_hidden_states=True, return_dict=True)
+            mine = _logit_transform(self.model)(self.model.get_output_embeddings()(out.hidden_states[-1]))
+        if not torch.allclose(mine.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
+            return "its logits are not a known transform of lm_head(final hidden state)"
+        return ""
 
     def _find_feature_modules(self, layers: tuple[int, ...]) -> list:
         """The module whose input (index i < L: decoder layer i) or output (index L: the final
@@ -349,6 +410,14 @@ class TargetAdapter:
             RuntimeError: the model did not call our attention once per layer (its attention
                 is bound in a way this adapter does not reach; the output would be wrong).
         """
+        if (self.compiled is not None and ctx.tree_mask is not None and logits_to_keep == 0
+                and type(ctx.cache) is StaticKVCache):
+            # The compiled graph: attention calls cannot be counted inside it, but the eager
+            # prefill of every call counted them on the same model code.
+            with torch.no_grad(), self.scoped():
+                out = self.compiled(input_ids, position_ids, ctx.cache.kv, ctx.cache.lengths, ctx.tree_mask)
+            if out is not None:
+                return out
         multi = self.feature_layers is not None
         captured: list = [None] * (len(self.feature_layers) if multi else 0)
         ctx.calls = ctx.windowed = 0

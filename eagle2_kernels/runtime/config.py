@@ -68,6 +68,17 @@ class DecodeConfig:
             without a draft head the trees come from lookup alone. The dynamic round only
             (the CPU default); the static round drafts with the head alone.
 
+        compile: compile the target's decode forwards (verify and plain step) with
+            ``torch.compile`` / Inductor, weights frozen and prepacked (``models/compiled.py``).
+            "auto" (default) = on for CPU targets when a C++ compiler is present and the
+            model's forward can be compiled, else eager, with the reason in
+            ``decoder.compile_status``; the environment variable ``EAGLE2_KERNELS_COMPILE=0``
+            turns "auto" off; True = on or raise; False = eager. The first forward of each
+            size compiles (tens of seconds on 2 cores; cached on disk for later processes).
+        compile_buckets: forward sizes that get a compiled graph (default (1, 2, 4, 8, 16));
+            a forward over n tokens runs the smallest bucket >= n with padded rows, larger
+            ones run eagerly.
+
     Invariant: T - 1 <= K + D*K*K (the draft must supply enough candidates).
 
     Example::
@@ -85,6 +96,8 @@ class DecodeConfig:
     adaptive: bool = True
     kv_block_size: int | None = None
     lookup: bool = True
+    compile: bool | str = "auto"
+    compile_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _positive_int("total_tokens", self.total_tokens, 2)
@@ -109,6 +122,16 @@ class DecodeConfig:
             _positive_int("kv_block_size", self.kv_block_size, 1)
         if self.adaptive not in (True, False):
             raise ValueError(f"DecodeConfig: adaptive must be True or False, got {self.adaptive!r}")
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):
+            raise ValueError(f"DecodeConfig: compile must be 'auto', True or False, got {self.compile!r}")
+        if self.compile_buckets is not None:
+            buckets = tuple(self.compile_buckets)
+            if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+                raise ValueError(
+                    f"DecodeConfig: compile_buckets must be a non-empty tuple of positive ints, got "
+                    f"{self.compile_buckets!r}"
+                )
+            object.__setattr__(self, "compile_buckets", tuple(sorted(set(buckets))))
         if self.lookup not in (True, False):
             raise ValueError(f"DecodeConfig: lookup must be True or False, got {self.lookup!r}")
         if self.backend is not None and self.backend not in BACKENDS:

@@ -58,6 +58,13 @@ def _check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
     return temperature, float(top_p), int(top_k)
 
 
+def _compile_note(message: str) -> None:
+    """Tell the user why the first call of a new size pauses (a compile, once per process)."""
+    import sys
+
+    print(f"eagle2_kernels: {message}", file=sys.stderr, flush=True)
+
+
 class TreeSpecDecoder:
     """EAGLE-2 decoding of ``target`` with draft head ``draft``: output identical to plain
     decoding (greedy: token for token; sampling: in distribution), in fewer target forwards.
@@ -134,6 +141,7 @@ class TreeSpecDecoder:
         cost_model=None,
         kv_block_size: int | None = None,
         lookup: bool = True,
+        compile: bool | str = "auto",
     ):
         if config is None:
             # Unset tree fields come from the one table of defaults, by the target's device.
@@ -148,7 +156,7 @@ class TreeSpecDecoder:
             config = DecodeConfig(
                 total_tokens=total_tokens, depth=depth, top_k=top_k, max_length=max_length, backend=backend,
                 static_round=static_round, cuda_graphs=cuda_graphs, adaptive=adaptive,
-                kv_block_size=kv_block_size, lookup=lookup,
+                kv_block_size=kv_block_size, lookup=lookup, compile=compile,
             )
         elif not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
@@ -170,6 +178,10 @@ class TreeSpecDecoder:
         self._lookup_run = None  # the LookupDrafter of the running call (runtime/lookup.py)
         if draft is not None:
             self._attach_head(target, draft, backend)
+        if config.compile:
+            # Compiled decode forwards (models/compiled.py): lazily, per forward size.
+            with self._lock.held():
+                self._adapter.enable_compile(config.compile, config.compile_buckets, _compile_note)
         if config.cuda_graphs is True and self._adapter.device.type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA target, the model is on {self._adapter.device}; "
@@ -860,6 +872,11 @@ class TreeSpecDecoder:
         if self.draft is None:
             return False  # lookup trees alone run in the dynamic round
         return self._adapter.device.type == "cuda" if forced is None else forced
+
+    @property
+    def compile_status(self) -> str:
+        """How the target's decode forwards run: "compiled (...)" or "eager (<reason>)"."""
+        return self._adapter.compile_status
 
     @property
     def graph_status(self) -> str:
