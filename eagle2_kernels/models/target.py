@@ -268,11 +268,6 @@ class TargetAdapter:
         """Why this target's forward cannot take the compiled path ('' when it can)."""
         if self.feature_layers is not None:
             return "EAGLE-3 feature capture uses per-forward hooks"
-        if self.sliding_window is not None:
-            return "sliding-window attention is not compiled yet"
-        cfg = _text_config(self.model)
-        if getattr(cfg, "attn_logit_softcapping", None) is not None:
-            return "attention softcapping is not compiled yet"
         if not hasattr(self.model, "get_decoder") or self.model.get_decoder() is None:
             return f"{type(self.model).__name__} has no get_decoder()"
         # The compiled body computes logits as transform(lm_head(final hidden)); check that on

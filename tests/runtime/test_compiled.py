@@ -15,10 +15,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from eagle2_kernels import DecodeConfig, TreeSpecDecoder  # noqa: E402
+from eagle2_kernels import DecodeConfig, EagleDraftHead, TreeSpecDecoder  # noqa: E402
 from eagle2_kernels.models.compiled import CompiledForward, _bit_words  # noqa: E402
 from eagle2_kernels.models.target import DecodeContext  # noqa: E402
 from eagle2_kernels.ops.tree import pack_bits  # noqa: E402
+from local_models import PROMPT, build_local  # noqa: E402
 from tiny_models import (  # noqa: E402
     first_prompt_pvalues,
     hf_greedy,
@@ -55,6 +56,20 @@ def test_compiled_greedy_equals_plain_greedy_fp32(arch, adaptive):
     assert max(out.stats.accept_lengths) >= 3 or adaptive
     ids = prompts[2:3]
     assert torch.equal(dec.generate_plain(ids, max_new_tokens=20).sequences, hf_greedy(model, ids, 20))
+
+
+# Window (Mistral), window + hybrid layers + softcaps (Gemma-2), window + sinks + MoE (GPT-OSS);
+# tests/runtime/test_any_model.py covers all six local architectures eagerly.
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt_oss"])
+def test_compiled_local_attention_equals_plain_greedy_fp32(arch):
+    """Sliding windows, hybrid local/global layers, softcaps and sinks reach the compiled
+    operator per layer: exact past the window."""
+    model = build_local(arch)
+    ids = prompt(model.config.vocab_size, PROMPT, 5)
+    cfg = DecodeConfig(total_tokens=8, depth=3, top_k=4, adaptive=False, compile=True, compile_buckets=(8,))
+    dec = TreeSpecDecoder(model, EagleDraftHead.from_target(model), config=cfg)
+    assert dec.compile_status.startswith("compiled"), dec.compile_status
+    assert torch.equal(dec.generate(ids, max_new_tokens=24).sequences, hf_greedy(model, ids, 24)), arch
 
 
 def test_padded_bucket_rows_leave_real_rows_alone():
