@@ -102,6 +102,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads")
     g.add_argument("--backend", choices=["reference", "triton", "ext"], default=None,
                    help="force the ops' backend (default: by device)")
+    g.add_argument("--no-compile", action="store_true",
+                   help="run the target's forwards eagerly: no torch.compile (which costs ~40 s per "
+                        "forward size at start-up on a small CPU, and is on by default on CPU)")
     t = p.add_argument_group("draft tree")
     t.add_argument("--tree", type=parse_tree, default=None, metavar="T,D,K",
                    help=f"tree nodes incl. root, depth, branching factor: upper bounds of the adaptive "
@@ -256,7 +259,8 @@ def _configs(args, trees: list[tuple[int, int, int]], fixed_extra: bool):
         adaptive = not getattr(args, "fixed", False) if i == 0 else not fixed_extra
         try:
             configs.append(DecodeConfig(total_tokens=T, depth=D, top_k=K, adaptive=adaptive, backend=args.backend,
-                                        lookup=not getattr(args, "no_lookup", False)))
+                                        lookup=not getattr(args, "no_lookup", False),
+                                        compile=False if getattr(args, "no_compile", False) else "auto"))
         except ValueError as exc:
             raise CLIError(f"tree {T},{D},{K}: {exc}") from None
     return configs
@@ -617,6 +621,12 @@ def cmd_demo(args) -> int:
     shape = f"T={T} D={D} K={K} (fixed)" if args.fixed else f"adaptive, bounds T<={T} D<={D} K={K}"
     print(f"loaded in {info['load_s']:.1f} s; draft tree {shape}", flush=True)
     print(_machine_line(dec), flush=True)
+    print(f"target forwards: {dec.compile_status}", flush=True)
+    if dec.compile_status.startswith("compiled"):
+        t0 = time.perf_counter()
+        dec.precompile(1)  # before anything is timed: a graph compiles on its first forward
+        print(f"forwards compiled in {time.perf_counter() - t0:.0f} s (once per process; --no-compile skips it)",
+              flush=True)
     if dec.config.adaptive and not dec.uses_static_round:
         t0 = time.perf_counter()
         print("measuring this machine's costs (cached after the first run) ...", flush=True)

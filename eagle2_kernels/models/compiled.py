@@ -25,9 +25,12 @@ What makes that possible:
   handful of buckets beats one graph per size. The cost model times the buckets, so the policy
   sees the step function it will actually pay.
 
-Compiled code is cached by Inductor on disk (``$EAGLE2_KERNELS_CACHE/inductor``, keyed by the
-graph, the weights' shapes, the torch version and the CPU), so a second process skips the C++
-compilation. The prefill (a long, causal forward run once per call) stays eager.
+Start-up: each bucket compiles once per process, on its first forward (the cost model's
+measurement runs them all), about 40 s each for a 30-layer model on 2 cores. Inductor cannot
+cache a frozen graph across processes (oneDNN-packed weights do not pickle), so only its
+kernel-level pieces are reused from ``$EAGLE2_KERNELS_CACHE/inductor``; a server pays the
+compilation once, a one-shot script every time (``compile=False`` then starts at once). The
+prefill (a long, causal forward run once per call) stays eager.
 
 Frozen weights are copies taken at compilation: a model whose weights change afterwards
 (fine-tuning, ``load_state_dict``) needs a new decoder.
@@ -49,7 +52,11 @@ from torch import Tensor
 __all__ = ["CompiledForward", "DEFAULT_BUCKETS", "compile_support", "cache_tree_attention"]
 
 # Bucket sizes of the compiled forwards (new tokens per forward); larger trees run eagerly.
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+# Three graphs: each costs ~40 s of compilation per process on 2 cores, and on the CPUs
+# measured the cost-aware policy rarely verifies more than 8 nodes once one forward is cheap
+# (SmolLM2-135M bf16 on a 2-core EPYC: (1, 4, 8) and (1, 2, 4, 8, 16) decode at the same speed,
+# bench/results/cpu/compiled/).
+DEFAULT_BUCKETS = (1, 4, 8)
 KV_KWARG, LEN_KWARG, MASK_KWARG = "eagle2_kv", "eagle2_lengths", "eagle2_mask"
 
 
@@ -229,8 +236,8 @@ class CompiledForward:
 
         first = key not in self._seen
         if first and self.progress is not None:
-            self.progress(f"compiling the target forward for {key[1]} new tokens (batch {key[0]}); "
-                          f"cached on disk for later runs")
+            self.progress(f"compiling the target forward for {key[1]} new tokens (batch {key[0]}), once per "
+                          f"process (compile=False or EAGLE2_KERNELS_COMPILE=0 skips it) ...")
         with inductor_config.patch(freezing=True):
             yield
         self._seen.add(key)
@@ -240,6 +247,8 @@ class CompiledForward:
         size = self.bucket(n)
         if size is None:
             return None
+        if size > n and int(prefix_len.max()) + size > kv.shape[3]:
+            return None  # no room for the padded rows (a cache sized by the caller): eager
         if size > n:  # pad to the bucket: extra rows see only themselves and the prefix
             pad = size - n
             input_ids = torch.cat([input_ids, input_ids.new_zeros(B, pad)], dim=1)

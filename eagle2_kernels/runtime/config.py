@@ -74,8 +74,9 @@ class DecodeConfig:
             model's forward can be compiled, else eager, with the reason in
             ``decoder.compile_status``; the environment variable ``EAGLE2_KERNELS_COMPILE=0``
             turns "auto" off; True = on or raise; False = eager. The first forward of each
-            size compiles (tens of seconds on 2 cores; cached on disk for later processes).
-        compile_buckets: forward sizes that get a compiled graph (default (1, 2, 4, 8, 16));
+            bucket compiles, once per process (about 40 s per bucket for a 30-layer model on
+            2 cores; frozen graphs are not cached across processes).
+        compile_buckets: forward sizes that get a compiled graph (default (1, 4, 8));
             a forward over n tokens runs the smallest bucket >= n with padded rows, larger
             ones run eagerly.
 

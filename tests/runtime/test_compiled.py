@@ -124,6 +124,16 @@ def test_two_models_of_one_shape_never_share_a_graph():
         assert torch.equal(dec.generate_plain(ids, max_new_tokens=12).sequences, hf_greedy(model, ids, 12))
 
 
+def test_decoders_over_one_model_share_its_graphs():
+    model, head, prompts = trained_setup("llama")
+    a = _decoder("llama", False)
+    b = TreeSpecDecoder(model, head, config=DecodeConfig(total_tokens=6, depth=2, top_k=3, compile=True,
+                                                        compile_buckets=BUCKETS))
+    assert b._adapter.compiled is a._adapter.compiled
+    ids = prompts[3:4]
+    assert torch.equal(b.generate(ids, max_new_tokens=16).sequences, hf_greedy(model, ids, 16))
+
+
 def test_one_graph_per_bucket_and_no_recompile():
     """Sizes inside a bucket reuse its graph: after every bucket has run once, further
     forwards of any size and a grown cache compile nothing new."""
