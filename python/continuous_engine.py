@@ -162,10 +162,13 @@ class PoolView:
             start = torch.as_tensor([start] * k.shape[0] if isinstance(start, int) else start, device=k.device)
         write_pages(self.kv[2 * layer], self.kv[2 * layer + 1], self.block_table, start, k, v)
 
-    def attend(self, layer: int, q, tree_mask, tree_len: int, scale, backend=None) -> torch.Tensor:
+    def attend(self, layer: int, q, tree_mask, tree_len: int, scale, backend=None,
+               window=None, softcap=None, sinks=None) -> torch.Tensor:
+        # window / softcap / sinks: the layer's local attention, as the adapter passes it.
         extra = {} if backend is None else {"backend": backend}
         return tree_attention_paged(q, self.kv[2 * layer], self.kv[2 * layer + 1], self.block_table, self.lengths,
-                                    tree_mask, tree_len, scale=scale, **extra)
+                                    tree_mask, tree_len, scale=scale, window=window, softcap=softcap, sinks=sinks,
+                                    **extra)
 
 
 # ------------------------------------------------------------------------------------------------

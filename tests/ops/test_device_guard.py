@@ -170,6 +170,9 @@ def test_every_public_op_has_a_guard_case():
     # The ops are the public functions (DraftTree is a dataclass, tree_formats a module of
     # host-side converters).
     public = {name for name in ops.__all__ if inspect.isfunction(getattr(ops, name))}
+    # ngram_lookup is plain torch on its input's device (no kernel launch, no dispatch table:
+    # the decoder keeps the context on the host), so there is no current device to guard.
+    public -= {"ngram_lookup"}
     assert public <= covered, (
         f"public ops without a device-guard case: {sorted(public - covered)}; wrap their dispatch "
         f"in _backend.device_guard and add a call to _fake_cuda_calls"

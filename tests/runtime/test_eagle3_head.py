@@ -235,6 +235,7 @@ def test_adapter_captures_the_feature_layers(arch):
     # The hooks live only inside our forward; the embeddings (0) and the post-norm output (L) work too.
     assert all(not blk._forward_pre_hooks for blk in model.model.layers) and not model.model.norm._forward_hooks
     ends = TargetAdapter(model, feature_layers=(0, EAGLE3_LAYERS))
+    cache.set_length(0)  # a prefill (tree_mask None) runs over an empty prefix, as the decoder's does
     _, f = ends.forward(ids, torch.arange(L)[None], DecodeContext(cache, 0, None, L))
     torch.testing.assert_close(f, target_features(model, ids, (0, EAGLE3_LAYERS)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"valid indices are 0..8"):

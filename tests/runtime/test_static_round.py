@@ -51,7 +51,8 @@ def static_decoder(model, head, T, D, K, **kw):
 
 
 def dynamic_decoder(model, head, T, D, K):
-    return fixed_decoder(model, head, T, D, K, static_round=False)
+    # The static round drafts with the head alone; so must the dynamic round it is compared with.
+    return fixed_decoder(model, head, T, D, K, static_round=False, lookup=False)
 
 
 # ---------------------------------------------------------------------- greedy losslessness
