@@ -52,10 +52,10 @@ from torch import Tensor
 __all__ = ["CompiledForward", "DEFAULT_BUCKETS", "compile_support", "cache_tree_attention"]
 
 # Bucket sizes of the compiled forwards (new tokens per forward); larger trees run eagerly.
-# Three graphs: each costs ~40 s of compilation per process on 2 cores, and on the CPUs
-# measured the cost-aware policy rarely verifies more than 8 nodes once one forward is cheap
-# (SmolLM2-135M bf16 on a 2-core EPYC: (1, 4, 8) and (1, 2, 4, 8, 16) decode at the same speed,
-# bench/results/cpu/compiled/).
+# Three graphs: each costs ~30-45 s of compilation per process on 2 cores, and once one forward
+# is cheap the cost-aware policy rarely verifies more than 8 nodes (an exploratory run on a
+# 2-core AMD EPYC with AVX-512-BF16, SmolLM2-135M bf16, 4 MT-bench turns: 47.4 tok/s with
+# (1, 4, 8) against 42.9-47.0 with (1, 2, 4, 8, 16); not a committed result).
 DEFAULT_BUCKETS = (1, 4, 8)
 KV_KWARG, LEN_KWARG, MASK_KWARG = "eagle2_kv", "eagle2_lengths", "eagle2_mask"
 
