@@ -221,7 +221,7 @@ def prepared_round(dec, ctx: int, device):
     next(it)  # prefill
     next(it)  # the first round(s): set-up and capture
     it.close()
-    return dec._static
+    return dec._statics.last
 
 
 def measure_round(sr, device, reps: int) -> dict:
@@ -293,9 +293,9 @@ def measure_plain(dec, sr, device, reps: int, graph: bool) -> float:
     """Median ms of one plain greedy step over the same cache and context."""
     from eagle2_kernels.runtime.graphs import PlainStep
 
-    tc = dec._tcache
+    tc = dec._state.tcache
     saved = tc.lengths.clone()
-    step = PlainStep(dec, 1)
+    step = PlainStep(dec._state, 1)
     step.token.copy_(sr.root)
     if graph:
         step.capture()

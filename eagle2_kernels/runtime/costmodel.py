@@ -10,7 +10,7 @@ round where it runs and sizes every round from these times (``runtime/policy.py`
     target forward over n new tokens (n on a grid up to ``n_max``) at a short and a long prefix,
     one draft step (head forward + lm_head + top-k) over k rows (k on a grid),
     the fixed per-round overhead of building, verifying and committing a tree,
-and interpolates between grid points. :func:`measure` times them for a decoder; :func:`load`
+and interpolates between grid points. :func:`measure` times them for a (target, head, config); :func:`load`
 returns the cached measurement for the same (model, head, dtype, device, CPU, threads, torch,
 batch) from disk, measuring on first use. Cache: ``$EAGLE2_KERNELS_CACHE/costs`` (default
 ``~/.cache/eagle2_kernels/costs``), one JSON file per key.
@@ -212,10 +212,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def cost_key(decoder, batch: int) -> dict:
+def cost_key(adapter, head, config, batch: int) -> dict:
     """Everything a measurement depends on, as a JSON-able dict (its hash names the file)."""
-    ad, head = decoder._adapter, decoder.draft
-    cfg = ad.model.config
+    ad, cfg = adapter, adapter.model.config
     try:
         model_cfg = cfg.to_json_string(use_diff=False)
     except Exception:  # an unusual config class: its repr still pins the architecture
@@ -228,10 +227,10 @@ def cost_key(decoder, batch: int) -> dict:
         "head": head_desc,
         "dtype": str(ad.dtype),
         "batch": int(batch),
-        "backend": decoder.config.backend,
-        "top_k": decoder.config.top_k,
-        "depth": decoder.config.depth,  # the draft rows timed reach max(K, D + 2)
-        "n_max": decoder.config.total_tokens,
+        "backend": config.backend,
+        "top_k": config.top_k,
+        "depth": config.depth,  # the draft rows timed reach max(K, D + 2)
+        "n_max": config.total_tokens,
         "compile": getattr(ad, "compile_status", "eager"),  # compiled forwards cost less
         **machine_info(ad.device),
     }
@@ -268,120 +267,142 @@ def _timed(fn, reps: int, sync) -> float:
     return best
 
 
-def measure(decoder, batch: int = 1, n_max: int | None = None, short_prefix: int = 64,
-            long_prefix: int = 512, reps: int = 5, progress=None) -> CostModel:
-    """Time the pieces of a round for ``decoder`` on its device, for ``batch`` sequences.
+class _Timings:
+    """Scratch caches and inputs for timing the pieces of a round (``measure``)."""
 
-    Runs target forwards over n = 1..n_max new tokens (on a grid) with our tree attention at a
-    short and a long prefix, draft steps over 1..max(K, D+2) rows, and one round's tree
-    bookkeeping, all over scratch caches (the decoder's own are untouched). A few seconds on
-    a small CPU model. ``progress(done, total)`` is called after every timing when given.
-    """
-    from eagle2_kernels import ops
-    from eagle2_kernels.cache import StaticKVCache
-    from eagle2_kernels.models.target import DecodeContext
+    def __init__(self, adapter, head, config, batch: int, n_max: int, prefixes: tuple[int, int], progress):
+        self.ad, self.head, self.cfg, self.batch = adapter, head, config, batch
+        dev = self.dev = adapter.device
+        self.short_prefix, self.long_prefix = prefixes
+        self.n_grid = tuple(n for n in _N_GRID if n < n_max) + (n_max,)
+        k_top = self.k_top = max(config.top_k, config.depth + 2)
+        self.k_grid = tuple(k for k in _K_GRID if k < k_top) + (k_top,)
+        self.sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.tc = adapter.new_cache(batch, self.long_prefix + n_max + 1)
+        # One causal mask for every timed forward: the target's (up to n_max tokens) and the draft
+        # step's (up to k_top rows); either may be the larger (T < K, or T < D + 2, are valid bounds).
+        rows = max(n_max, k_top)
+        self.mask = pack_bits(torch.tril(torch.ones(rows, rows, dtype=torch.bool))).to(dev)
+        self.progress, self.done, self.total = progress, 0, 0
 
-    ad, head, cfg = decoder._adapter, decoder.draft, decoder.config
-    dev, dtype = ad.device, ad.dtype
-    n_max = int(n_max or cfg.total_tokens)
-    limit = ad.max_positions or (long_prefix + n_max + 1)
-    long_prefix = max(min(long_prefix, limit - n_max - 1), 1)
-    short_prefix = max(min(short_prefix, long_prefix), 1)
-    n_grid = tuple(n for n in _N_GRID if n < n_max) + (n_max,)
-    k_top = max(cfg.top_k, cfg.depth + 2)
-    k_grid = tuple(k for k in _K_GRID if k < k_top) + (k_top,)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    total = 2 * reps + len(k_grid) + 1
-    done = 0
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
-    def tick():
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    def _rows_mask(self, n: int) -> torch.Tensor:
+        return self.mask[:n, : (n + 31) // 32].unsqueeze(0).expand(self.batch, n, -1).contiguous()
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    vocab = ad.vocab_size
-    tc = ad.new_cache(batch, long_prefix + n_max + 1)
-    # One causal mask for every timed forward: the target's (up to n_max tokens) and the draft
-    # step's (up to k_top rows); either may be the larger (T < K, or T < D + 2, are valid bounds).
-    rows = max(n_max, k_top)
-    mask = pack_bits(torch.tril(torch.ones(rows, rows, dtype=torch.bool))).to(dev)
-    backend = cfg.backend
+    def target_curve(self, prefix: int, reps: int) -> list[float]:
+        """Seconds of a target forward over each n of the grid at ``prefix``. The grid is swept
+        ``reps`` times, keeping each size's minimum: a burst of noise from another process then
+        spoils one sample of several sizes, not every sample of one."""
+        from eagle2_kernels.models.target import DecodeContext
 
-    def target_curve(prefix: int) -> list[float]:
-        # Sweep the grid ``reps`` times and keep each size's minimum: a burst of noise from
-        # another process then spoils one sample of several sizes, not every sample of one.
+        ad, tc, dev, B = self.ad, self.tc, self.dev, self.batch
         tc.set_length(prefix)
         calls = []
-        for n in n_grid:
-            ids = torch.randint(0, vocab, (batch, n), generator=gen).to(dev)
-            pos = (prefix + torch.arange(n)).to(dev).expand(batch, n)
-            m = mask[:n, : (n + 31) // 32].unsqueeze(0).expand(batch, n, -1).contiguous()
-            ctx = DecodeContext(tc, prefix, m, n, backend)
+        for n in self.n_grid:
+            ids = torch.randint(0, ad.vocab_size, (B, n), generator=self.gen).to(dev)
+            pos = (prefix + torch.arange(n)).to(dev).expand(B, n)
+            ctx = DecodeContext(tc, prefix, self._rows_mask(n), n, self.cfg.backend)
             calls.append(lambda ids=ids, pos=pos, ctx=ctx: ad.forward(ids, pos, ctx))
         for call in calls:  # warm-up: first calls of a shape build kernels / allocate
             call()
         best = [float("inf")] * len(calls)
         for _ in range(reps):
             for i, call in enumerate(calls):
-                sync()
+                self.sync()
                 t0 = time.perf_counter()
                 call()
-                sync()
+                self.sync()
                 best[i] = min(best[i], time.perf_counter() - t0)
-            tick()
+            self.tick()
         return _monotone(best)
 
-    with torch.no_grad():
-        short = target_curve(short_prefix)
-        long = target_curve(long_prefix) if long_prefix > short_prefix else list(short)
-        short = [min(a, b) for a, b in zip(short, long)]  # a shorter prefix is never slower
+    def draft_steps(self, reps: int) -> list[float]:
+        """Seconds of one draft step over k rows: head forward with tree attention, lm_head,
+        tree_expand."""
+        from eagle2_kernels import ops
+        from eagle2_kernels.cache import StaticKVCache
 
-        # Draft steps over k rows: head forward with tree attention, lm_head, tree_expand.
-        if head is None:  # no draft head (lookup trees alone): no draft forward to time
-            k_grid, draft = (1,), [0.0]
-        else:
-            H = head.hidden_size
-            dc = StaticKVCache(1, batch, head.num_kv_heads, short_prefix + 2 * k_top + 1, head.head_dim, dtype, dev)
-            dc.set_length(short_prefix)
-            K = cfg.top_k
-            draft = []
-            for k in k_grid:
-                feats = torch.randn(batch, k, H, generator=gen).to(device=dev, dtype=dtype)
-                toks = torch.randint(0, vocab, (batch, k), generator=gen).to(dev)
-                pos = torch.full((batch, k), short_prefix, dtype=torch.int64, device=dev)
-                m = mask[:k, : (k + 31) // 32].unsqueeze(0).expand(batch, k, -1).contiguous()
-                parent = torch.zeros(batch, k, dtype=torch.float32, device=dev)
+        head, dev, B, P = self.head, self.dev, self.batch, self.short_prefix
+        dtype, backend, K = self.ad.dtype, self.cfg.backend, self.cfg.top_k
+        dc = StaticKVCache(1, B, head.num_kv_heads, P + 2 * self.k_top + 1, head.head_dim, dtype, dev)
+        dc.set_length(P)
+        draft = []
+        for k in self.k_grid:
+            feats = torch.randn(B, k, head.hidden_size, generator=self.gen).to(device=dev, dtype=dtype)
+            toks = torch.randint(0, self.ad.vocab_size, (B, k), generator=self.gen).to(dev)
+            pos = torch.full((B, k), P, dtype=torch.int64, device=dev)
+            m, parent = self._rows_mask(k), torch.zeros(B, k, dtype=torch.float32, device=dev)
 
-                def step():
-                    hs = head.tree_step(feats, toks, pos, dc, [short_prefix] * batch, m, k, backend)
-                    return ops.tree_expand(head.logits(hs), parent, min(K, head.draft_vocab_size),
-                                           head.draft_to_target, backend=backend)
+            def step():
+                hs = head.tree_step(feats, toks, pos, dc, [P] * B, m, k, backend)
+                return ops.tree_expand(head.logits(hs), parent, min(K, head.draft_vocab_size),
+                                       head.draft_to_target, backend=backend)
 
-                draft.append(_timed(step, reps, sync))
-                tick()
+            draft.append(_timed(step, reps, self.sync))
+            self.tick()
+        return draft
 
-        # Round overhead: tree_build over the full candidate set, verify, compaction.
-        C = cfg.num_candidates
-        T = min(cfg.total_tokens, C + 1)
-        scores = -torch.rand(batch, C, generator=gen).to(dev).cumsum(1)
-        cand = torch.randint(0, vocab, (batch, C), generator=gen).to(dev)
-        parents = torch.full((batch, C), -1, dtype=torch.int64, device=dev)
-        root = torch.zeros(batch, dtype=torch.int64, device=dev)
-        logits = torch.randn(batch, T, vocab, generator=gen).to(device=dev, dtype=dtype)
-        tc.set_length(short_prefix)
+    def round_overhead(self, reps: int) -> float:
+        """Seconds of tree_build over the full candidate set, verify and compaction."""
+        from eagle2_kernels import ops
+
+        dev, B, gen, backend, tc = self.dev, self.batch, self.gen, self.cfg.backend, self.tc
+        C = self.cfg.num_candidates
+        T = min(self.cfg.total_tokens, C + 1)
+        vocab = self.ad.vocab_size
+        scores = -torch.rand(B, C, generator=gen).to(dev).cumsum(1)
+        cand = torch.randint(0, vocab, (B, C), generator=gen).to(dev)
+        parents = torch.full((B, C), -1, dtype=torch.int64, device=dev)
+        root = torch.zeros(B, dtype=torch.int64, device=dev)
+        logits = torch.randn(B, T, vocab, generator=gen).to(device=dev, dtype=self.ad.dtype)
+        tc.set_length(self.short_prefix)
 
         def overhead():
             tree = ops.tree_build(cand, scores, parents, root, T, backend=backend)
             path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
             tc.compact(path, alen, backend=backend)
-            return torch.cat([alen.view(batch, 1), bonus.view(batch, 1)], 1).tolist()
+            return torch.cat([alen.view(B, 1), bonus.view(B, 1)], 1).tolist()
 
-        over = _timed(overhead, reps, sync)
-        tick()
-    info = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **cost_key(decoder, batch)}
-    return CostModel(n_grid=n_grid, target_short_s=tuple(short), target_long_s=tuple(long),
+        over = _timed(overhead, reps, self.sync)
+        self.tick()
+        return over
+
+
+def measure(adapter, head, config, batch: int = 1, n_max: int | None = None, reps: int = 5,
+            progress=None, prefixes: tuple[int, int] = (64, 512)) -> CostModel:
+    """Time the pieces of a round for a target (``adapter``: a TargetAdapter), a draft head (or
+    None) and a DecodeConfig on the target's device, for ``batch`` sequences.
+
+    Runs target forwards over n = 1..n_max new tokens (on a grid) with our tree attention at a
+    short and a long prefix (``prefixes``, clipped to the model's positions), draft steps over
+    1..max(K, D+2) rows, and one round's tree bookkeeping, all over scratch caches (a decoder's
+    own are untouched). A few seconds on a small CPU model. ``progress(done, total)`` is called
+    after every timing when given.
+    """
+    n_max = int(n_max or config.total_tokens)
+    short_prefix, long_prefix = prefixes
+    limit = adapter.max_positions or (long_prefix + n_max + 1)
+    long_prefix = max(min(long_prefix, limit - n_max - 1), 1)
+    short_prefix = max(min(short_prefix, long_prefix), 1)
+    t = _Timings(adapter, head, config, batch, n_max, (short_prefix, long_prefix), progress)
+    t.total = 2 * reps + (1 if head is None else len(t.k_grid)) + 1
+    with torch.no_grad():
+        short = t.target_curve(short_prefix, reps)
+        long = t.target_curve(long_prefix, reps) if long_prefix > short_prefix else list(short)
+        short = [min(a, b) for a, b in zip(short, long)]  # a shorter prefix is never slower
+        if head is None:  # no draft head (lookup trees alone): no draft forward to time
+            k_grid, draft = (1,), [0.0]
+        else:
+            k_grid, draft = t.k_grid, t.draft_steps(reps)
+        over = t.round_overhead(reps)
+    info = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **cost_key(adapter, head, config, batch)}
+    return CostModel(n_grid=t.n_grid, target_short_s=tuple(short), target_long_s=tuple(long),
                      short_prefix=short_prefix, long_prefix=long_prefix, k_grid=k_grid,
                      draft_step_s=tuple(draft), round_overhead_s=over, info=info)
 
@@ -418,18 +439,18 @@ def _read_entry(path: Path, key: dict) -> CostModel | None:
     return None
 
 
-def load(decoder, batch: int = 1, remeasure: bool = False, progress=None) -> CostModel:
-    """The cost model of ``decoder`` for ``batch``: from the on-disk cache when one was
+def load(adapter, head, config, batch: int = 1, remeasure: bool = False, progress=None) -> CostModel:
+    """The cost model of a (target adapter, head, config) for ``batch``: from the on-disk cache when one was
     measured for the same key, else measured now and written there (``remeasure`` forces it).
     The cache write is atomic (temporary file + rename); an unwritable cache only warns, and a
     damaged entry is measured again (with a warning naming the file), never fatal."""
-    key = cost_key(decoder, batch)
+    key = cost_key(adapter, head, config, batch)
     path = cache_path(key)
     if not remeasure and path.is_file():
         cm = _read_entry(path, key)
         if cm is not None:
             return cm
-    cm = measure(decoder, batch=batch, progress=progress)
+    cm = measure(adapter, head, config, batch=batch, progress=progress)
     cm = CostModel(**{**{f: getattr(cm, f) for f in cm.__dataclass_fields__}, "info": {**cm.info, "key": key}})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

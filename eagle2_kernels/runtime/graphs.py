@@ -24,6 +24,7 @@ the host inside an op; the Triton kernels used on CUDA do not.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from eagle2_kernels import ops
 from eagle2_kernels._backend import device_guard
 from eagle2_kernels.models.target import DecodeContext
+from eagle2_kernels.runtime.phases import dense_step, draft_tree
 
 __all__ = ["StaticRound", "PlainStep", "graphs_supported"]
 
@@ -74,24 +76,26 @@ class StaticRound:
         record        [B, 3 + P] int64  per round: committed count, active, tree error, tokens
 
     Args:
-        decoder: the owning TreeSpecDecoder (its adapter, head, config, caches and constants).
+        state: the decoder's :class:`~eagle2_kernels.runtime.state.DecodeState` (adapter, head,
+            config, caches and constants; ``ensure``-d for ``batch``).
         batch: B.
+        total_tokens: T (default: the config's).
 
     The sampling parameters baked into the verify phase are set with :meth:`set_sampling`
     (default greedy); each setting gets its own verify graph.
     """
 
-    def __init__(self, decoder, batch: int, total_tokens: int | None = None):
-        cfg = decoder.config
-        self.dec = decoder
+    def __init__(self, state, batch: int, total_tokens: int | None = None):
+        cfg = state.config
+        self.state = state
         self.batch = batch
         # T of this round: the config's, or a smaller size bucket the adaptive policy chose
         # for this call (each bucket is its own StaticRound, with its own captured graphs).
         self.T, self.D, self.K = total_tokens or cfg.total_tokens, cfg.depth, cfg.top_k
         self.P = min(self.T, self.D + 2)  # longest accepted path = catch-up rows
         self.backend = cfg.backend
-        self.tcache, self.dcache = decoder._tcache, decoder._dcache
-        ad, head = decoder._adapter, decoder.draft
+        self.tcache, self.dcache = state.tcache, state.dcache
+        ad, head = state.adapter, state.head
         dev, dtype = ad.device, ad.dtype
         self.device = dev
         B, P, T = batch, self.P, self.T
@@ -109,7 +113,9 @@ class StaticRound:
         self.rows = torch.arange(P, dtype=torch.int64, device=dev)  # catch-up / path row index
         # Catch-up visibility: row i sees pending rows 0..i (padding rows come after the valid
         # ones, so a valid row never sees one).
-        self.chain = decoder._chain[:P].unsqueeze(0).expand(B, P, -1).contiguous()
+        self.chain = state.consts.chain[:P].unsqueeze(0).expand(B, P, -1).contiguous()
+        # The expansion's constants, with the tree_build error flag of this round's buffers.
+        self.consts = dataclasses.replace(state.consts, error_flag=self.err)
         # The draft's confidence profile, accumulated on the device (no host read in a round):
         # sum over rounds and active sequences of the i-th best candidate's path probability,
         # i < the config's T - 1. The decoder reads it after the call to size the next one.
@@ -155,7 +161,7 @@ class StaticRound:
         Reads root / pend_* and the draft cache; advances ``dcache.lengths`` by ``pend_n``.
         No host reads, no data-dependent Python control flow.
         """
-        dec, head, dc = self.dec, self.dec.draft, self.dcache
+        head, dc = self.state.head, self.dcache
         B, P, K = self.batch, self.P, self.K
         H, backend = head.hidden_size, self.backend
         with torch.no_grad():
@@ -165,10 +171,9 @@ class StaticRound:
             last = (self.pend_n - 1).clamp(min=0)
             h_parent = hs.gather(1, last.view(B, 1, 1).expand(B, 1, H))
             dc.lengths.add_(self.pend_n.to(torch.int32))
-            self.tree = dec._expand_and_build(
-                h_parent, self.root, lambda j: dc.lengths + (j - 1) * K, backend, error_flag=self.err,
-                total_tokens=self.T)
-            top = torch.topk(dec._cand_scores.float(), self.profile_sum.shape[0], dim=1).values.exp()
+            step = dense_step(head, dc, lambda j: dc.lengths + (j - 1) * K, backend)
+            self.tree, cand_scores = draft_tree(head, self.consts, h_parent, self.root, step, self.T)
+            top = torch.topk(cand_scores.float(), self.profile_sum.shape[0], dim=1).values.exp()
             live = self.active.to(torch.float32)
             self.profile_sum.add_((top * live[:, None]).sum(0))
             self.profile_rounds.add_(live.sum())
@@ -179,7 +184,7 @@ class StaticRound:
         Writes ``record`` (count, active, error, tokens), the next root and catch-up inputs,
         and advances ``tcache.lengths`` and ``budget``; freezes sequences that stop.
         """
-        tree, tc, ad = self.tree, self.tcache, self.dec._adapter
+        tree, tc, ad = self.tree, self.tcache, self.state.adapter
         B, P, T = self.batch, self.P, self.T
         backend = self.backend
         temperature, top_p, top_k = self.sampling
@@ -335,20 +340,20 @@ class PlainStep:
     advances ``lengths`` by one.
     """
 
-    def __init__(self, decoder, batch: int):
-        self.dec = decoder
+    def __init__(self, state, batch: int):
+        self.state = state
         self.batch = batch
-        self.tcache = decoder._tcache
-        self.device = decoder._adapter.device
+        self.tcache = state.tcache
+        self.device = state.device
         self.token = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        self.one_mask = decoder._one_mask
+        self.one_mask = state.consts.one_mask
         self._graph = None
 
     def step(self) -> None:
-        tc, ad = self.tcache, self.dec._adapter
+        tc, ad = self.tcache, self.state.adapter
         B = self.batch
         with torch.no_grad():
-            ctx = DecodeContext(tc, tc.lengths, self.one_mask, 1, self.dec.config.backend)
+            ctx = DecodeContext(tc, tc.lengths, self.one_mask, 1, self.state.config.backend)
             logits, _ = ad.forward(self.token.view(B, 1), tc.lengths.to(torch.int64).view(B, 1), ctx)
             self.token.copy_(logits[:, -1].argmax(-1))
             tc.lengths.add_(1)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 from eagle2_kernels import ops
-from eagle2_kernels.models.target import DecodeContext
 
 __all__ = ["LookupConfig", "ContextStore", "LookupCalibration", "LookupRound", "LookupDrafter", "lookup_rounds"]
 
@@ -306,10 +305,13 @@ class LookupDrafter:
 
 
 class _NoCatchup:
-    """Stands in for the catch-up queue of a decoder with no head (plain steps add to it)."""
+    """Stands in for the catch-up queue of a decoder with no head."""
 
     def add(self, *args) -> None:
         pass
+
+
+_NO_CATCHUP = _NoCatchup()
 
 
 def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bool]):
@@ -323,89 +325,56 @@ def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bo
     return choose_size(top, costs, 0.0, n_cap, prefix)
 
 
-def verify_alone(dec, drafter: LookupDrafter, rnd: LookupRound, n: int, root: torch.Tensor, pending,
-                 active: list[bool], budgets: list[int], req, stats):
+def verify_alone(state, run, rnd: LookupRound, n: int, root: torch.Tensor):
     """One round that verifies the n best of ``rnd``'s candidates (no head) and commits.
+    Yields the round's chunks; returns the next root [B]."""
+    from eagle2_kernels.runtime.phases import accept, verify
 
-    ``pending`` is the head's catch-up queue (the accepted path's pairs join it) or a
-    :class:`_NoCatchup`. Yields the round's chunks; returns the next root [B].
-    """
-    cfg, tc, ad = dec.config, dec._tcache, dec._adapter
-    backend = cfg.backend
+    stats, req = run.stats, run.req
     batch = root.shape[0]
     t1 = time.perf_counter()
-    tokens, scores, parents = rnd.merge(None, None, None, batch, ad.device)
+    tokens, scores, parents = rnd.merge(None, None, None, batch, state.device)
     T = n + 1
-    tree = ops.tree_build(tokens, scores, parents, root, T, backend=backend)
-    prefix = tc.host_lengths
-    ctx = DecodeContext(tc, prefix[0] if batch == 1 else prefix, tree.mask, T, backend)
-    positions = tree.depth.to(torch.int64) + tc.lengths[:, None]
-    with torch.no_grad():
-        logits, feats = ad.forward(tree.tokens, positions, ctx)
-    if req.temperature == 0.0:
-        path, alen, bonus = ops.verify_greedy(tree, logits, backend=backend)
-    else:
-        uniforms = dec._uniforms((batch, T), req.generator)
-        path, alen, bonus = ops.verify_sample(tree, logits, uniforms, req.temperature, req.top_p, req.top_k,
-                                              backend=backend)
-    dec._sync()
+    tree = ops.tree_build(tokens, scores, parents, root, T, backend=state.config.backend)
+    v = verify(state, tree, req.sampling, req.generator)
+    state.sync()
     t2 = time.perf_counter()
     stats.verify_s += t2 - t1
-    tc.compact(path, alen, backend=backend)
-    path_tokens = tree.tokens.gather(1, path.clamp(min=0))
-    P = path.shape[1]
-    packed = torch.cat([alen.view(batch, 1), bonus.view(batch, 1), path_tokens, path], dim=1).tolist()
-    counts = [row[0] for row in packed]
-    was_active = list(active)
-    tc.set_lengths([p + (c if was_active[b] else 0) for b, (p, c) in enumerate(zip(prefix, counts))])
-    drafter.record(rnd, [row[2 + P + 1 : 2 + P + row[0]] if was_active[b] else None
-                         for b, row in enumerate(packed)], T, stats)
-    chunks = dec._commit([row[3 : 2 + row[0]] + [row[1]] for row in packed], active, budgets, req.eos, stats)
+    acc = accept(state, v, run.active)
+    run.lookup.record(rnd, acc.paths, T, stats)
+    chunks = run.commit(acc.proposals)
     stats.tree_sizes.append(T)
-    if any(active):
-        # The head's catch-up pairs: (feature of path node i, the token after it), i < accept
-        # length; the token after the deepest node is the bonus.
-        a_max = max(counts)
-        sel = path[:, :a_max].clamp(min=0)
-        toks = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)
-        toks.scatter_(1, (alen - 1).view(batch, 1), bonus.view(batch, 1))
-        pending.add(feats.gather(1, sel[:, :, None].expand(batch, a_max, feats.shape[-1])), toks[:, :a_max],
-                    counts)
     stats.other_s += time.perf_counter() - t2
     yield chunks
-    return bonus.view(batch)
+    return v.bonus.view(batch)
 
 
-def lookup_rounds(dec, req, root: torch.Tensor, active: list[bool], budgets: list[int], drafter: LookupDrafter,
-                  stats, epoch: int):
+def lookup_rounds(state, run, root: torch.Tensor, costs=None):
     """Decoding rounds with lookup trees alone (a target with no draft head).
 
-    Each round: search the context, score the continuations, pick the tree size (adaptive:
-    the n best candidates that maximise predicted tokens per second under the decoder's cost
-    model, n = 0 being a plain step; fixed: up to T - 1 candidates), verify, commit. Yields
-    each round's committed chunks, as the decoder's loops do.
+    Each round: search the context, score the continuations, pick the tree size (``costs``
+    given, adaptive: the n best candidates that maximise predicted tokens per second under the
+    cost model, n = 0 being a plain step; else up to T - 1 candidates), verify, commit. Yields
+    each round's committed chunks, as the other drivers (``runtime/drivers.py``) do.
     """
-    cfg = dec.config
-    tc = dec._tcache
-    batch = root.shape[0]
-    costs = dec.cost_model(batch) if cfg.adaptive else None
-    sink = _NoCatchup()
-    while any(active):
-        dec._check_epoch(epoch)
+    from eagle2_kernels.runtime.drivers import check_epoch, plain_round
+
+    n_max = state.config.total_tokens - 1
+    while any(run.active):
+        check_epoch(state, run)
         t0 = time.perf_counter()
-        rnd = drafter.begin_round(active)
+        rnd = run.lookup.begin_round(run.active)
         n = 0
         if not rnd.empty:
-            rnd.merge(None, None, None, batch, "cpu")
+            rnd.merge(None, None, None, root.shape[0], "cpu")
             if costs is None:
-                n = min(cfg.total_tokens - 1, max(len(t) for t in rnd.tokens))
+                n = min(n_max, max(len(t) for t in rnd.tokens))
             else:
                 # The size reads only lookup scores and measured costs (no target output of
                 # this round), so the tree is fixed before verification: lossless.
-                n = size_alone(rnd, costs, cfg.total_tokens - 1, max(tc.host_lengths), active).n
-        stats.draft_s += time.perf_counter() - t0
+                n = size_alone(rnd, costs, n_max, max(state.tcache.host_lengths), run.active).n
+        run.stats.draft_s += time.perf_counter() - t0
         if n == 0:
-            root = yield from dec._plain_round(root, sink, active, budgets, req.temperature, req.top_p, req.top_k,
-                                               req.eos, req.generator, stats)
+            root = yield from plain_round(state, run, root, _NO_CATCHUP)  # a round of one node
         else:
-            root = yield from verify_alone(dec, drafter, rnd, n, root, sink, active, budgets, req, stats)
+            root = yield from verify_alone(state, run, rnd, n, root)

@@ -262,8 +262,8 @@ def test_graph_captures_run_under_the_guard(recorder, monkeypatch):
     dec = TreeSpecDecoder(model, head, total_tokens=5, depth=2, top_k=2, static_round=True)
     ids = prompt(model.config.vocab_size, 4, 0)
     dec.generate(ids, 4)  # sets up the static round's buffers
-    sr = dec._static
-    step = graphs.PlainStep(dec, 1)
+    sr = dec._statics.last
+    step = graphs.PlainStep(dec._state, 1)
     # Pretend the target is on cuda:1 (cuda:0 current): every CUDA call of the captures must
     # happen inside torch.cuda.device(cuda:1), and the graph gets a capture stream of cuda:1.
     sr.device = step.device = CUDA1

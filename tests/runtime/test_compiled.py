@@ -78,7 +78,7 @@ def test_padded_bucket_rows_leave_real_rows_alone():
     model = tiny_target("llama")
     dec = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4, compile=True,
                                                           compile_buckets=(8,)))
-    ad = dec._adapter
+    ad = dec._state.adapter
     torch.manual_seed(3)
     # A tree over 5 nodes: 0 -> 1, 2; 1 -> 3; 3 -> 4.
     parents = [-1, 0, 0, 1, 3]
@@ -129,7 +129,7 @@ def test_decoders_over_one_model_share_its_graphs():
     a = _decoder("llama", False)
     b = TreeSpecDecoder(model, head, config=DecodeConfig(total_tokens=6, depth=2, top_k=3, compile=True,
                                                         compile_buckets=BUCKETS))
-    assert b._adapter.compiled is a._adapter.compiled
+    assert b._state.adapter.compiled is a._state.adapter.compiled
     ids = prompts[3:4]
     assert torch.equal(b.generate(ids, max_new_tokens=16).sequences, hf_greedy(model, ids, 16))
 
@@ -142,7 +142,7 @@ def test_one_graph_per_bucket_and_no_recompile():
     model = tiny_target("qwen2")
     dec = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4, compile=True,
                                                           compile_buckets=(1, 8)))
-    ad = dec._adapter
+    ad = dec._state.adapter
 
     def run(n, capacity):
         cache = ad.new_cache(1, capacity)
@@ -174,7 +174,7 @@ def test_compiled_sampling_keeps_the_target_law():
 def test_compile_switches_and_status(monkeypatch):
     model = tiny_target("llama")
     off = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4, compile=False))
-    assert off.compile_status == "eager (compile=False)" and off._adapter.compiled is None
+    assert off.compile_status == "eager (compile=False)" and off._state.adapter.compiled is None
     monkeypatch.setenv("EAGLE2_KERNELS_COMPILE", "0")
     auto = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4))
     assert auto.compile_status == "eager (EAGLE2_KERNELS_COMPILE=0)"

@@ -377,7 +377,7 @@ def test_explicit_feature_layers_decode_and_round_trip(tmp_path):
     head = EagleDraftHead.from_pretrained(tmp_path / "h", target=model)
     assert head.feature_layers == (1, 4, 7)
     dec = decoder(model, head, 10, 3, 3)
-    assert dec._adapter.feature_layers == (1, 4, 7)
+    assert dec._state.adapter.feature_layers == (1, 4, 7)
     ids = prompt(500, 6, seed=21)
     assert torch.equal(dec.generate(ids, 16).sequences, hf_greedy(model, ids, 16))
     head.save_pretrained(tmp_path / "again")

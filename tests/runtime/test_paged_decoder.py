@@ -43,7 +43,7 @@ def test_paged_greedy_is_exact(arch, block, mode):
     rows = _rows(model, prompts)
     dec = TreeSpecDecoder(model, head, total_tokens=10, depth=4, top_k=3, kv_block_size=block, **mode)
     out = dec.generate(rows, 30, eos_token_id=[])
-    assert isinstance(dec._tcache, PagedKVCache) and dec._tcache.block_size == block
+    assert isinstance(dec._state.tcache, PagedKVCache) and dec._state.tcache.block_size == block
     lmax = max(r.numel() for r in rows)
     for b, r in enumerate(rows):
         assert out.sequences[b, lmax:].tolist() == hf_greedy(model, r[None], 30)[0, r.numel():].tolist()

@@ -372,12 +372,12 @@ def test_static_round_sizes_each_call_from_the_previous_ones(costs, second):
     ref = hf_greedy(model, ids, 30)
     sizes = []
     for call in range(3):
-        dec._read_lag = call % 2  # the lagged (CUDA) read order on the middle call
+        dec._statics.read_lag = call % 2  # the lagged (CUDA) read order on the middle call
         out = dec.generate(ids, 30, eos_token_id=[])
         assert torch.equal(out.sequences, ref)
         assert len(set(out.stats.tree_sizes)) == 1  # one shape per call: the captured graph's
         sizes.append(out.stats.tree_sizes[0])
-    profile = dec._static_profile[2]
+    profile = dec._statics.profile[2]
     assert len(profile) == 11 and profile == sorted(profile, reverse=True) and 0.5 < profile[0] <= 1.0
     assert sizes[0] == 12
     if second is not None:

@@ -107,7 +107,7 @@ def test_direct_measure_with_larger_draft_rows_than_tree(cost_cache):
     """``measure`` called directly (``eagle2 tune``) with n_max below the draft rows."""
     model, head, _, _ = _reference()
     dec = TreeSpecDecoder(model, head, total_tokens=2, depth=6, top_k=3)
-    cm = costmodel.measure(dec, batch=1, n_max=2, reps=1)
+    cm = costmodel.measure(dec._state.adapter, dec.draft, dec.config, batch=1, n_max=2, reps=1)
     assert cm.n_grid == (1, 2) and cm.k_grid == (1, 2, 4, 8)
 
 

@@ -159,7 +159,7 @@ def test_static_lagged_host_reads():
     model, head, prompts = trained_setup()
     now = static_decoder(model, head, 8, 3, 3)
     late = static_decoder(model, head, 8, 3, 3)
-    late._read_lag = 1
+    late._statics.read_lag = 1
     ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)
     new0 = hf_greedy(model, ids[:1], 24)[0, 6:].tolist()
     eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
@@ -177,7 +177,7 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
     dec = static_decoder(model, head, 8, 3, 3)
     ids = prompts[:1]
     expected = dec.generate(ids, 16).sequences
-    sr = dec._static
+    sr = dec._statics.last
     # Pretend the device supports graphs: the capture then fails (no CUDA here) and must fall
     # back, saying why, with the decode state untouched.
     monkeypatch.setattr(graphs, "graphs_supported", lambda device: (True, ""))
@@ -190,7 +190,7 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
     ref = static_decoder(model, head, 8, 3, 3, backend="reference")
     assert torch.equal(ref.generate(ids, 16).sequences, expected)
     with pytest.warns(RuntimeWarning, match="'reference' ops backend"):
-        assert ref._static.enable_graphs() is False
+        assert ref._statics.last.enable_graphs() is False
 
 
 # ---------------------------------------------------------------------- sampling
