@@ -13,23 +13,20 @@ argument) use the current device, which need not be the input's (a target on ``c
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
+
+from eagle2_kernels import _native
 
 BACKENDS = ("reference", "triton", "ext")
 ENV_VAR = "EAGLE2_KERNELS_BACKEND"
 
 
-@functools.lru_cache(maxsize=1)
 def ext_available() -> bool:
-    """True when the native extension (``eagle2_kernels._C``) imports."""
-    try:
-        from eagle2_kernels import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the native extension (``eagle2_kernels._C``) imports; loaded once by
+    ``eagle2_kernels._native``, whose ``unavailable_reason()`` says why it does not."""
+    return _native.available()
 
 
 def forced_backend() -> str | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels import _C
+from eagle2_kernels._native import extension
+
+_C = extension()  # ImportError with the reason when the extension is missing
 
 
 def tree_attention(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels import _C
+from eagle2_kernels._native import extension
 from eagle2_kernels.ops.tree import DraftTree
 from eagle2_kernels.ops.tree_build.reference import raise_for_error_codes
+
+_C = extension()  # ImportError with the reason when the extension is missing
 
 
 def tree_build(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from eagle2_kernels import _C
+from eagle2_kernels._native import extension
 from eagle2_kernels.ops.sampling import process_logits
 from eagle2_kernels.ops.tree import DraftTree
+
+_C = extension()  # ImportError with the reason when the extension is missing
 
 
 def verify_sample(
