@@ -1,6 +1,7 @@
 // Python bindings of the native CPU backend: the module eagle2_kernels._C.
-// The Python side (eagle2_kernels/_native.py) wraps these into the ops' reference
-// signatures; eagle2_kernels/ops/_library.py registers them as torch.ops.eagle2.*.
+// eagle2_kernels/_native.py loads it (once, on first use); each op's
+// eagle2_kernels/ops/<op>/native.py wraps these into the reference's signature, and
+// eagle2_kernels/ops/_library.py registers the ops as torch.ops.eagle2.*.
 #include <torch/csrc/utils/pybind.h>
 
 #include "eagle2.h"
