@@ -1,5 +1,5 @@
 """Continuous-batching engine: tokens/s against the number of concurrent requests, batched vs
-one request at a time (python/continuous_engine.py), greedy.
+one request at a time (examples/continuous_engine.py), greedy.
 
 For each concurrency N (default 1, 2, 4, 8) the same N requests are served
     batched     by one engine with N batch rows, all N submitted at once (one speculative round
@@ -30,7 +30,7 @@ import torch
 
 from bench.common import environment
 
-ENGINE_PATH = Path(__file__).resolve().parent.parent / "python" / "continuous_engine.py"
+ENGINE_PATH = Path(__file__).resolve().parent.parent / "examples" / "continuous_engine.py"
 
 # Short chat prompts for the default model (its ChatML template is applied).
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (python/continuous_engine.py): staggered arrivals, ragged
+"""The continuous-batching engine (examples/continuous_engine.py): staggered arrivals, ragged
 prompts, requests finishing at different times over a paged pool, each request's output equal
 to its own plain greedy decoding (transformers generate) in float32, token for token."""
 
@@ -13,7 +13,7 @@ import torch
 
 from tiny_models import hf_greedy, one_thread, trained_setup  # noqa: F401  (one_thread: autouse)
 
-ENGINE = Path(__file__).resolve().parents[2] / "python" / "continuous_engine.py"
+ENGINE = Path(__file__).resolve().parents[2] / "examples" / "continuous_engine.py"
 
 
 def _engine_module():

@@ -1,4 +1,4 @@
-"""The integration examples under python/ run and check themselves (losslessness vs plain greedy)."""
+"""The integration examples under examples/ run and check themselves (losslessness vs plain greedy)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "python"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _load(name: str):

@@ -172,7 +172,7 @@ def _copy_tracked_tree(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     for rel in files.stdout.split():
         src = ROOT / rel
-        if src.is_file() and not rel.startswith(("tests/", "bench/", "python/", ".ci/")):
+        if src.is_file() and not rel.startswith(("tests/", "bench/", "examples/", ".ci/")):
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(src.read_bytes())

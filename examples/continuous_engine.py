@@ -40,7 +40,7 @@ greedy decoding of the same target (``model.generate(do_sample=False)``) in floa
 tests/entry/test_continuous_engine.py checks it token for token.
 
 Run a self-check (tiny random target and head, staggered arrivals, compares with HF greedy):
-    python python/continuous_engine.py
+    python examples/continuous_engine.py
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ import torch
 
 from eagle2_kernels.models.draft_head import EagleDraftHead
 from eagle2_kernels.models.target import DecodeContext, TargetAdapter
-from eagle2_kernels.ops import (kv_compact_paged, remap_slots, tree_attention_paged, tree_build, tree_expand,
-                                verify_greedy)
+from eagle2_kernels.ops import kv_compact_paged, remap_slots, tree_attention_paged, verify_greedy
 from eagle2_kernels.ops.tree import pack_bits
+from eagle2_kernels.runtime.phases import draft_tree
+from eagle2_kernels.runtime.request import cut, eos_ids
+from eagle2_kernels.runtime.state import TreeConstants
 
 SCRATCH_BLOCK = 0
 
@@ -69,12 +71,6 @@ def causal_mask(n: int) -> torch.Tensor:
     """[n, ceil(n/32)] int32 packed mask: row i sees rows 0..i."""
     return pack_bits(torch.tril(torch.ones(n, n, dtype=torch.bool)))
 
-
-def level_bits(depth: int, top_k: int) -> torch.Tensor:
-    """[D, K, ceil(D*K/32)] int32: expansion level j (0-based) writes its K rows at tree slots
-    j*K + r; row r of level j carries only its own bit."""
-    n = depth * top_k
-    return pack_bits(torch.eye(n, dtype=torch.bool).view(depth, top_k, n))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,7 +279,7 @@ class ContinuousEngine:
                                      dtype=self.dtype, device=self.device)
         self.draft_kv = torch.zeros(2, num_blocks, block_size, head.num_kv_heads, head.head_dim,
                                     dtype=self.dtype, device=self.device)
-        self._level_bits = level_bits(depth, top_k).to(self.device)  # [D, K, W]
+        self._consts: dict[int, TreeConstants] = {}  # the draft expansion's constants, by batch size
         self._causal: dict[int, torch.Tensor] = {}
         self.requests: dict[int, Request] = {}
         self.waiting: list[Request] = []
@@ -306,8 +302,8 @@ class ContinuousEngine:
         need = self._blocks_for(len(ids) + max_new_tokens + self.lookahead)
         if need > self.pool.capacity:
             raise ValueError(f"add_request: the request needs {need} blocks, the pool has {self.pool.capacity}")
-        eos = () if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-        req = Request(self._next_id, ids, max_new_tokens, frozenset(int(e) for e in eos),
+        eos = eos_ids(eos_token_id, self.adapter.vocab_size)  # None: no stop ids
+        req = Request(self._next_id, ids, max_new_tokens, frozenset(eos),
                       arrived_step=self.stats.steps, reserved=need)
         self._next_id += 1
         self.requests[req.rid] = req
@@ -462,29 +458,18 @@ class ContinuousEngine:
         prefix = self._lens([r.prefix for r in reqs])
         root = torch.tensor([r.root for r in reqs], dtype=torch.int64, device=dev)
 
-        # ---- root expansion + D levels (each frontier row sees the prefix + its ancestors)
-        d2t = head.draft_to_target
-        ct, cs, ni, ns = tree_expand(head.logits(h_parent), torch.zeros(B, 1, device=dev), K, d2t)
-        cand_tok, cand_score = [ct.view(B, K)], [cs.view(B, K)]
-        cand_parent = [torch.full((B, K), -1, dtype=torch.int64, device=dev)]
-        f_tok, f_index, f_score = ct.view(B, K).gather(1, ni), ni, ns
-        f_feat = h_parent.expand(B, K, h_parent.shape[-1])
-        f_mask = self._level_bits[0].expand(B, K, -1)
-        base = K
-        draft_pos = prefix[:, None].to(torch.int64).expand(B, K)
-        for j in range(1, D + 1):
-            hs = self._draft_forward(f_feat, f_tok, draft_pos + (j - 1), table, prefix, (j - 1) * K, f_mask, j * K)
-            ct, cs, ni, ns = tree_expand(head.logits(hs), f_score, K, d2t)
-            cand_tok.append(ct.view(B, K * K))
-            cand_score.append(cs.view(B, K * K))
-            cand_parent.append(f_index.repeat_interleave(K, dim=1))
-            if j < D:
-                rows = ni // K  # the frontier row each new frontier node descends from
-                f_tok, f_index, f_score = ct.view(B, K * K).gather(1, ni), ni + base, ns
-                f_feat = hs.gather(1, rows[:, :, None].expand(B, K, hs.shape[-1]))
-                f_mask = f_mask.gather(1, rows[:, :, None].expand(B, K, f_mask.shape[-1])) | self._level_bits[j]
-            base += K * K
-        tree = tree_build(torch.cat(cand_tok, 1), torch.cat(cand_score, 1), torch.cat(cand_parent, 1), root, T)
+        # ---- root expansion + D levels + tree_build: the package's draft_tree, each level's
+        # head step run on the pages (each frontier row sees the prefix + its ancestors)
+        consts = self._consts.get(B)
+        if consts is None:
+            consts = self._consts[B] = TreeConstants.build(B, K, D, dev, self.backend)
+        draft_pos = prefix[:, None].to(torch.int64)
+
+        def step(j, f_feat, f_tok, f_mask):
+            return self._draft_forward(f_feat, f_tok, (draft_pos + (j - 1)).expand(B, K), table, prefix,
+                                       (j - 1) * K, f_mask, j * K)
+
+        tree, _ = draft_tree(head, consts, h_parent, root, step, T)
         t1 = time.perf_counter()
         self.stats.draft_s += t1 - t0
 
@@ -525,16 +510,9 @@ class ContinuousEngine:
 
     def _commit(self, r: Request, tokens: list[int]) -> list[int]:
         """Append tokens to r's output up to its budget / first EOS; mark it done then."""
-        kept = []
-        for t in tokens:
-            if len(r.output) >= r.max_new_tokens:
-                break
-            r.output.append(t)
-            kept.append(t)
-            if t in r.eos:
-                break
-        if len(r.output) >= r.max_new_tokens or (r.output and r.output[-1] in r.eos):
-            r.done = True
+        kept, done = cut(tokens, r.max_new_tokens - len(r.output), r.eos)
+        r.output.extend(kept)
+        r.done = r.done or done
         return kept
 
 

@@ -21,7 +21,7 @@ prefill with a causal tree mask), and every sequence advances by its own accepta
 The script checks losslessness: each sequence's speculative output must equal plain greedy
 decoding of the same toy target (recomputed from scratch, token by token) in float32.
 
-Run:  python python/batched_engine.py [--batch 3] [--new-tokens 24] [--tree 10,3,3] [--backend reference]
+Run:  python examples/batched_engine.py [--batch 3] [--new-tokens 24] [--tree 10,3,3] [--backend reference]
 (add TRITON_INTERPRET=1 and --backend triton to run the Triton kernels on CPU tensors, slowly).
 """
 
