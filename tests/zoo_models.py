@@ -14,15 +14,16 @@ ZOO_VOCAB = 300
 # model_type -> config overrides beyond ZOO_SHAPE.
 ZOO_EXTRA = {
     "smollm3": dict(no_rope_layers=[1, 0]),  # layer 1 without rotary positions (NoPE)
-    # GPT-NeoX has no grouped KV heads: its attention ignores num_key_value_heads, so the config
-    # must not claim fewer KV heads than the model runs (the adapter sizes its cache from it).
-    "gpt_neox": dict(num_key_value_heads=4),
+    # Per-head LayerNorm on q and k, q/k/v biases (partial rotary by default).
+    "stablelm": dict(qk_layernorm=True, use_qkv_bias=True),
 }
+# GPT-NeoX keeps ZOO_SHAPE's num_key_value_heads=2 in its config but its attention runs all 4
+# heads as KV heads: the adapter must size its cache from what the layers hand to attention.
 
 # Architectures that decode exactly (greedy, fp32) against transformers' generate.
 ZOO_EXACT = ["llama", "qwen3", "gemma", "phi3", "olmo2", "granite", "smollm3", "cohere", "phi", "olmo",
              "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "helium", "exaone4", "ernie4_5", "seed_oss",
-             "cohere2", "granitemoe", "gpt_neox", "bitnet"]
+             "cohere2", "granitemoe", "gpt_neox", "bitnet", "stablelm", "nemotron", "glm", "glm4"]
 
 # Architectures refused, with a piece of the stated reason.
 ZOO_REFUSED = {

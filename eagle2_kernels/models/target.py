@@ -7,13 +7,18 @@ implementation before returning), so the user's ``model(...)`` / ``model.generat
 behave exactly as before, even between two rounds of a ``stream``.
 
 During our forward the model is called with explicit ``position_ids``, ``use_cache=False`` and
-one extra keyword, ``eagle2_ctx``, that transformers passes through to every attention call.
+one extra keyword, ``eagle2_ctx``, that transformers passes through to every attention call
+(where a family's decoder layers drop keywords on the way, StableLM and Nemotron, the attention
+function finds the same context in a context variable set around the forward).
 The attention function writes the layer's rotated k/v into our static cache
 (:class:`eagle2_kernels.cache.StaticKVCache`) at ``ctx.slot`` and runs ``ops.tree_attention``
 over the cache prefix plus the tree region (or a plain causal attention for the prefill).
 Every call is counted on the context: a forward whose count differs from the number of layers
 (transformers bound attention some other way, so the model ran its own attention and our cache
 was not written) raises instead of returning wrong output silently.
+
+The cache's shape (KV heads, head size) is what the layers hand to attention in one probe
+forward of one token at construction, not config fields (GPT-NeoX has no num_key_value_heads).
 
 Target features: by default the post-norm last hidden state (EAGLE-1/2 heads). With
 ``feature_layers`` (EAGLE-3 heads: transformers ``output_hidden_states`` indices, say
@@ -25,6 +30,7 @@ concatenated, [B, N, len(feature_layers) * H]; no other layer's hidden state is 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +67,27 @@ class DecodeContext:
     backend: str | None = None
     calls: int = field(default=0, compare=False)
     windowed: int = field(default=0, compare=False)  # calls that carried a sliding window
+    by_keyword: int = field(default=0, compare=False)  # calls that got this context as a keyword
+
+
+# The context of the forward running in this thread (TargetAdapter.forward sets it around the
+# model call), for models whose decoder layers do not pass the forward's keyword arguments on to
+# their attention (StableLM, Nemotron): the attention function finds its context here then.
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("eagle2_current_ctx", default=None)
+
+
+class _KVShapes:
+    """A stand-in cache for the adapter's probe forward: records each layer's (Hkv, Dh of k,
+    Dh of v) as the layer hands k/v to attention; attention over it returns zeros."""
+
+    def __init__(self):
+        self.shapes: dict[int, tuple[int, int, int]] = {}
+
+    def write(self, layer, slot, key, value):
+        self.shapes[layer] = (int(key.shape[1]), int(key.shape[-1]), int(value.shape[-1]))
+
+    def attend(self, layer, query, *args, **kwargs):
+        return query.new_zeros(*query.shape[:-1], self.shapes[layer][2])
 
 
 def _local_attention(module, kwargs) -> tuple:
@@ -112,12 +139,16 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
             float(scaling if scaling is not None else query.shape[-1] ** -0.5), window, softcap, sinks,
         )
         return out.transpose(1, 2), None
+    keyword = ctx is not None
+    if ctx is None:
+        ctx = _CURRENT.get()
     if ctx is None:
         raise RuntimeError(
             f"the {ATTN_NAME!r} attention implementation only runs inside a TreeSpecDecoder "
             f"forward (it needs the {CTX_KWARG} keyword)"
         )
     ctx.calls += 1
+    ctx.by_keyword += keyword
     ctx.windowed += window is not None
     layer = module.layer_idx
     cache = ctx.cache
@@ -211,8 +242,6 @@ class TargetAdapter:
         if feature_layers is not None:
             self.feature_layers = tuple(int(i) for i in feature_layers)
             self._feature_modules = self._find_feature_modules(self.feature_layers)
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -241,6 +270,9 @@ class TargetAdapter:
             cfg._attn_implementation_internal = previous
         self.compiled: CompiledForward | None = None
         self.compile_status = "eager (compile=False)"
+        # The cache's KV shape comes from what the layers hand to attention, not from config
+        # fields that some families lack or do not use (GPT-NeoX has no num_key_value_heads).
+        self.num_kv_heads, self.head_dim, self.keywords_reach_attention = self._probe_attention()
         if compile:
             self.enable_compile(compile, compile_buckets, progress)
 
@@ -294,6 +326,8 @@ class TargetAdapter:
         """Why this target's forward cannot take the compiled path ('' when it can)."""
         if self.feature_layers is not None:
             return "EAGLE-3 feature capture uses per-forward hooks"
+        if not self.keywords_reach_attention:
+            return "its decoder layers do not pass keyword arguments on to attention (the cache tensors travel as keywords)"
         if not hasattr(self.model, "get_decoder") or self.model.get_decoder() is None:
             return f"{type(self.model).__name__} has no get_decoder()"
         # The compiled body computes logits as transform(lm_head(final hidden)); check that on
@@ -307,6 +341,31 @@ class TargetAdapter:
         if not torch.allclose(mine.float(), out.logits.float(), rtol=1e-3, atol=1e-3):
             return "its logits are not a known transform of lm_head(final hidden state)"
         return ""
+
+    def _probe_attention(self) -> tuple[int, int, bool]:
+        """One forward over one token through our attention with a cache that only records
+        what each layer writes. Returns (KV heads, head size) of the layers and whether every
+        layer received the context as a keyword. Raises when layers hand attention keys of
+        different shapes, or keys and values of different head sizes: one cache tensor of one
+        head size holds all layers here."""
+        shapes = _KVShapes()
+        ctx = DecodeContext(shapes, 0, None, 1)
+        ids = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+        self.forward(ids, ids.clone(), ctx, logits_to_keep=1)
+        kinds = sorted(set(shapes.shapes.values()))
+        name = type(self.model).__name__
+        if len(kinds) != 1:
+            raise NotImplementedError(
+                f"{name}'s layers hand attention keys/values of different shapes (KV heads, key and value "
+                f"head sizes) {kinds}; the KV cache here holds one shape for all layers"
+            )
+        hkv, dk, dv = kinds[0]
+        if dk != dv:
+            raise NotImplementedError(
+                f"{name} has keys of head size {dk} and values of head size {dv}; the KV cache and tree "
+                f"attention here need one head size"
+            )
+        return hkv, dk, ctx.by_keyword == self.num_layers
 
     def _find_feature_modules(self, layers: tuple[int, ...]) -> list:
         """The module whose input (index i < L: decoder layer i) or output (index L: the final
@@ -441,17 +500,21 @@ class TargetAdapter:
                 return out
         multi = self.feature_layers is not None
         captured: list = [None] * (len(self.feature_layers) if multi else 0)
-        ctx.calls = ctx.windowed = 0
-        with torch.no_grad(), self.scoped(), self._capturing(captured):
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                use_cache=False,
-                output_hidden_states=not multi,
-                return_dict=True,
-                logits_to_keep=logits_to_keep,
-                **{CTX_KWARG: ctx},
-            )
+        ctx.calls = ctx.windowed = ctx.by_keyword = 0
+        current = _CURRENT.set(ctx)
+        try:
+            with torch.no_grad(), self.scoped(), self._capturing(captured):
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    output_hidden_states=not multi,
+                    return_dict=True,
+                    logits_to_keep=logits_to_keep,
+                    **{CTX_KWARG: ctx},
+                )
+        finally:
+            _CURRENT.reset(current)
         if ctx.calls != self.num_layers:
             import transformers
 
