@@ -19,6 +19,8 @@ named here is importable from ``eagle2_kernels.eval``:
 * ``report``: :func:`summarize`, :func:`format_report`, :func:`format_sweep` and
   :func:`write_json` turn records into tables and JSON; :func:`lossless_failures` is the fp32
   correctness gate and :func:`bench_report` the whole ``eagle2 bench`` report behind it.
+* ``tally``: :func:`histogram` and :func:`pooled_reliability`, the counts that both the report
+  and the plots use.
 * ``plots``: :func:`plot_accept_histogram`, :func:`plot_question_speedup`,
   :func:`plot_reliability`, :func:`plot_tree_sizes`, :func:`plot_tune` (matplotlib).
 * ``environment``: :func:`environment`, the device / versions / commit / CPU header of every
@@ -69,13 +71,12 @@ from eagle2_kernels.eval.report import (
     bench_report,
     format_report,
     format_sweep,
-    histogram,
     lossless_failures,
-    pooled_reliability,
     summarize,
     write_json,
 )
 from eagle2_kernels.eval.runner import TurnRecord, common_prefix, pooled_speedup, run_side_by_side
+from eagle2_kernels.eval.tally import histogram, pooled_reliability
 
 __all__ = [
     "HF", "LOOP", "SPEC", "MTBENCH_INSTALL", "MTBENCH_PACKAGE", "MTBENCH_QUESTION_PARTS",

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from eagle2_kernels.eval.methods import HF, SPEC
-from eagle2_kernels.eval.report import histogram, pooled_reliability
 from eagle2_kernels.eval.runner import TurnRecord, pooled_speedup
+from eagle2_kernels.eval.tally import histogram, pooled_reliability
 
 
 def _pyplot():

@@ -7,10 +7,11 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from eagle2_kernels.eval.methods import HF, LOOP, SPEC
 from eagle2_kernels.eval.runner import TurnRecord, pooled_speedup
+from eagle2_kernels.eval.tally import histogram, pooled_reliability
 
 
 def _group_summary(records: Sequence[TurnRecord], methods: Sequence[str]) -> dict:
@@ -93,29 +94,6 @@ def summarize(records: Sequence[TurnRecord]) -> dict:
     }
     out["reliability"] = {m: rel for m in spec if (rel := pooled_reliability(records, m)) is not None}
     return out
-
-
-def pooled_reliability(records: Sequence[TurnRecord], method: str) -> dict | None:
-    """Predicted vs actual node acceptance per probability bin, summed over the records."""
-    rels = [r.results[method].reliability for r in records if r.results[method].reliability]
-    if not rels:
-        return None
-    out = {"edges": rels[0]["edges"], "nodes": [0] * len(rels[0]["nodes"]),
-           "predicted": [0.0] * len(rels[0]["nodes"]), "accepted": [0] * len(rels[0]["nodes"])}
-    for rel in rels:
-        for i in range(len(out["nodes"])):
-            out["nodes"][i] += rel["nodes"][i]
-            out["predicted"][i] += rel["predicted"][i]
-            out["accepted"][i] += rel["accepted"][i]
-    return out
-
-
-def histogram(values: Iterable[int]) -> dict[str, int]:
-    """Counts of each value, keyed by the value as a string (JSON keys), in increasing order."""
-    counts: dict[int, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return {str(k): counts[k] for k in sorted(counts)}
 
 
 def _f(x, digits=2) -> str:
