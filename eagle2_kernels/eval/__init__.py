@@ -19,12 +19,16 @@ named here is importable from ``eagle2_kernels.eval``:
 * ``report``: :func:`summarize`, :func:`format_report`, :func:`format_sweep` and
   :func:`write_json` turn records into tables and JSON; :func:`lossless_failures` is the fp32
   correctness gate and :func:`bench_report` the whole ``eagle2 bench`` report behind it.
-* ``tally``: :func:`histogram` and :func:`pooled_reliability`, the counts that both the report
-  and the plots use.
+* ``tally``: :func:`histogram`, :func:`pooled_reliability` and :func:`pooled_tree_sizes`, the
+  counts that both the report and the plots use.
+* ``explain``: :func:`policy_lines`, what a decoder's tree policy chose and why, in words.
+* ``tune`` (imported on its own, ``eagle2_kernels.eval.tune``): ``eagle2 tune``'s analysis, the
+  adaptive policy's predicted gain under a cost model.
 * ``plots``: :func:`plot_accept_histogram`, :func:`plot_question_speedup`,
   :func:`plot_reliability`, :func:`plot_tree_sizes`, :func:`plot_tune` (matplotlib).
 * ``environment``: :func:`environment`, the device / versions / commit / CPU header of every
-  result file (also used by ``bench/``).
+  result file (also used by ``bench/``); :func:`machine_line`, its one-line form;
+  :func:`peak_rss_mib`.
 
 Definitions (README, "Benchmarks (end to end)"): speedup = plain decoding time / speculative time
 over the same turns (same prompts, model, dtype and machine, measured in the same run); tau = mean
@@ -39,13 +43,15 @@ second-turn prompt and their outputs stay comparable token for token.
 Not to be confused with ``eagle2_kernels.train.evaluate``, which measures a draft head's accuracy.
 """
 
-from eagle2_kernels.eval.environment import environment, git_commit
+from eagle2_kernels.eval.environment import environment, git_commit, machine_line, peak_rss_mib
+from eagle2_kernels.eval.explain import policy_lines
 from eagle2_kernels.eval.methods import (
     HF,
     LOOP,
     SPEC,
     Generation,
     Method,
+    eos_token_ids,
     hf_generate_method,
     plain_loop_method,
     speculative_method,
@@ -75,16 +81,24 @@ from eagle2_kernels.eval.report import (
     summarize,
     write_json,
 )
-from eagle2_kernels.eval.runner import TurnRecord, common_prefix, pooled_speedup, run_side_by_side
-from eagle2_kernels.eval.tally import histogram, pooled_reliability
+from eagle2_kernels.eval.runner import (
+    PlainComparison,
+    TurnRecord,
+    common_prefix,
+    compare_with_plain,
+    pooled_speedup,
+    run_side_by_side,
+)
+from eagle2_kernels.eval.tally import histogram, pooled_reliability, pooled_tree_sizes
 
 __all__ = [
     "HF", "LOOP", "SPEC", "MTBENCH_INSTALL", "MTBENCH_PACKAGE", "MTBENCH_QUESTION_PARTS",
     "Question", "mtbench_question_file", "load_questions", "PromptBuilder", "ChatPrompt",
     "Generation", "Method", "hf_generate_method", "plain_loop_method", "speculative_method",
-    "common_prefix", "TurnRecord", "run_side_by_side", "pooled_speedup",
-    "summarize", "pooled_reliability", "histogram", "format_report", "format_sweep",
+    "eos_token_ids", "common_prefix", "PlainComparison", "compare_with_plain",
+    "TurnRecord", "run_side_by_side", "pooled_speedup",
+    "summarize", "pooled_reliability", "pooled_tree_sizes", "histogram", "format_report", "format_sweep",
     "lossless_failures", "bench_report", "write_json",
     "plot_accept_histogram", "plot_question_speedup", "plot_reliability", "plot_tree_sizes", "plot_tune",
-    "environment", "git_commit",
+    "policy_lines", "environment", "git_commit", "machine_line", "peak_rss_mib",
 ]

@@ -1,14 +1,16 @@
 """The environment header of every result file: device, versions, commit and CPU.
 
-One function, :func:`environment`, used by ``eagle2 bench`` and ``eagle2 tune`` (their JSON
-files) and by the benchmarks in ``bench/`` (``bench/common.py`` re-exports it), so that every
-result names the machine and the code it was measured with in the same keys.
+:func:`environment`, used by ``eagle2 bench`` and ``eagle2 tune`` (their JSON files) and by the
+benchmarks in ``bench/`` (``bench/common.py`` re-exports it), so that every result names the
+machine and the code it was measured with in the same keys; :func:`machine_line`, the one-line
+form the commands print; :func:`peak_rss_mib`, this process's peak memory.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -71,3 +73,21 @@ def environment(**extra) -> dict:
         env["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     env.update({k: v for k, v in extra.items() if k not in env})
     return env
+
+
+def machine_line(device: torch.device | str = "cpu") -> str:
+    """CPU model, the bf16 matmul flags, threads and device in one line: what a cost model and
+    every timing depend on (``machine: <cpu>, AVX-512-BF16, AMX, 2 threads, cpu``)."""
+    from eagle2_kernels.runtime.costmodel import machine_info
+
+    m = machine_info(device)
+    native = "AVX-512-BF16" if m["avx512_bf16"] else "no AVX-512-BF16 (bf16 matmul emulated)"
+    text = f"machine: {m['cpu']}, {native}{', AMX' if m['amx'] else ''}, {m['threads']} threads, {m['device']}"
+    return text + (f" ({m['device_name']})" if "device_name" in m else "")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS, in KiB elsewhere
+    return peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024

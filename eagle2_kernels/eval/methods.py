@@ -56,6 +56,18 @@ class Generation:
 Method = Callable[[torch.Tensor, int], Generation]
 
 
+def eos_token_ids(model, tokenizer) -> list[int] | None:
+    """The stop tokens of a model: its tokenizer's ``eos_token_id`` and its generation
+    config's (an int or a list), merged and sorted; None when neither names one."""
+    ids = []
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids += [source] if isinstance(source, int) else list(source)
+    return sorted(set(int(i) for i in ids)) or None
+
+
 def _eos_list(eos_token_id) -> list[int] | None:
     if eos_token_id is None:
         return None

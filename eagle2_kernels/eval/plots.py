@@ -8,7 +8,7 @@ from typing import Sequence
 
 from eagle2_kernels.eval.methods import HF, SPEC
 from eagle2_kernels.eval.runner import TurnRecord, pooled_speedup
-from eagle2_kernels.eval.tally import histogram, pooled_reliability
+from eagle2_kernels.eval.tally import histogram, pooled_reliability, pooled_tree_sizes
 
 
 def _pyplot():
@@ -106,7 +106,7 @@ def plot_reliability(records: Sequence[TurnRecord], path: str | Path, method: st
 
 def plot_tree_sizes(records: Sequence[TurnRecord], path: str | Path, method: str = SPEC) -> Path | None:
     """Histogram of the tree nodes verified per round (1 = a plain step); None without rounds."""
-    sizes = [n for r in records for n in (r.results[method].tree_sizes or [])]
+    sizes = pooled_tree_sizes(records, method)
     if not sizes:
         return None
     plt = _pyplot()

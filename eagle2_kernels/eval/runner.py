@@ -21,6 +21,30 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class PlainComparison:
+    """One generation against plain decoding of the same prompt.
+
+    Attributes:
+        speedup: tokens/s of the generation over tokens/s of plain decoding (the time ratio
+            when both produced as many tokens).
+        identical: whether the two token sequences are equal.
+        common_prefix: how many leading tokens they share.
+    """
+
+    speedup: float
+    identical: bool
+    common_prefix: int
+
+
+def compare_with_plain(
+    new_ids: Sequence[int], seconds: float, plain_ids: Sequence[int], plain_seconds: float
+) -> PlainComparison:
+    """Speedup in tokens/s and agreement of ``new_ids`` with plain decoding's ``plain_ids``."""
+    speedup = (len(new_ids) / seconds) / (len(plain_ids) / plain_seconds)
+    return PlainComparison(speedup, list(new_ids) == list(plain_ids), common_prefix(new_ids, plain_ids))
+
+
 @dataclass
 class TurnRecord:
     """One turn of one question, decoded by every method.

@@ -1,4 +1,5 @@
-"""Counts pooled over turn records: value histograms and the draft's calibration table.
+"""Counts pooled over turn records: value histograms, verified tree sizes and the draft's
+calibration table.
 
 The lowest piece of the report: ``report.summarize`` puts them in the summary and ``plots``
 draws them, so both import them from here (and neither imports the other for them).
@@ -32,3 +33,9 @@ def histogram(values: Iterable[int]) -> dict[str, int]:
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     return {str(k): counts[k] for k in sorted(counts)}
+
+
+def pooled_tree_sizes(records: Sequence[TurnRecord], method: str) -> list[int]:
+    """The tree sizes ``method`` verified, round by round, over all records (empty for methods
+    that record none)."""
+    return [n for r in records for n in (r.results[method].tree_sizes or [])]
