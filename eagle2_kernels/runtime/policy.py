@@ -113,7 +113,7 @@ class RoundPolicy:
         top_k: K, frontier rows per expansion level.
         max_plain: longest run of plain steps between two probes.
 
-    Used by the decoder as: ``plain_steps_due`` before a round (skip the draft when > 0),
+    Used by the decoder as: ``plain_due`` before a round (skip the draft when > 0),
     ``keep_expanding`` after each level, ``choose`` after the last, ``record`` after verify.
     """
 
