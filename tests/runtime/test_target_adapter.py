@@ -18,6 +18,7 @@ from tiny_models import (  # noqa: E402
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
 )
+from tolerances import FP32, FP32_TIGHT  # noqa: E402
 
 
 def tiny(arch):
@@ -50,14 +51,14 @@ def test_prefill_and_tree_forward_match_the_model(arch):
     logits, feats = adapter.forward(ids, torch.arange(L)[None], DecodeContext(cache, 0, None, L))
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True, use_cache=True)
-    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(feats, ref.hidden_states[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref.logits, **FP32)
+    torch.testing.assert_close(feats, ref.hidden_states[-1], **FP32)
     # The static cache holds what the model's own cache holds (rotated keys, values).
     own = ref.past_key_values
     for layer in range(2):
         k_ref, v_ref = own.layers[layer].keys, own.layers[layer].values
-        torch.testing.assert_close(cache.keys(layer)[:, :, :L], k_ref, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(cache.values(layer)[:, :, :L], v_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache.keys(layer)[:, :, :L], k_ref, **FP32_TIGHT)
+        torch.testing.assert_close(cache.values(layer)[:, :, :L], v_ref, **FP32_TIGHT)
     cache.set_length(L)
     # A tree after the prefix: root r, children a, b of r, child c of a.
     parents = [-1, 0, 0, 1]
@@ -71,8 +72,8 @@ def test_prefill_and_tree_forward_match_the_model(arch):
         seq = torch.cat([ids, tokens[:, branch]], 1)
         with torch.no_grad():
             out = model(seq, output_hidden_states=True)
-        torch.testing.assert_close(logits_t[0, node], out.logits[0, -1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(feats_t[0, node], out.hidden_states[-1][0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_t[0, node], out.logits[0, -1], **FP32)
+        torch.testing.assert_close(feats_t[0, node], out.hidden_states[-1][0, -1], **FP32)
     assert model.config._attn_implementation == impl
     # logits_to_keep=1 keeps only the last position's logits, all features.
     lg1, f1 = adapter.forward(ids, torch.arange(L)[None], DecodeContext(cache, 0, None, L), logits_to_keep=1)
