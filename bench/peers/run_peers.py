@@ -9,8 +9,13 @@ chat-templated with the default tokenizer, greedy, bf16, batch 1, the same threa
 Systems (those whose environment or model file is missing are skipped, with the reason):
   ours         TreeSpecDecoder.from_pretrained() with its defaults (adaptive EAGLE-2, compile="auto")
   ours-plain   the same decoder's plain loop (generate_plain), same process
+  ours-nohead  TreeSpecDecoder.from_pretrained(None, False): no draft head, lookup trees alone
+               (the CLI's --draft none), otherwise the defaults (adaptive, compile="auto")
   hf-eager     transformers generate, eager (sdpa), on the same bf16 weights
-  hf-compiled  transformers generate with a static cache (decode step torch.compile'd, freezing on)
+  hf-compiled  transformers generate with a static cache (decode step torch.compile'd, freezing on;
+               one StaticCache sized for the longest prompt + new tokens, reset before each call)
+  hf-lookup10  transformers generate with prompt-lookup decoding, prompt_lookup_num_tokens=10
+  hf-lookup3   the same with prompt_lookup_num_tokens=3
   llama-bf16   llama.cpp on a BF16 GGUF of the same weights, plain
   llama-q4_1   llama.cpp on the Q4_1 GGUF the default model ships as, plain
   vllm         vLLM CPU, plain, on the transformers copy of the same weights
@@ -21,10 +26,13 @@ range over repeats, tau (tokens per target forward) for speculative systems, out
 transformers' eager greedy output (identical outputs, mean common prefix), and the load time
 (load + warm-up, including compiles). A disagreement is checked at its first differing token with
 the fp32 model: when the two tokens' fp32 logits are within ``--near-tie`` of each other it is a
-bf16 near-tie, otherwise the system is flagged. Writes ``peers.json`` and ``README.md`` to --out.
+bf16 near-tie, otherwise the system is flagged. Writes ``peers.json`` and ``table.md`` to --out.
 
-    bash bench/peers/setup.sh
-    .venv/bin/python bench/peers/run_peers.py --lock /path/to/cpu.lock --repeats 3
+    nice -n 19 bash bench/peers/setup.sh                       # once: the peers' environments
+    .venv/bin/python bench/peers/run_peers.py --lock LOCKFILE --repeats 3 --max-new-tokens 128
+
+The full run (both sets, every system, 3 repeats) takes about 35-50 minutes on 2 cores; see
+bench/peers/README.md for the time split, the smoke run and the systems' settings.
 """
 
 from __future__ import annotations
@@ -165,7 +173,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--systems", default="ours,ours-plain,hf-eager,hf-compiled,llama-bf16,llama-q4_1,vllm,vllm-ngram")
+    ap.add_argument("--systems", default="ours,ours-plain,ours-nohead,hf-eager,hf-compiled,hf-lookup10,hf-lookup3,"
+                                         "llama-bf16,llama-q4_1,vllm,vllm-ngram")
+    ap.add_argument("--limit", type=int, default=None, help="first N prompts of each set only (smoke runs)")
     ap.add_argument("--sets", default="code,mtbench")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -200,7 +210,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown prompt set {s!r}; valid: code, mtbench")
         ids = []
-        for t in texts:
+        for t in texts[: args.limit]:
             x = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                         return_tensors="pt")
             x = x["input_ids"] if hasattr(x, "keys") else x
@@ -218,10 +228,16 @@ def main() -> None:
     q4 = default_gguf_path()
     bf16 = models / "SmolLM2-135M-Instruct.BF16.gguf"
     th = ["--threads", str(args.threads)]
+    # transformers' static cache: the longest prompt (warm-up included) plus the new tokens, rounded
+    # up to 128 slots; every slot is attended to at every step, so it is sized to what is used.
+    static_len = -(-(max(len(p) for p in [warm_ids, *sum(sets.values(), [])]) + args.max_new_tokens) // 128) * 128
     specs = {
         "ours": (ours_py, ["ours", *th], {}),
+        "ours-nohead": (ours_py, ["ours", *th, "--no-head"], {}),
         "hf-eager": (ours_py, ["hf-eager", *th], {}),
-        "hf-compiled": (ours_py, ["hf-compiled", *th], {}),
+        "hf-compiled": (ours_py, ["hf-compiled", *th, "--cache-len", str(static_len)], {}),
+        "hf-lookup10": (ours_py, ["hf-lookup", *th, "--lookup-tokens", "10"], {}),
+        "hf-lookup3": (ours_py, ["hf-lookup", *th, "--lookup-tokens", "3"], {}),
         "llama-bf16": (llama_py, ["llama", *th, "--model", str(bf16)], {}),
         "llama-q4_1": (llama_py, ["llama", *th, "--model", str(q4)], {}),
         "vllm": (vllm_py, ["vllm", *th, "--model", str(default_model_dir())],
@@ -353,7 +369,8 @@ def main() -> None:
     versions = {n: w.versions for n, w in workers.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"cpu": cpu, "cpu_flags": flags, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
-              "repeats": args.repeats, "commit": commit, "python": platform.python_version(), "versions": versions,
+              "repeats": args.repeats, "limit": args.limit, "commit": commit, "python": platform.python_version(),
+              "versions": versions,
               "skipped": skipped, "eos": eos, "near_tie_logit_gap": args.near_tie,
               "prompt_lengths": {k: [len(p) for p in v] for k, v in sets.items()}, "sets": table}
     (out_dir / "peers.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -368,10 +385,13 @@ def render(res: dict) -> str:
              f"{res['threads']} threads, bf16, greedy, batch 1, {res['max_new_tokens']} new tokens "
              f"(stop at end of turn), {res['repeats']} repeats in rotation, commit {res['commit']}.", ""]
     names = {"ours": "ours, default adaptive EAGLE-2 (compile=auto)", "ours-plain": "ours, plain loop (generate_plain)",
+             "ours-nohead": "ours, no draft head: lookup trees only (compile=auto)",
              "hf-eager": "transformers generate, eager (sdpa)",
              "hf-compiled": "transformers generate, static cache + torch.compile (freezing)",
+             "hf-lookup10": "transformers generate, prompt lookup (10 tokens)",
+             "hf-lookup3": "transformers generate, prompt lookup (3 tokens)",
              "llama-bf16": "llama.cpp, BF16 GGUF, plain", "llama-q4_1": "llama.cpp, Q4_1 GGUF, plain",
-             "vllm": "vLLM CPU, plain", "vllm-ngram": "vLLM CPU, n-gram k=3"}
+             "vllm": "vLLM CPU, plain", "vllm-ngram": "vLLM CPU, n-gram (k=3, lookup 2-4)"}
     for set_name, rows in res["sets"].items():
         lens = res["prompt_lengths"][set_name]
         lines += [f"### {set_name}: {len(lens)} prompts ({min(lens)}-{max(lens)} prompt tokens)", "",

@@ -13,8 +13,10 @@ Anything the engines print goes to stderr so that stdout carries only the protoc
 
     python bench/peers/worker.py SYSTEM [--threads 2] [--model PATH]
 
-SYSTEM: ours (a request with ``"plain": true`` runs its plain loop), hf-eager, hf-compiled, llama (``--model`` a GGUF), vllm (``--model`` a
-transformers directory), vllm-ngram.
+SYSTEM: ours (a request with ``"plain": true`` runs its plain loop; ``--no-head``: no draft head,
+lookup trees alone), hf-eager, hf-compiled (``--cache-len`` its static cache's slots), hf-lookup
+(transformers' prompt-lookup decoding, ``--lookup-tokens`` candidates), llama (``--model`` a GGUF),
+vllm (``--model`` a transformers directory), vllm-ngram.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import os
 import sys
 import time
 
-SYSTEMS = ("ours", "hf-eager", "hf-compiled", "llama", "vllm", "vllm-ngram")
+SYSTEMS = ("ours", "hf-eager", "hf-compiled", "hf-lookup", "llama", "vllm", "vllm-ngram")
 
 
 class Ours:
-    """TreeSpecDecoder.from_pretrained() with the default settings (compile="auto"), or its plain loop."""
+    """TreeSpecDecoder.from_pretrained() with the default settings (compile="auto"), or its plain loop;
+    with ``--no-head`` the same decoder without a draft head (trees from context lookup alone)."""
 
     def __init__(self, args):
         import torch
@@ -38,8 +41,10 @@ class Ours:
 
         torch.set_num_threads(args.threads)
         self.torch = torch
-        self.dec = TreeSpecDecoder.from_pretrained()
-        self.versions = {"torch": torch.__version__, "compile": self.dec.compile_status}
+        # draft=False: no head, the decoder drafts from the context alone (the CLI's --draft none).
+        self.dec = TreeSpecDecoder.from_pretrained(None, False) if args.no_head else TreeSpecDecoder.from_pretrained()
+        self.versions = {"torch": torch.__version__, "compile": self.dec.compile_status,
+                         "draft_head": self.dec.draft is not None}
         # Warm-up, excluded from timing: the cost model runs every compiled bucket (the compiles
         # are per process), then one short generation of each kind.
         self.dec.cost_model(1)
@@ -58,10 +63,11 @@ class Ours:
 
 
 class HF:
-    """transformers' generate on the same bf16 weights: eager (sdpa), or with a static cache whose
-    decode step transformers compiles (torch.compile, Inductor with freezing: weights prepacked)."""
+    """transformers' generate on the same bf16 weights: eager (sdpa); or with a static cache whose
+    decode step transformers compiles (torch.compile, Inductor with freezing: weights prepacked);
+    or eager with prompt-lookup decoding (``prompt_lookup_num_tokens``)."""
 
-    def __init__(self, args, compiled: bool):
+    def __init__(self, args, compiled: bool, lookup: int | None = None):
         import torch
         import transformers
 
@@ -71,8 +77,13 @@ class HF:
         self.torch = torch
         self.model, _ = load_default(torch.bfloat16)
         self.model.eval()
-        self.compiled = compiled
+        self.compiled, self.lookup = compiled, lookup
         self.versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        self.cache = None
+        # Target forwards per call (prefill included, as ours counts them), for prompt lookup's tau.
+        self.forwards = 0
+        if lookup:
+            self.model.register_forward_hook(self._count)
         if compiled:
             import torch._inductor.config as inductor_config
 
@@ -83,16 +94,30 @@ class HF:
             cc = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
             cc._compile_all_devices = True
             self.model.generation_config.compile_config = cc
-            # One cache size for every prompt, so the decode step compiles once (static shapes).
-            self.cache_len = args.cache_len
+            # One cache for every call, emptied in place before each (StaticCache.reset): its
+            # tensors are marked as static addresses, which Inductor's freezing treats like
+            # weights, so the compiled step keeps pointing at the first cache it saw. A fresh
+            # StaticCache per call (transformers' cache_implementation="static" does that) then
+            # runs the step on freed memory: garbage positions, "index out of bounds" in the
+            # rotary / index_copy kernel. One size for every prompt: the step compiles once.
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=self.model.config, max_cache_len=args.cache_len)
+            self.versions["static_cache_len"] = args.cache_len
+        if lookup:
+            self.versions["prompt_lookup_num_tokens"] = lookup
         self._warm()
 
-    def _kwargs(self):
-        if not self.compiled:
-            return {}
-        from transformers import StaticCache
+    def _count(self, *_):
+        self.forwards += 1
 
-        return {"cache": StaticCache(config=self.model.config, max_cache_len=self.cache_len)}
+    def _kwargs(self):
+        if self.compiled:
+            self.cache.reset()
+            return {"cache": self.cache}
+        if self.lookup:
+            return {"prompt_lookup_num_tokens": self.lookup}
+        return {}
 
     def _warm(self):
         warm = self.torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
@@ -103,11 +128,12 @@ class HF:
     def generate(self, ids, n, eos):
         x = self.torch.tensor([ids])
         kw = self._kwargs()
+        self.forwards = 0
         t0 = time.perf_counter()
         with self.torch.no_grad():
             seq = self.model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kw)
         dt = time.perf_counter() - t0
-        return seq[0, len(ids):].tolist(), dt, None
+        return seq[0, len(ids):].tolist(), dt, (self.forwards if self.lookup else None)
 
 
 class LlamaCpp:
@@ -187,11 +213,11 @@ class VLLM:
         rounds = None
         if self.ngram and before[0] is not None:
             after = self._spec_counts()
-            drafts, accepted = after[0] - before[0], after[1] - before[1]
-            # Every decode step is one draft (or a plain step when n-gram finds nothing): tau is
-            # tokens per target forward; without per-step counts, drafts are the forwards.
-            if drafts:
-                rounds = max(1, round(len(toks) - accepted))
+            accepted = after[1] - before[1]
+            # Each target forward (the prefill, then one per decode step, with or without an
+            # n-gram draft) commits one token plus the drafted tokens it accepts, so the forwards
+            # are the tokens less the accepted drafts (tau = tokens per forward, as ours counts).
+            rounds = max(1, round(len(toks) - accepted))
         return toks, dt, rounds
 
 
@@ -201,6 +227,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="GGUF file (llama) or transformers directory (vllm)")
     ap.add_argument("--cache-len", type=int, default=1024, help="context size of static caches / engines")
+    ap.add_argument("--no-head", action="store_true", help="ours: no draft head (lookup trees alone)")
+    ap.add_argument("--lookup-tokens", type=int, default=10, help="hf-lookup: prompt_lookup_num_tokens")
     args = ap.parse_args()
     # Engines print to stdout; keep the protocol on a private copy of it.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -209,8 +237,9 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.system == "ours":
         sysobj = Ours(args)
-    elif args.system in ("hf-eager", "hf-compiled"):
-        sysobj = HF(args, compiled=args.system == "hf-compiled")
+    elif args.system in ("hf-eager", "hf-compiled", "hf-lookup"):
+        sysobj = HF(args, compiled=args.system == "hf-compiled",
+                    lookup=args.lookup_tokens if args.system == "hf-lookup" else None)
     elif args.system == "llama":
         sysobj = LlamaCpp(args)
     else:
