@@ -16,9 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from eagle2_kernels import DecodeConfig, EagleDraftHead, TreeSpecDecoder  # noqa: E402
 from tiny_models import (  # noqa: E402
     ARCHS,
-    LONG_PATH_TREES,
     assert_accepts,
-    check_stats,
     fixed,
     fixed_decoder,
     hf_greedy,
@@ -32,107 +30,7 @@ from tiny_models import (  # noqa: E402
 )
 
 
-TREES = [
-    pytest.param(2, 1, 1, id="T2-D1-K1"),
-    pytest.param(5, 3, 4, id="T5-D3-K4"),
-    pytest.param(16, 1, 10, id="T16-D1-K10"),
-    pytest.param(16, 5, 4, id="T16-D5-K4"),
-    pytest.param(60, 5, 10, id="T60-D5-K10"),
-]
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("T,D,K", TREES)
-def test_greedy_lossless_random_head(arch, T, D, K):
-    model = tiny_target(arch)
-    vocab = model.config.vocab_size
-    dec = fixed_decoder(model, random_head(arch), T, D, K)
-    for seed, (length, n) in enumerate([(7, 24), (1, 9)]):
-        ids = prompt(vocab, length, seed)
-        out = dec.generate(ids, max_new_tokens=n)
-        assert torch.equal(out.sequences, hf_greedy(model, ids, n)), (arch, T, D, K, seed)
-        check_stats(out, length)
-
-
-# ---------------------------------------------------------------------- a head that predicts well
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("T,D,K", LONG_PATH_TREES)
-def test_greedy_lossless_trained_head_long_paths(arch, T, D, K):
-    model, head, prompts = trained_setup(arch)
-    dec = fixed_decoder(model, head, T, D, K)
-    taus = []
-    for i in range(3):
-        ids = prompts[i : i + 1]
-        out = dec.generate(ids, max_new_tokens=40)
-        assert torch.equal(out.sequences, hf_greedy(model, ids, 40))
-        check_stats(out, ids.shape[1])
-        taus.append(out.stats.mean_accept_length)
-        # Paths of several nodes were accepted and compacted.
-        assert max(out.stats.accept_lengths) >= 4
-    assert sum(taus) / len(taus) > 2.5, taus
-    # A fresh prompt (not trained on) is still decoded losslessly.
-    ids = prompt(model.config.vocab_size, 5, 123)
-    assert torch.equal(dec.generate(ids, 30).sequences, hf_greedy(model, ids, 30))
-
-
-def _inner_cut(accept_lengths, lo):
-    """A token count that ends strictly inside a round of >= 3 tokens (after index lo)."""
-    total = 0
-    for a in accept_lengths:
-        if a >= 3 and total + 1 > lo:
-            return total + 1  # one token into this round
-        total += a
-    raise AssertionError(f"no long round to cut in {accept_lengths}")
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_eos_and_max_new_tokens_inside_a_round(arch):
-    model, head, prompts = trained_setup(arch)
-    dec = fixed_decoder(model, head, 16, 5, 4)
-    ids = prompts[:1]
-    full = dec.generate(ids, max_new_tokens=40)
-    assert_accepts(full.stats, tau=2.5, longest=4)
-    new = full.sequences[0, ids.shape[1]:].tolist()
-    # max_new_tokens ending inside a round.
-    cut = _inner_cut(full.stats.accept_lengths, 2)
-    out = dec.generate(ids, max_new_tokens=cut)
-    assert out.sequences[0, ids.shape[1]:].tolist() == new[:cut]
-    check_stats(out, ids.shape[1])
-    # EOS inside a round: a token whose first occurrence is in the middle of a long round.
-    total, pick = 0, None
-    for a in full.stats.accept_lengths:
-        for j in range(total, total + a - 1):  # not the last token of the round
-            if new.index(new[j]) == j and j > 0:
-                pick = j
-                break
-        if pick is not None and a >= 3:
-            break
-        total += a
-        pick = None
-    assert pick is not None
-    eos = new[pick]
-    out = dec.generate(ids, max_new_tokens=40, eos_token_id=eos)
-    ref = hf_greedy(model, ids, 40, eos=eos)
-    assert torch.equal(out.sequences, ref)
-    assert out.sequences[0, -1].item() == eos and out.sequences.shape[1] == ids.shape[1] + pick + 1
-    check_stats(out, ids.shape[1])
-    # A list of EOS ids: the earliest one wins, as in plain decoding.
-    other = new[pick + 1]
-    out2 = dec.generate(ids, max_new_tokens=40, eos_token_id=[other, eos])
-    ref2 = hf_greedy(model, ids, 40, eos=[other, eos])
-    assert torch.equal(out2.sequences, ref2)
-    # eos_token_id=None takes the model's generation config, like transformers' generate.
-    model.generation_config.eos_token_id = eos
-    try:
-        assert torch.equal(dec.generate(ids, max_new_tokens=40).sequences, hf_greedy(model, ids, 40))
-        assert torch.equal(dec.generate(ids, max_new_tokens=40).sequences, ref)
-        assert torch.equal(dec.generate(ids, max_new_tokens=40, eos_token_id=[]).sequences, full.sequences)
-    finally:
-        model.generation_config.eos_token_id = None
-    # Plain decoding over our cache stops at the same place.
-    plain = dec.generate_plain(ids, max_new_tokens=40, eos_token_id=eos)
-    assert torch.equal(plain.sequences, ref)
-    assert plain.stats.accept_lengths == [1] * plain.stats.new_tokens
+# Greedy losslessness, EOS / budget inside a round and batches, for both drivers: test_drivers.py.
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -310,39 +208,6 @@ def test_every_ops_backend_decodes_the_same(backend):
     kw = dict(temperature=1.0, top_k=20)
     sampled = dec.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences
     assert torch.equal(sampled, ref.generate(ids, 8, generator=torch.Generator().manual_seed(3), **kw).sequences)
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("T,D,K", [pytest.param(6, 2, 3, id="T6-D2-K3"), pytest.param(16, 4, 4, id="T16-D4-K4")])
-def test_batch_greedy_equals_transformers(arch, T, D, K):
-    """B = 3 sequences in lockstep, with different acceptance lengths per round and EOS stops."""
-    model, head, prompts = trained_setup(arch)
-    dec = fixed_decoder(model, head, T, D, K)
-    ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)  # 2 trained, 1 fresh
-    out = dec.generate(ids, max_new_tokens=30)
-    assert torch.equal(out.sequences, hf_greedy(model, ids, 30))
-    assert out.stats.new_tokens == sum(out.stats.accept_lengths) == 3 * 30
-    # Rows 0 and 1 accept long paths in the same rounds (accept_lengths sum over the rows).
-    assert max(out.stats.accept_lengths) >= 8, out.stats.accept_lengths
-    rows = [dec.generate(ids[b : b + 1], 30) for b in range(3)]
-    for r in rows[:2]:
-        assert_accepts(r.stats, tau=2.5)
-    assert torch.equal(out.sequences, torch.cat([r.sequences for r in rows], 0))
-    # An EOS that stops row 0 early inside a round; the others go on, row 0 is padded with it.
-    new0 = out.sequences[0, 6:].tolist()
-    eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
-    out_eos = dec.generate(ids, max_new_tokens=30, eos_token_id=eos)
-    assert torch.equal(out_eos.sequences, hf_greedy(model, ids, 30, eos=eos))
-    real = sum(len(r[6:].tolist()[: r[6:].tolist().index(eos) + 1]) if eos in r[6:].tolist() else 30
-               for r in out_eos.sequences)
-    assert out_eos.stats.new_tokens == sum(out_eos.stats.accept_lengths) == real
-    chunks = list(dec.stream(ids, max_new_tokens=30, eos_token_id=eos))
-    assert all(len(c) == 3 for c in chunks)
-    for b in range(3):
-        got = sum((c[b] for c in chunks), [])
-        assert got == out_eos.sequences[b, 6 : 6 + len(got)].tolist()
-    plain = dec.generate_plain(ids, max_new_tokens=30, eos_token_id=eos)
-    assert torch.equal(plain.sequences, out_eos.sequences)
 
 
 def test_batch_sampling_is_reproducible():

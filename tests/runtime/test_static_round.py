@@ -23,7 +23,6 @@ from eagle2_kernels.ops.sampling import process_logits  # noqa: E402
 from eagle2_kernels.runtime import graphs  # noqa: E402
 from tiny_models import (  # noqa: E402
     ARCHS,
-    LONG_PATH_TREES,
     SAMPLING,
     SAMPLING_PROMPTS,
     assert_accepts,
@@ -55,101 +54,7 @@ def dynamic_decoder(model, head, T, D, K):
     return fixed_decoder(model, head, T, D, K, static_round=False, lookup=False)
 
 
-# ---------------------------------------------------------------------- greedy losslessness
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize(
-    "T,D,K",
-    [pytest.param(2, 1, 1, id="T2-D1-K1"), pytest.param(5, 3, 4, id="T5-D3-K4"),
-     pytest.param(60, 5, 10, id="T60-D5-K10")],
-)
-def test_static_greedy_lossless_random_head(arch, T, D, K):
-    model = tiny_target(arch)
-    dec = static_decoder(model, random_head(arch), T, D, K)
-    for seed, (length, n) in enumerate([(7, 20), (1, 9)]):
-        ids = prompt(model.config.vocab_size, length, seed)
-        out = dec.generate(ids, max_new_tokens=n)
-        assert torch.equal(out.sequences, hf_greedy(model, ids, n)), (arch, T, D, K, seed)
-        check_stats(out, length)
-    assert dec.graph_status.startswith("eager")  # CPU: no graphs, the static round eagerly
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("T,D,K", LONG_PATH_TREES)
-def test_static_greedy_lossless_trained_head_long_paths(arch, T, D, K):
-    model, head, prompts = trained_setup(arch)
-    dec = static_decoder(model, head, T, D, K)
-    dyn = dynamic_decoder(model, head, T, D, K)
-    for i in range(2):
-        ids = prompts[i : i + 1]
-        out = dec.generate(ids, max_new_tokens=40)
-        assert torch.equal(out.sequences, hf_greedy(model, ids, 40))
-        check_stats(out, ids.shape[1])
-        # Deep paths were accepted and compacted; the round commits what the dynamic one does.
-        assert_accepts(out.stats, tau=2.5, longest=4)
-        assert out.stats.accept_lengths == dyn.generate(ids, max_new_tokens=40).stats.accept_lengths
-    ids = prompt(model.config.vocab_size, 5, 123)  # not trained on
-    assert torch.equal(dec.generate(ids, 30).sequences, hf_greedy(model, ids, 30))
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_static_eos_and_max_new_tokens_inside_a_round(arch):
-    model, head, prompts = trained_setup(arch)
-    dec = static_decoder(model, head, 16, 5, 4)
-    ids = prompts[:1]
-    full = dec.generate(ids, max_new_tokens=40)
-    assert_accepts(full.stats, tau=2.5, longest=4)
-    new = full.sequences[0, ids.shape[1]:].tolist()
-    lengths = full.stats.accept_lengths
-    # A budget ending one token into a round of >= 3 tokens.
-    total, cut = 0, None
-    for a in lengths:
-        if a >= 3 and total > 1:
-            cut = total + 1
-            break
-        total += a
-    assert cut is not None, lengths
-    out = dec.generate(ids, max_new_tokens=cut)
-    assert out.sequences[0, ids.shape[1]:].tolist() == new[:cut]
-    check_stats(out, ids.shape[1])
-    # An EOS first seen in the middle of a long round.
-    total, pick = 0, None
-    for a in lengths:
-        if a >= 3:
-            j = next((j for j in range(total, total + a - 1) if j > 0 and new.index(new[j]) == j), None)
-            if j is not None:
-                pick = j
-                break
-        total += a
-    assert pick is not None
-    for eos in (new[pick], [new[pick + 1], new[pick]]):
-        out = dec.generate(ids, max_new_tokens=40, eos_token_id=eos)
-        assert torch.equal(out.sequences, hf_greedy(model, ids, 40, eos=eos))
-        check_stats(out, ids.shape[1])
-    assert out.sequences.shape[1] == ids.shape[1] + pick + 1
-    # The stream yields the same rounds.
-    chunks = list(dec.stream(ids, max_new_tokens=40))
-    assert [len(c) for c in chunks] == lengths and sum(chunks, []) == new
-    # The first token already stops (EOS or budget 1): no round runs.
-    assert torch.equal(dec.generate(ids, 1).sequences, full.sequences[:, : ids.shape[1] + 1])
-    out = dec.generate(ids, 40, eos_token_id=new[0])
-    assert out.sequences.shape[1] == ids.shape[1] + 1 and out.stats.rounds == 1
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_static_batch_greedy_with_eos_equals_transformers(arch):
-    model, head, prompts = trained_setup(arch)
-    dec = static_decoder(model, head, 8, 3, 3)
-    ids = torch.cat([prompts[:2], prompt(model.config.vocab_size, 6, 77)], 0)
-    out = dec.generate(ids, max_new_tokens=24)
-    assert torch.equal(out.sequences, hf_greedy(model, ids, 24))
-    # Rows 0 and 1 accept long paths in the same rounds (accept_lengths sum over the rows).
-    assert max(out.stats.accept_lengths) >= 8, out.stats.accept_lengths
-    new0 = out.sequences[0, 6:].tolist()
-    eos = next(t for j, t in enumerate(new0[3:], 3) if new0.index(t) == j)
-    out_eos = dec.generate(ids, max_new_tokens=24, eos_token_id=eos)
-    assert torch.equal(out_eos.sequences, hf_greedy(model, ids, 24, eos=eos))
-    dyn = dynamic_decoder(model, head, 8, 3, 3)
-    assert out_eos.stats.accept_lengths == dyn.generate(ids, 24, eos_token_id=eos).stats.accept_lengths
+# Greedy losslessness, EOS / budget inside a round and batches: test_drivers.py, for both drivers.
 
 
 def test_static_lagged_host_reads():
