@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import requires_triton, triton_device
+from tolerances import FP32_TIGHT
 from eagle2_kernels.ops.kv_compact_paged.reference import kv_compact_paged as ref_paged
 
 import eagle2_kernels.ops as ops
@@ -205,7 +206,7 @@ def test_round_on_pages_equals_round_on_dense_cache():
     q = torch.randn(B, Hq, T, Dh, generator=g)
     a_dense = ops.tree_attention(q, dense[0], dense[1], prefix, tree.mask, T)
     a_paged = ops.tree_attention_paged(q, pool[0], pool[1], table, prefix, tree.mask, T)
-    torch.testing.assert_close(a_paged, a_dense, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a_paged, a_dense, **FP32_TIGHT)
     logits = torch.randn(B, T, 16, generator=g)
     for b in range(B):  # make the target agree with the deepest branch often
         for i in range(T):
@@ -221,7 +222,7 @@ def test_round_on_pages_equals_round_on_dense_cache():
     none = torch.zeros(B, 1, 1, dtype=torch.int32)
     n_dense = ops.tree_attention(q1, dense[0], dense[1], committed, none, 0)
     n_paged = ops.tree_attention_paged(q1, pool[0], pool[1], table, committed, none, 0)
-    torch.testing.assert_close(n_paged, n_dense, rtol=0, atol=1e-6)
+    torch.testing.assert_close(n_paged, n_dense, **FP32_TIGHT)
 
 
 # ----------------------------------------------------------------------------- triton

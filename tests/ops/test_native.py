@@ -15,6 +15,7 @@ from eagle2_kernels.ops.tree_build.reference import tree_build as ref_tree_build
 from eagle2_kernels.ops.tree_expand.reference import tree_expand as ref_tree_expand
 from eagle2_kernels.ops.verify_greedy.reference import verify_greedy as ref_verify_greedy
 from eagle2_kernels.ops.verify_sample.reference import verify_sample as ref_verify_sample
+from tolerances import FP32, FP32_ABS, FP32_ACCUM
 
 # Every test here needs the extension; that it is built at all is checked by
 # tests/ops/test_library.py::test_extension_is_built, which this module-wide skip cannot hide.
@@ -90,9 +91,9 @@ def test_tree_expand_matches_reference(B, R, V, K, dtype, d2t):
     got = native_tree_expand.tree_expand(logits, parent_scores, K, mapping)
     want = ref_tree_expand(logits, parent_scores, K, mapping)
     assert torch.equal(got[0], want[0]), "child_tokens"
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[1], want[1], **FP32_ACCUM)
     assert torch.equal(got[2], want[2]), "next_index"
-    torch.testing.assert_close(got[3], want[3], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[3], want[3], **FP32_ACCUM)
     assert [t.dtype for t in got] == [torch.int64, torch.float32, torch.int64, torch.float32]
     # next_scores are exactly the chosen child scores
     assert torch.equal(got[3], got[1].reshape(B, R * K).gather(1, got[2]))
@@ -111,7 +112,7 @@ def test_tree_expand_ties_go_to_lower_id(V):
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[0][1, 2], torch.arange(9))
     assert torch.equal(got[2], want[2])
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], **FP32_ABS)
 
 
 def test_tree_expand_equal_children_across_rows_tie_to_lower_flat_index():
@@ -134,7 +135,7 @@ def test_tree_expand_random_loop():
         want = ref_tree_expand(logits, parent_scores, K)
         assert torch.equal(got[0], want[0]), trial
         assert torch.equal(got[2], want[2]), trial
-        torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-5)
+        torch.testing.assert_close(got[1], want[1], **FP32_ACCUM)
 
 
 def test_tree_expand_rejects_bad_top_k():
@@ -265,10 +266,10 @@ def test_tree_attention_empty_rows_are_zero_and_scale_is_used(simd):
     got = native_tree_attention.tree_attention(q, k, v, prefix, mask, 3, 0.3)
     want = ref_tree_attention(q, k, v, prefix, mask, 3, 0.3)
     assert torch.equal(got[0, :, 0], torch.zeros(2, 8))  # prefix 0, empty mask row
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **FP32)
     # tree_len 0: only the prefix
     got0 = native_tree_attention.tree_attention(q, k, v, prefix, mask, 0)
-    torch.testing.assert_close(got0, ref_tree_attention(q, k, v, prefix, mask, 0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got0, ref_tree_attention(q, k, v, prefix, mask, 0), **FP32)
 
 
 def test_tree_attention_keeps_layout_of_q(simd):
@@ -278,7 +279,7 @@ def test_tree_attention_keeps_layout_of_q(simd):
     got = native_tree_attention.tree_attention(q, k, v, torch.tensor([10]), mask, 5)
     want = ref_tree_attention(q, k, v, torch.tensor([10]), mask, 5)
     assert got.stride() == want.stride()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **FP32)
 
 
 def test_tree_attention_strided_float_caches(simd):
@@ -516,6 +517,6 @@ def test_public_ops_with_backend_ext_match_reference():
     for i, (a, b) in enumerate(zip(results["ext"], results["reference"])):
         assert a.dtype == b.dtype and a.shape == b.shape, i
         if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"output {i}")
+            torch.testing.assert_close(a, b, **FP32, msg=f"output {i}")
         else:
             assert torch.equal(a, b), i

@@ -17,6 +17,7 @@ import torch
 from eagle2_kernels.ops.tree import pack_bits, unpack_bits
 from eagle2_kernels.ops.tree_attention.reference import tree_attention as ref_tree_attention
 from conftest import requires_triton, triton_device
+from tolerances import FP16, FP32_ABS, FP32_TIGHT
 
 import eagle2_kernels.ops as ops
 
@@ -164,7 +165,7 @@ def test_reference_uniform_attention_by_hand():
         c = h // 2  # GQA: heads 0,1 -> kv 0; heads 2,3 -> kv 1
         for i, slots in enumerate([[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 4]]):
             expect = c + sum(slots) / len(slots) / 100
-            torch.testing.assert_close(out[0, h, i], torch.full((Dh,), expect), rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[0, h, i], torch.full((Dh,), expect), **FP32_TIGHT)
 
 
 def test_reference_bit31_and_second_word():
@@ -208,7 +209,7 @@ def test_reference_matches_truth_random_trees():
         case = make_case(B, 4, 2, T, 16, [rng.randrange(0, 20) for _ in range(B)], T, rows,
                          seed=trial)
         out = ref_tree_attention(*case, T)
-        torch.testing.assert_close(out.double(), truth(*case, T), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.double(), truth(*case, T), **FP32_ABS)
 
 
 def test_reference_scale_and_dtype_and_layout():
@@ -220,7 +221,7 @@ def test_reference_scale_and_dtype_and_layout():
     out = ref_tree_attention(q_t, k, v, prefix_len, mask, T, scale=0.3)
     assert out.dtype == torch.float16 and out.stride() == q_t.stride()
     want = truth(q_t, k, v, prefix_len, mask, T, scale=0.3)
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-3)
+    torch.testing.assert_close(out.double(), want, **FP16)
 
 
 def test_reference_rejects_cache_overflow():
@@ -356,11 +357,11 @@ def test_triton_long_causal_mask_many_words():
     causal = torch.arange(T)[None, :] <= i
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :, :T].expand(1, 2, T, 16), v[:, :, :T].expand(1, 2, T, 16), attn_mask=causal)
-    torch.testing.assert_close(want, sdpa, rtol=0, atol=1e-5)
+    torch.testing.assert_close(want, sdpa, **FP32_ABS)
     dev = triton_device()
     out = ops.tree_attention(*(x.to(dev) for x in (q, k, v, prefix_len, mask)), T,
                              backend="triton")
-    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), want, **FP32_ABS)
 
 
 @requires_triton

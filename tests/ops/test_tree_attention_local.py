@@ -21,6 +21,7 @@ from eagle2_kernels._backend import ext_available
 from eagle2_kernels.ops.tree import pack_bits
 from eagle2_kernels.ops.tree_attention.reference import tree_attention as ref_tree_attention
 from conftest import requires_triton, triton_device
+from tolerances import EXACT, FP32_ACCUM, FP32_TIGHT, FP64, HALF
 
 requires_ext = pytest.mark.skipif(not ext_available(), reason="native extension not built")
 
@@ -137,7 +138,7 @@ def build(case, dtype=torch.float32):
 def test_reference_is_the_position_window(case):
     c, kw = build(case, dtype=torch.float64)
     out = ref_tree_attention(*args(c), None, kw["window"], kw["softcap"], kw["sinks"])
-    torch.testing.assert_close(out, position_truth(c, **kw), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, position_truth(c, **kw), **FP64)
 
 
 def test_reference_window_by_hand():
@@ -178,7 +179,7 @@ def test_triton_matches_position_truth(case, split):
     kw = {n: (x.to(dev) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
     tune = dict(num_splits=3, min_chunk=8, block_n=16) if split else {}
     out = launch(*args(c, dev), **kw, **tune)
-    torch.testing.assert_close(out.cpu().double(), position_truth(c, **kw), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.cpu().double(), position_truth(c, **kw), **FP32_ACCUM)
 
 
 def poisoned(c, window):
@@ -203,7 +204,7 @@ def test_triton_skips_slots_before_the_window(split):
     tune = dict(num_splits=4, min_chunk=4, block_n=16) if split else {}
     out = launch(*args(bad, triton_device()), window=9, **tune)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.cpu().double(), position_truth(c, window=9), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.cpu().double(), position_truth(c, window=9), **FP32_ACCUM)
 
 
 # ----------------------------------------------------------------------------- native
@@ -224,7 +225,7 @@ def simd(request, monkeypatch):
 def test_native_matches_position_truth(case, simd):
     c, kw = build(case)
     out = ops.tree_attention(*args(c), backend="ext", **kw)
-    torch.testing.assert_close(out.double(), position_truth(c, **kw), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.double(), position_truth(c, **kw), **FP32_ACCUM)
 
 
 @requires_ext
@@ -234,7 +235,7 @@ def test_native_half_dtypes_match_reference(dtype, simd):
     out = ops.tree_attention(*args(c), backend="ext", **kw)
     want = ops.tree_attention(*args(c), backend="reference", **kw)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), want.float(), **HALF)
 
 
 @requires_ext
@@ -243,7 +244,7 @@ def test_native_skips_slots_before_the_window(simd):
     c, _ = build(case)
     out = ops.tree_attention(*args(poisoned(c, 9)), backend="ext", window=9)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), position_truth(c, window=9), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.double(), position_truth(c, window=9), **FP32_ACCUM)
 
 
 # ----------------------------------------------------------------------------- paged
@@ -286,7 +287,7 @@ def test_paged_matches_position_truth(case, backend):
                                    c["prefix_len"].to(dev), c["mask"].to(dev), c["T"],
                                    backend=backend, **kw)
     assert out.shape == q.shape
-    torch.testing.assert_close(out.cpu().double(), position_truth(c, **kw), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.cpu().double(), position_truth(c, **kw), **FP32_ACCUM)
 
 
 @requires_triton
@@ -302,7 +303,7 @@ def test_paged_triton_skips_pages_before_the_window():
     out = launch(c["q"].to(dev), kp.to(dev), vp.to(dev), table.to(dev), c["prefix_len"].to(dev),
                  c["mask"].to(dev), c["T"], window=9, num_splits=3, min_chunk=4, block_n=16)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.cpu().double(), position_truth(c, window=9), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.cpu().double(), position_truth(c, window=9), **FP32_ACCUM)
 
 
 # ----------------------------------------------------------------------------- interface
@@ -338,13 +339,13 @@ def test_torch_ops_take_the_local_arguments():
     c, kw = build(CASES[-1])
     want = ops.tree_attention(*args(c), **kw)
     got = torch.ops.eagle2.tree_attention(*args(c), None, kw["window"], kw["softcap"], kw["sinks"])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **EXACT)
     kp, table = paginate(c["k"], 4, seed=0)
     vp, _ = paginate(c["v"], 4, seed=0)
     got = torch.ops.eagle2.tree_attention_paged(c["q"], kp, vp, table, c["prefix_len"], c["mask"],
                                                 c["T"], window=kw["window"], softcap=kw["softcap"],
                                                 sinks=kw["sinks"])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, **FP32_TIGHT)
     # the fake implementation (torch.compile, tracing) gives the shape without running
     from torch._subclasses.fake_tensor import FakeTensorMode
 

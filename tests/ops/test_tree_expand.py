@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import requires_triton, triton_device
+from tolerances import EXACT, FP32, FP32_VOCAB
 from eagle2_kernels.ops.tree_expand import tree_expand
 
 # ----------------------------------------------------------------------------- oracle
@@ -37,19 +38,19 @@ def oracle(logits, parent_scores, top_k, draft_to_target=None):
     return tokens, scores.float(), next_index, next_scores.float()
 
 
-def check(got, want, exact_index=True, atol=1e-5):
+def check(got, want, exact_index=True):
     tokens, scores, next_index, next_scores = got
     w_tokens, w_scores, w_index, w_next = want
     assert tokens.dtype == torch.int64 and next_index.dtype == torch.int64
     assert scores.dtype == torch.float32 and next_scores.dtype == torch.float32
-    torch.testing.assert_close(tokens.cpu(), w_tokens, rtol=0, atol=0)
-    torch.testing.assert_close(scores.cpu(), w_scores, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(tokens.cpu(), w_tokens, **EXACT)
+    torch.testing.assert_close(scores.cpu(), w_scores, **FP32)
     if exact_index:
-        torch.testing.assert_close(next_index.cpu(), w_index, rtol=0, atol=0)
-    torch.testing.assert_close(next_scores.cpu(), w_next, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(next_index.cpu(), w_index, **EXACT)
+    torch.testing.assert_close(next_scores.cpu(), w_next, **FP32)
     # next_scores are exactly the chosen child scores, in descending order
     flat = scores.reshape(scores.shape[0], -1)
-    torch.testing.assert_close(next_scores, flat.gather(1, next_index), rtol=0, atol=0)
+    torch.testing.assert_close(next_scores, flat.gather(1, next_index), **EXACT)
     assert (next_scores[:, :-1] >= next_scores[:, 1:]).all()
     assert (scores[..., :-1] >= scores[..., 1:]).all()
 
@@ -316,12 +317,12 @@ def test_triton_large_vocab(V, dtype):
     ref = tree_expand(logits, parents, K, backend="reference")
     dev = triton_device()
     got = tree_expand(logits.to(dev), parents.to(dev), K, backend="triton")
-    torch.testing.assert_close(got[0].cpu(), ref[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1].cpu(), ref[1], rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(got[3].cpu(), ref[3], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got[0].cpu(), ref[0], **EXACT)
+    torch.testing.assert_close(got[1].cpu(), ref[1], **FP32_VOCAB)
+    torch.testing.assert_close(got[3].cpu(), ref[3], **FP32_VOCAB)
     # next_index may only differ where the two scores are within rounding of each other
     flat = got[1].cpu().reshape(B, -1)
-    torch.testing.assert_close(flat.gather(1, got[2].cpu()), ref[3], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(flat.gather(1, got[2].cpu()), ref[3], **FP32_VOCAB)
 
 
 @pytest.mark.cuda
@@ -338,7 +339,7 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     want = tree_expand(logits, parents, K)
     for a, b in zip(captured, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT)
     assert not torch.equal(out[0], want[0])
 
 
