@@ -7,7 +7,12 @@ over plain decoding, tau (tokens per target forward), how many committed drafted
 the head, the lookup or both, and how many outputs equal plain decoding's (in bf16, tree-batched
 numerics may flip near-ties: the mean common prefix is given too).
 
-    python bench/bench_lookup.py --sets mtbench,code --limit 8 --max-new-tokens 128 --json out.json
+    python bench/bench_lookup.py --sets mtbench,code --limit 8 --max-new-tokens 128 --json out.json --plot out.png
+    python bench/bench_lookup.py --replot out.json --plot out.png     # the plot of an earlier run
+
+The plot stacks each method's committed tokens by where they came from: drafted and accepted
+nodes proposed by the head alone, by the lookup alone, or by both; and the token each round
+commits from the target itself (the bonus, or the only token of a plain step).
 """
 
 from __future__ import annotations
@@ -67,15 +72,22 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="also transformers' generate, plain and with prompt lookup (prompt_lookup_num_tokens=10)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG: committed tokens by source, per method and prompt set")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only plot an earlier run's --json")
+    ap.add_argument("--no-compile", action="store_true", help="eager target forwards (default: as a user gets)")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot_sources(json.load(f), args.plot or args.replot.replace(".json", "_sources.png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
     base = TreeSpecDecoder.from_pretrained()  # the default model (bf16) and its shipped head
     model, head, tok = base.target, base.draft, base.tokenizer
     extra = {}
-    if "compile" in inspect.signature(TreeSpecDecoder.__init__).parameters:
-        extra["compile"] = False  # eager forwards for every method (the compiled forward is measured apart)
+    if args.no_compile and "compile" in inspect.signature(TreeSpecDecoder.__init__).parameters:
+        extra["compile"] = False  # eager forwards for every method
     decs = {
         "head": TreeSpecDecoder(model, head, tokenizer=tok, lookup=False, **extra),
         "head+lookup": TreeSpecDecoder(model, head, tokenizer=tok, **extra),
@@ -144,6 +156,46 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.plot:
+        plot_sources(results, args.plot)
+
+
+def plot_sources(results: dict, path: str) -> None:
+    """Stacked bars: each method's committed tokens per prompt set, split by source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = results["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.2), squeeze=False)
+    colours = {"target (bonus / plain step)": "#bbbbbb", "head": "#4c72b0", "lookup": "#dd8452",
+               "head and lookup": "#8172b3"}
+    for ax, (name, rows) in zip(axes[0], sets.items()):
+        methods = [m for m, r in rows.items() if r.get("rounds")]  # tau known: our own methods
+        bottom = [0.0] * len(methods)
+        for label, colour in colours.items():
+            key = {"head": "head", "lookup": "lookup", "head and lookup": "both"}.get(label)
+            vals = [rows[m][key] if key else rows[m]["tokens"] - rows[m]["head"] - rows[m]["lookup"] - rows[m]["both"]
+                    for m in methods]
+            ax.bar(methods, vals, bottom=bottom, color=colour, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, m in enumerate(methods):
+            r = rows[m]
+            ax.text(i, bottom[i], f"tau {r['tokens'] / r['rounds']:.2f}\n{r['tokens'] / r['seconds']:.1f} tok/s",
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{name}: {len(rows[methods[0]]['per_prompt'])} prompts")
+        ax.set_ylabel("committed tokens")
+        ax.set_ylim(0, max(bottom) * 1.18)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
+    env = results.get("environment", {})
+    fig.suptitle(f"committed tokens by source ({env.get('processor', '')}, torch {env.get('torch', '')}, "
+                 f"{env.get('threads', '')} threads)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

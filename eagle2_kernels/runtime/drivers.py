@@ -133,7 +133,9 @@ def tree_rounds(state, run: Run, root: torch.Tensor, pending, policy=None):
         if policy is not None:
             size.record(stats, acc.paths)
         if lround is not None:
-            lookup.record(lround, acc.paths, T, stats)
+            lookup.record(lround, acc.paths, T, stats)  # counts accepted nodes by source
+        else:
+            stats.head_tokens += sum(len(p) for p in acc.paths if p)
         chunks = run.commit(acc.proposals)
         stats.tree_sizes.append(T)
         if any(run.active):

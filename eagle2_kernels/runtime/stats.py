@@ -64,7 +64,8 @@ class DecodeStats:
         head_tokens, lookup_tokens, both_tokens: accepted drafted tokens (bonus tokens excluded;
             the last round counted before its cut at EOS / ``max_new_tokens``) whose tree node
             the draft head proposed alone, the context lookup alone (``runtime/lookup.py``), or
-            both. Counted only when lookup is on (all zero with ``lookup=False``).
+            both. Counted in the dynamic round (with ``lookup=False`` every one is the head's);
+            all zero in the static round, whose device-side commit does not report paths.
         lookup_nodes: verified tree nodes that the lookup proposed (alone or with the head).
     """
 

@@ -187,3 +187,17 @@ def test_batch_greedy_equals_transformers(driver, arch, T, D, K):
     if driver == "static":
         alone = head_only(model, head, T, D, K)
         assert out_eos.stats.accept_lengths == alone.generate(ids, 30, eos_token_id=eos).stats.accept_lengths
+
+
+def test_head_only_rounds_count_the_heads_tokens():
+    """With lookup off every accepted drafted token is the head's: the stats say so, and nothing
+    is attributed to the lookup. A round commits its accepted drafted nodes and one target
+    token, so the drafted tokens are new - 1 (the prefill's) - rounds, plus what the budget cut
+    from the last round (counted before its cut: at most D + 1 nodes deep)."""
+    model, head, prompts = trained_setup()
+    dec = head_only(model, head, 16, 5, 4)
+    s = dec.generate(prompts[:1], max_new_tokens=41).stats
+    assert s.lookup_tokens == s.both_tokens == 0
+    rounds = len(s.accept_lengths) - 1
+    assert 0 <= s.head_tokens - (s.new_tokens - 1 - rounds) <= 6
+    assert s.head_tokens > 2 * rounds  # a trained head: long accepted paths
