@@ -227,10 +227,10 @@ def prepared_round(dec, ctx: int, device):
 def measure_round(sr, device, reps: int) -> dict:
     """Round time (draft + verify replayed back to back), host time per round, with the
     decode state saved and restored so the context length stays put."""
-    saved = [t.clone() for t in sr._state()]
+    saved = [t.clone() for t in sr.state_tensors()]
 
     def restore():
-        for t, s in zip(sr._state(), saved):
+        for t, s in zip(sr.state_tensors(), saved):
             t.copy_(s)
 
     def one():
@@ -258,7 +258,7 @@ def profile_round(sr, device, path: str, rounds: int = 3) -> dict:
     (device kernels on CUDA, aten ops on CPU) and the profile's file name."""
     from torch.profiler import ProfilerActivity, profile
 
-    saved = [t.clone() for t in sr._state()]
+    saved = [t.clone() for t in sr.state_tensors()]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sr.run_draft()
     sr.run_verify()
@@ -268,7 +268,7 @@ def profile_round(sr, device, path: str, rounds: int = 3) -> dict:
             sr.run_draft()
             sr.run_verify()
         sync(device)
-    for t, s in zip(sr._state(), saved):
+    for t, s in zip(sr.state_tensors(), saved):
         t.copy_(s)
     averages = prof.key_averages()
     if device.type == "cuda":

@@ -150,7 +150,7 @@ class StaticRound:
         self.eos.copy_(torch.tensor(ids, dtype=torch.int64))
         self.err.zero_()
 
-    def _state(self) -> list[torch.Tensor]:
+    def state_tensors(self) -> list[torch.Tensor]:
         return [self.root, self.pend_feats, self.pend_tokens, self.pend_n, self.active, self.budget,
                 self.err, self.record, self.tcache.lengths, self.dcache.lengths]
 
@@ -301,14 +301,14 @@ class StaticRound:
             return self._capture_here(fn, warm)
 
     def _capture_here(self, fn, warm):
-        saved = [t.clone() for t in self._state()]
+        saved = [t.clone() for t in self.state_tensors()]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     warm()
-                    for t, s in zip(self._state(), saved):
+                    for t, s in zip(self.state_tensors(), saved):
                         t.copy_(s)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
@@ -318,7 +318,7 @@ class StaticRound:
                 fn()
             return graph
         finally:
-            for t, s in zip(self._state(), saved):
+            for t, s in zip(self.state_tensors(), saved):
                 t.copy_(s)
             torch.cuda.synchronize(self.device)
 
