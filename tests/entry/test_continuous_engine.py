@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tiny_models import hf_greedy, one_thread, trained_setup  # noqa: F401  (one_thread: autouse)
+from tolerances import EXACT
 
 ENGINE = Path(__file__).resolve().parents[2] / "examples" / "continuous_engine.py"
 
@@ -148,7 +149,7 @@ def test_model_untouched_outside_engine_forwards():
         mid = model(ids).logits  # between two engine steps
     eng.run()
     assert model.config._attn_implementation == impl
-    torch.testing.assert_close(mid, before, rtol=0, atol=0)
+    torch.testing.assert_close(mid, before, **EXACT)
 
 
 def test_add_request_rejects_bad_input():

@@ -22,6 +22,7 @@ from tiny_models import (  # noqa: E402
     sampling_setup,
     trained_setup,
 )
+from tolerances import EXACT  # noqa: E402
 
 
 def _rows(model, prompts):
@@ -88,7 +89,7 @@ def test_paged_cache_matches_the_dense_one():
     for layer in range(L):
         a = dense.attend(layer, q, mask, 5, None, backend="reference")
         b = paged.attend(layer, q, mask, 5, None, backend="reference")
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT)
     path = torch.tensor([[0, 2, 3, -1], [0, 1, 4, 3]])
     alen = torch.tensor([3, 4])
     dense.compact(path, alen, backend="reference")
@@ -98,7 +99,7 @@ def test_paged_cache_matches_the_dense_one():
         for b_ in range(B):
             for pos in range(cap):
                 page = int(paged.block_table[b_, pos // 3])
-                torch.testing.assert_close(flat[page * 3 + pos % 3], dense.keys(layer)[b_, :, pos], rtol=0, atol=0)
+                torch.testing.assert_close(flat[page * 3 + pos % 3], dense.keys(layer)[b_, :, pos], **EXACT)
     with pytest.raises(ValueError, match="exceeds the capacity"):
         paged.write(0, paged.capacity - 2, k, v)
     with pytest.raises(AttributeError, match="pages"):
