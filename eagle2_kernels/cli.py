@@ -422,12 +422,12 @@ def cmd_generate(args) -> int:
 
     from eagle2_kernels import eval as ev
 
-    if args.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise CLIError(f"--top-k (the sampling filter) must be >= 0, got {args.top_k}")
+    from eagle2_kernels.runtime.request import SamplingParams
+
+    try:  # the decoder's own check, so the CLI refuses exactly what generate() would
+        SamplingParams(args.temperature, args.top_p, args.top_k)
+    except ValueError as exc:
+        raise CLIError(f"--{str(exc).replace('_', '-')}") from None
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
     (dec,), tokenizer, info = load_decoder(args)

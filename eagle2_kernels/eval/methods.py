@@ -59,21 +59,20 @@ Method = Callable[[torch.Tensor, int], Generation]
 def eos_token_ids(model, tokenizer) -> list[int] | None:
     """The stop tokens of a model: its tokenizer's ``eos_token_id`` and its generation
     config's (an int or a list), merged and sorted; None when neither names one."""
+    from eagle2_kernels.runtime.request import eos_ids
+
     ids = []
     for source in (getattr(tokenizer, "eos_token_id", None),
                    getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if source is None:
-            continue
-        ids += [source] if isinstance(source, int) else list(source)
-    return sorted(set(int(i) for i in ids)) or None
+        if source is not None:  # the decoder checks the ids against its vocabulary
+            ids += eos_ids(source, vocab=2**62)
+    return sorted(set(ids)) or None
 
 
 def _eos_list(eos_token_id) -> list[int] | None:
-    if eos_token_id is None:
-        return None
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(e) for e in eos_token_id]
+    from eagle2_kernels.runtime.request import eos_ids
+
+    return None if eos_token_id is None else list(eos_ids(eos_token_id, vocab=2**62))
 
 
 def hf_generate_method(model, eos_token_id=None, pad_token_id: int | None = None) -> Method:

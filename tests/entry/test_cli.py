@@ -100,9 +100,9 @@ def test_missing_default_model_names_the_pip_command(monkeypatch, tmp_path, caps
 
 def test_bad_values_get_clear_errors(tmp_path, capsys):
     assert cli.main(["generate", "hi", "--temperature", "-1"]) == 2
-    assert "--temperature must be >= 0" in capsys.readouterr().err
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--top-p", "1.5"]) == 2
-    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+    assert "--top-p must be a number in (0, 1]" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--target", str(tmp_path / "nope"), "--draft", "x"]) == 2
     assert "is neither a local model directory nor a hub repository id" in capsys.readouterr().err
     assert cli.main(["generate", "hi", "--draft", str(tmp_path / "nohead"), "--device", "cpu"]) == 2
