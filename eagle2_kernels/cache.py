@@ -1,6 +1,11 @@
-"""The static KV cache shared by the target adapter, the draft head and the decoder.
+"""The KV stores shared by the target adapter, the draft heads and the decoder.
 
-All keys and values of a model live in ONE preallocated tensor ``kv`` of shape
+Two stores, siblings with one interface (:class:`KVStore`): :class:`StaticKVCache` (dense)
+and :class:`PagedKVCache` (pages behind a block table). What one forward needs of a store,
+``write`` and ``attend`` over its ``lengths``, is the smaller protocol :class:`KVView`, which
+other storage (a serving engine's pool) can answer too.
+
+The dense store keeps all keys and values of a model in ONE preallocated tensor ``kv`` of shape
 [2 * layers, B, Hkv, Lmax, Dh]: the keys of layer l at ``kv[2 * l]``, its values at
 ``kv[2 * l + 1]``. One tensor lets ``ops.kv_compact`` move the accepted path of every layer
 in a single call, and keeps the decode state static (no reallocation inside a round).
@@ -14,7 +19,60 @@ there ``host_lengths`` is stale until the next ``set_length(s)`` at the start of
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
+
+
+@runtime_checkable
+class KVView(Protocol):
+    """What one forward needs of a KV store: the target adapter's attention function and a
+    draft head's ``tree_step`` write the new rows' K/V and attend over the store through it.
+
+    Attributes:
+        lengths: [B] int32 device tensor, committed slots per sequence (the visible prefix).
+    """
+
+    lengths: torch.Tensor
+
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, Hkv, N, Dh] of ``layer`` at logical slots start .. start + N - 1
+        (``start``: an int, a list of B ints, or a [B] integer device tensor)."""
+
+    def attend(self, layer: int, q: torch.Tensor, tree_mask: torch.Tensor, tree_len: int, scale,
+               backend=None, window=None, softcap=None, sinks=None) -> torch.Tensor:
+        """Tree attention of q [B, Hq, N, Dh] over ``layer``'s committed prefix (every slot
+        below ``lengths``) and the ``tree_len`` slots after it (per the packed [B, N, W]
+        ``tree_mask``): [B, Hq, N, Dh]."""
+
+
+@runtime_checkable
+class KVStore(KVView, Protocol):
+    """A KV store a decoder owns across rounds: a :class:`KVView` plus the commit of an
+    accepted path (``compact``), the lengths' host mirror and setters, and its size.
+
+    Attributes:
+        host_lengths: list of B ints, the host copy of ``lengths`` (stale after a device-side
+            ``lengths.add_`` until the next ``set_length(s)``).
+    """
+
+    host_lengths: list[int]
+
+    @property
+    def capacity(self) -> int:
+        """Slots per sequence."""
+
+    def compact(self, path: torch.Tensor, accept_len: torch.Tensor, backend=None) -> None:
+        """Move the accepted path's KV (every layer) to the slots right after the prefix."""
+
+    def set_length(self, length: int) -> None:
+        """Set every sequence's committed length (host and device)."""
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Set each sequence's committed length (host list and device tensor)."""
+
+    def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device, block_size=None) -> bool:
+        """True when this store can serve a call with these needs without reallocation."""
 
 
 def _extra(backend, window, softcap, sinks) -> dict:
@@ -23,7 +81,41 @@ def _extra(backend, window, softcap, sinks) -> dict:
     return {k: v for k, v in named.items() if v is not None}
 
 
-class StaticKVCache:
+class _Lengths:
+    """What both stores share: size checks, ``num_layers`` and the committed lengths (the [B]
+    int32 device tensor ``lengths`` and its host mirror ``host_lengths``) with their setters.
+    Not a store on its own (no storage)."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 device):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("capacity", capacity),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
+        self.num_layers = num_layers
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * batch_size
+
+    def set_length(self, length: int) -> None:
+        """Set every sequence's committed length to ``length`` (host and device)."""
+        self.lengths.fill_(length)
+        self.host_lengths = [length] * len(self.host_lengths)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Set each sequence's committed length (host list and device tensor)."""
+        if len(set(lengths)) == 1:
+            self.set_length(lengths[0])
+            return
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self.host_lengths = list(lengths)
+
+
+class StaticKVCache(_Lengths):
     """Preallocated K/V storage for ``num_layers`` attention layers.
 
     Args:
@@ -51,21 +143,10 @@ class StaticKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        for name, value in (
-            ("num_layers", num_layers),
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("capacity", capacity),
-            ("head_dim", head_dim),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"StaticKVCache: {name} must be a positive int, got {value!r}")
-        self.num_layers = num_layers
+        super().__init__(num_layers, batch_size, num_kv_heads, capacity, head_dim, device)
         self.kv = torch.zeros(
             2 * num_layers, batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device
         )
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.host_lengths = [0] * batch_size
 
     @property
     def batch_size(self) -> int:
@@ -124,19 +205,6 @@ class StaticKVCache:
             self.kv[2 * layer, b, :, s0 : s0 + n].copy_(k[b])
             self.kv[2 * layer + 1, b, :, s0 : s0 + n].copy_(v[b])
 
-    def set_length(self, length: int) -> None:
-        """Set every sequence's committed length to ``length`` (host and device)."""
-        self.lengths.fill_(length)
-        self.host_lengths = [length] * self.batch_size
-
-    def set_lengths(self, lengths: list[int]) -> None:
-        """Set each sequence's committed length (host list and device tensor)."""
-        if len(set(lengths)) == 1:
-            self.set_length(lengths[0])
-            return
-        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32))
-        self.host_lengths = list(lengths)
-
     def matches(self, batch_size: int, capacity: int, dtype: torch.dtype, device, block_size=None) -> bool:
         """True when this cache can serve a call with these needs without reallocation."""
         return (
@@ -166,9 +234,10 @@ class StaticKVCache:
         kv_compact(self.kv, self.lengths, path, accept_len, backend=backend)
 
 
-class PagedKVCache(StaticKVCache):
-    """The target's KV in fixed-size pages reached through a block table (vLLM's layout), with
-    the interface of :class:`StaticKVCache` (write, lengths, attend, compact).
+class PagedKVCache(_Lengths):
+    """The target's KV in fixed-size pages reached through a block table (vLLM's layout): a
+    :class:`KVStore` like :class:`StaticKVCache` (write, lengths, attend, compact), without a
+    dense tensor (no ``kv`` / ``keys`` / ``values``).
 
     Args: as :class:`StaticKVCache`, plus ``block_size`` (tokens per page). Each sequence gets
     ``ceil(capacity / block_size)`` pages, scattered over the pool in a fixed shuffled order
@@ -184,11 +253,7 @@ class PagedKVCache(StaticKVCache):
                  dtype: torch.dtype, device, block_size: int = 16):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"PagedKVCache: block_size must be a positive int, got {block_size!r}")
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("num_kv_heads", num_kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
-        self.num_layers = num_layers
+        super().__init__(num_layers, batch_size, num_kv_heads, capacity, head_dim, device)
         self.block_size = block_size
         blocks = -(-capacity // block_size)
         num_blocks = blocks * batch_size
@@ -196,13 +261,16 @@ class PagedKVCache(StaticKVCache):
                                  device=device)
         order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
         self.block_table = order.view(batch_size, blocks).to(torch.int32).to(device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.host_lengths = [0] * batch_size
         self._batch, self._capacity = batch_size, blocks * block_size
 
-    @property
-    def kv(self):
-        raise AttributeError("a PagedKVCache has no dense kv tensor; use pages / block_table")
+    def __getattr__(self, name: str):
+        # Only reached for a missing attribute: say where a dense store's views went.
+        if name in ("kv", "keys", "values"):
+            raise AttributeError(
+                f"a PagedKVCache has no dense {name}: its KV lives in pages [2 * layers, blocks, block_size, "
+                f"Hkv, Dh] reached through block_table; use write() / attend() / compact()"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def batch_size(self) -> int:
@@ -219,11 +287,6 @@ class PagedKVCache(StaticKVCache):
     @property
     def device(self) -> torch.device:
         return self.pages.device
-
-    def keys(self, layer: int) -> torch.Tensor:
-        raise AttributeError("a PagedKVCache stores pages: use attend(), or pages[2 * layer] with block_table")
-
-    values = keys
 
     def _flat_slots(self, start, n: int) -> torch.Tensor:
         """[B, n] int64 flat page-slot index (page * block_size + offset) of logical start + j."""

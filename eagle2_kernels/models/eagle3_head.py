@@ -32,24 +32,23 @@ In memory the draft vocabulary map is ``draft_to_target``, ABSOLUTE target ids (
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from eagle2_kernels.models.draft_head import (
+from eagle2_kernels.models.head_base import (
     CONFIG_NAME,
-    check_head_config,
-    check_pair,
-    SAFETENSORS_NAME,
-    EagleDraftHead,
-    load_checked,
+    DraftHeadBase,
+    _Attention,
     _MLP,
     _RMSNorm,
-    _rotate_half,
+    check_head_config,
+    check_pair,
+    load_checked,
 )
+from eagle2_kernels.models.head_loader import _strip_model_prefix, is_eagle3  # noqa: F401  (is_eagle3 re-exported)
 
 __all__ = ["Eagle3DraftHead", "default_feature_layers", "feature_layers_from_config"]
 
@@ -96,22 +95,6 @@ def feature_layers_from_config(raw: dict[str, Any]) -> tuple[int, ...] | None:
     return from_nested if from_nested is not None else from_top
 
 
-class _Eagle3Attention(nn.Module):
-    """q/k/v read the 2H input [embedding | hidden]; o_proj writes H. No biases."""
-
-    def __init__(self, config):
-        super().__init__()
-        h = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or h // self.num_heads
-        self.scaling = self.head_dim**-0.5
-        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
-
-
 class _Eagle3Layer(nn.Module):
     """The head's one layer (``midlayer`` in the official files)."""
 
@@ -120,7 +103,7 @@ class _Eagle3Layer(nn.Module):
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = _RMSNorm(h, eps)
         self.hidden_norm = _RMSNorm(h, eps)
-        self.self_attn = _Eagle3Attention(config)
+        self.self_attn = _Attention(config, 2 * h, qkv_bias=False)  # q/k/v read [embedding | hidden]
         self.post_attention_layernorm = _RMSNorm(h, eps)
         self.mlp = _MLP(config)
 
@@ -135,13 +118,13 @@ def _llama_config(values: dict[str, Any]):
     return LlamaConfig(**values)
 
 
-class Eagle3DraftHead(EagleDraftHead):
+class Eagle3DraftHead(DraftHeadBase):
     """EAGLE-3 draft head: ``fc`` over concatenated target hidden states, one layer over
     [embedding | hidden], its own norm and lm_head over a draft vocabulary.
 
-    The same interface as :class:`EagleDraftHead` (which it subclasses, so the decoder drives
-    both alike): ``feature_layers`` / ``target_feature_size`` tell the target adapter what to
-    capture; ``prefill`` and catch-up ``tree_step(..., from_target=True)`` take target features
+    The interface of :class:`~eagle2_kernels.models.head_base.DraftHeadBase`, which it extends
+    like the EAGLE-1/2 head (so the decoder drives both alike): ``feature_layers`` /
+    ``target_feature_size`` tell the target adapter what to capture; ``prefill`` and catch-up ``tree_step(..., from_target=True)`` take target features
     [B, N, target_feature_size]; expansion ``tree_step`` takes the head's own outputs [B, N, H].
 
     Args:
@@ -163,6 +146,8 @@ class Eagle3DraftHead(EagleDraftHead):
         dec = TreeSpecDecoder(model, head, total_tokens=60, depth=7, top_k=10)
     """
 
+    file_format = "eagle3"
+
     def __init__(
         self,
         config,
@@ -172,18 +157,10 @@ class Eagle3DraftHead(EagleDraftHead):
         norm_before_residual: bool = False,
         own_embedding: bool = False,
     ):
-        nn.Module.__init__(self)
-        if getattr(config, "num_hidden_layers", 1) != 1:
-            raise ValueError(
-                f"Eagle3DraftHead: the head has exactly one decoder layer, config says "
-                f"num_hidden_layers={config.num_hidden_layers}"
-            )
-        self.config = config
+        super().__init__(config, target_hidden_size=target_hidden_size)
         self.bias = False
         self.qkv_bias = False
         h = config.hidden_size
-        self.hidden_size = h
-        self.target_hidden_size = int(target_hidden_size or h)
         self._explicit_layers = None if feature_layers is None else tuple(int(i) for i in feature_layers)
         self._layers_for: tuple[int, ...] | None = self._explicit_layers
         n_feat = 3 if feature_layers is None else len(self._explicit_layers)
@@ -192,26 +169,10 @@ class Eagle3DraftHead(EagleDraftHead):
         self.norm_before_residual = bool(norm_before_residual)
         self.fc = nn.Linear(n_feat * self.target_hidden_size, h, bias=False)
         self.midlayer = _Eagle3Layer(config)
-        attn = self.midlayer.self_attn
-        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.norm = _RMSNorm(h, config.rms_norm_eps)
         vocab = config.vocab_size
-        if draft_to_target is not None:
-            d2t = torch.as_tensor(draft_to_target)
-            if d2t.dim() != 1 or d2t.dtype not in (torch.int32, torch.int64) or d2t.numel() == 0:
-                raise ValueError(
-                    f"Eagle3DraftHead: draft_to_target must be a non-empty 1-D integer tensor, got "
-                    f"shape {tuple(d2t.shape)} dtype {d2t.dtype}"
-                )
-            if int(d2t.min()) < 0 or int(d2t.max()) >= vocab:
-                raise ValueError(
-                    f"Eagle3DraftHead: draft_to_target ids must lie in [0, {vocab}), got "
-                    f"[{int(d2t.min())}, {int(d2t.max())}]"
-                )
-            # Not persistent: the files hold the offsets d2t (written by save_pretrained).
-            self.register_buffer("draft_to_target", d2t.to(torch.int64).clone(), persistent=False)
-        else:
-            self.draft_to_target = None
+        # Not persistent: the files hold the offsets d2t (written by save_pretrained).
+        self._set_draft_vocab(draft_to_target, persistent=False)
         draft_vocab = vocab if self.draft_to_target is None else self.draft_to_target.numel()
         declared = getattr(config, "draft_vocab_size", None)
         if declared is not None and int(declared) != draft_vocab:
@@ -225,11 +186,8 @@ class Eagle3DraftHead(EagleDraftHead):
                 f"Eagle3DraftHead: hidden size {h} differs from the target's {self.target_hidden_size}, so "
                 f"the head needs its own embed_tokens (own_embedding=True)"
             )
-        self.embed_tokens = nn.Embedding(vocab, h) if own_embedding else None
-        self.attention_scaling = 1.0
-        self.register_buffer("inv_freq", self._rope_inv_freq(), persistent=False)
-        self._shared: dict[str, nn.Module] = {}
-        self._lm_weight = self._lm_bias = None  # EAGLE-1/2 fields: unused (own lm_head)
+        if own_embedding:
+            self.embed_tokens = nn.Embedding(vocab, h)
 
     # ------------------------------------------------------------------ the interface
     @property
@@ -248,36 +206,17 @@ class Eagle3DraftHead(EagleDraftHead):
         return self.fc.in_features
 
     @property
-    def draft_vocab_size(self) -> int:
-        """Vd: rows of the head's own lm_head."""
-        return self.lm_head.out_features
-
-    @property
     def layers(self) -> tuple[nn.Module]:
         """The head's one layer, as ``layers[0]`` (the EAGLE-1/2 spelling callers use)."""
         return (self.midlayer,)
 
-    @property
-    def attached(self) -> bool:
-        return "target" in self._shared
-
-    def _require_attached(self):
-        if not self.attached:
-            raise RuntimeError(
-                "Eagle3DraftHead: no target attached; call head.attach_target(model) first (or use "
-                "from_target / from_pretrained(path, target=model))"
-            )
-
-    def attach_target(self, target_model) -> "Eagle3DraftHead":
-        """Check the head against ``target_model`` and share its embedding (unless the head has
-        its own); fixes the default feature layers for the target's depth. Returns self."""
+    def _bind_target(self, target_model, embed, lm_head) -> None:
+        """Check the head against ``target_model`` (hidden size, vocabulary, feature layers,
+        where its decoder layers are) and fix the default feature layers for its depth; the
+        base class then shares its embedding (used unless the head has its own)."""
         from eagle2_kernels.models.target import _text_config
 
         cfg = _text_config(target_model)
-        embed = target_model.get_input_embeddings()
-        lm_head = target_model.get_output_embeddings()
-        if embed is None or lm_head is None:
-            raise ValueError("Eagle3DraftHead.attach_target: the target has no input embedding or lm_head")
         t_hidden, t_vocab = lm_head.weight.shape[1], lm_head.weight.shape[0]
         n_layers = int(cfg.num_hidden_layers)
         if t_hidden != self.target_hidden_size:
@@ -285,11 +224,7 @@ class Eagle3DraftHead(EagleDraftHead):
                 f"Eagle3DraftHead: the head reads target features of hidden size {self.target_hidden_size} "
                 f"(target_hidden_size), the target's hidden size is {t_hidden}"
             )
-        if t_vocab != self.config.vocab_size:
-            raise ValueError(
-                f"Eagle3DraftHead: head vocab size {self.config.vocab_size} does not match the target's "
-                f"vocab size {t_vocab}"
-            )
+        self._check_vocab(t_vocab)
         if self.embed_tokens is None and embed.weight.shape[1] != self.hidden_size:
             raise ValueError(
                 f"Eagle3DraftHead: the head (hidden {self.hidden_size}) shares the target's embedding of "
@@ -320,33 +255,11 @@ class Eagle3DraftHead(EagleDraftHead):
                 f"captured; an EAGLE-1/2 head (EagleDraftHead), which reads the last hidden state, works with it"
             )
         self._layers_for = tuple(layers)
-        self._shared["embed"] = embed
-        self._shared["target"] = target_model
-        return self
 
     # ------------------------------------------------------------------ pieces
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, N, H] of ``input_ids`` [B, N] (own table if the head has one)."""
-        if self.embed_tokens is not None:
-            return self.embed_tokens(input_ids)
-        self._require_attached()
-        return self._shared["embed"](input_ids)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] of head outputs ``hidden`` [..., H]: ``lm_head(norm(h))``."""
         return self.lm_head(self.norm(hidden))
-
-    def target_logits(self, target_hidden: torch.Tensor) -> torch.Tensor:
-        """The attached target's logits over the draft vocabulary [..., Vd] of its post-norm
-        hidden states [..., Ht] (the training signal; not used in decoding)."""
-        self._require_attached()
-        lm_head = self._shared["target"].get_output_embeddings()
-        w, b = lm_head.weight, getattr(lm_head, "bias", None)
-        if self.draft_to_target is not None:
-            idx = self.draft_to_target.to(w.device)
-            w = w.index_select(0, idx)
-            b = None if b is None else b.index_select(0, idx)
-        return torch.nn.functional.linear(target_hidden.to(w.dtype), w, b)
 
     def project(self, hidden_states, input_ids, position_ids, from_target: bool = False):
         """First half of the head, up to attention.
@@ -369,74 +282,8 @@ class Eagle3DraftHead(EagleDraftHead):
         gn = layer.hidden_norm(g)
         residual = gn if self.norm_before_residual else g
         a = torch.cat((x, gn), dim=-1)
-        attn = layer.self_attn
-        b, n, _ = a.shape
-        q = attn.q_proj(a).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(a).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(a).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(position_ids, a.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._rotated_qkv(a, position_ids)
         return residual, q, k, v
-
-    def finish(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Second half: o_proj + residual ``h`` [B,N,H], then the MLP block -> [B,N,H]
-        (pre-norm: the next step's hidden; ``logits`` applies the norm)."""
-        layer = self.midlayer
-        b, _, n, _ = attn_out.shape
-        o = attn_out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        h = h + layer.self_attn.o_proj(o)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    # ------------------------------------------------------------------ forwards
-    def forward(self, hidden_states, input_ids, position_ids=None) -> torch.Tensor:
-        """Teacher-forced causal forward over whole sequences (no cache).
-
-        Args:
-            hidden_states: [B, L, target_feature_size] target features f_1..f_L.
-            input_ids: [B, L] int64, the tokens shifted by one (x_2..x_{L+1}).
-            position_ids: [B, L] or [L] int64, default arange(L).
-        Returns:
-            [B, L, H] head outputs (apply ``logits`` for the draft logits).
-        """
-        if hidden_states.dim() != 3 or input_ids.dim() != 2 or hidden_states.shape[:2] != input_ids.shape:
-            raise ValueError(
-                f"Eagle3DraftHead.forward: expected hidden_states [B, L, F] and input_ids [B, L], got "
-                f"{tuple(hidden_states.shape)} and {tuple(input_ids.shape)}"
-            )
-        b, n = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(n, device=input_ids.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0).expand(b, n)
-        h, q, k, v = self.project(hidden_states, input_ids, position_ids, from_target=True)
-        return self.finish(h, self._causal_attention(q, k, v))
-
-    def prefill(self, hidden_states, input_ids, cache) -> torch.Tensor:
-        """Causal forward over N pairs of target features and tokens, written at cache slots
-        0..N-1 (an empty cache). Returns [B, N, H]."""
-        n = input_ids.shape[1]
-        pos = torch.arange(n, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], n)
-        h, q, k, v = self.project(hidden_states, input_ids, pos, from_target=True)
-        cache.write(0, 0, k, v)
-        return self.finish(h, self._causal_attention(q, k, v))
-
-    def tree_step(self, hidden_states, input_ids, position_ids, cache, slot, tree_mask, tree_len,
-                  backend: str | None = None, from_target: bool = False) -> torch.Tensor:
-        """Forward of N new nodes with tree attention over the head's cache (see
-        :meth:`EagleDraftHead.tree_step`); ``hidden_states`` are target features when
-        ``from_target`` (the catch-up), else the head's own outputs [B, N, H] (the expansion)."""
-        from eagle2_kernels.ops import tree_attention
-
-        h, q, k, v = self.project(hidden_states, input_ids, position_ids, from_target=from_target)
-        cache.write(0, slot, k, v)
-        kwargs = {} if backend is None else {"backend": backend}
-        out = tree_attention(
-            q, cache.keys(0), cache.values(0), cache.lengths, tree_mask, tree_len,
-            scale=self.midlayer.self_attn.scaling, **kwargs,
-        )
-        return self.finish(h, out)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -474,10 +321,7 @@ class Eagle3DraftHead(EagleDraftHead):
         head._init_weights(std)
         if head.embed_tokens is not None:
             nn.init.normal_(head.embed_tokens.weight, mean=0.0, std=std)
-        ref = target_model.get_output_embeddings().weight
-        head.to(device=ref.device, dtype=dtype or ref.dtype)
-        head.attach_target(target_model)
-        return head
+        return head._place_and_attach(target_model, dtype)
 
     # ------------------------------------------------------------------ save / load
     def _config_dict(self) -> dict[str, Any]:
@@ -513,28 +357,22 @@ class Eagle3DraftHead(EagleDraftHead):
             d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self._explicit_layers]}
         return d
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the official EAGLE-3 layout into
-        directory ``path`` (``d2t`` as offsets, ``t2d`` as a bool mask over the target vocab;
-        ``embed_tokens.weight`` only when the head owns an embedding)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self._config_dict(), f, indent=2, sort_keys=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    def _files_state(self) -> dict[str, torch.Tensor]:
+        """The official EAGLE-3 tensors (``save_pretrained``): the head's own, plus ``d2t`` as
+        offsets and ``t2d`` as a bool mask over the target vocabulary."""
+        state = super()._files_state()
         vd, vocab = self.draft_vocab_size, self.config.vocab_size
         ids = torch.arange(vd) if self.draft_to_target is None else self.draft_to_target.cpu()
         state["d2t"] = (ids - torch.arange(vd)).to(torch.int64).contiguous()
         t2d = torch.zeros(vocab, dtype=torch.bool)
         t2d[ids] = True
         state["t2d"] = t2d
-        save_file(state, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+        return state
 
     @classmethod
     def _from_files(cls, folder: str, raw: dict, state: dict, target=None, dtype=None, device=None):
         """Build a head from a parsed config and state dict (see :meth:`from_pretrained`)."""
-        where = f"Eagle3DraftHead.from_pretrained({folder!r})"
+        where = f"{cls.__name__}.from_pretrained({folder!r})"
         raw = dict(raw)
         layer_cfg = raw.get("transformer_layer_config")
         if isinstance(layer_cfg, dict):  # speculators: the Llama fields live one level down
@@ -622,29 +460,3 @@ def normalise_eagle3_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             raise ValueError(f"EAGLE-3 head: the weights hold {k!r} twice (as midlayer. and layers.0.)")
         out[k] = v
     return out
-
-
-def _strip_model_prefix(state: dict) -> dict:
-    # No key of a head legitimately starts with "model.": SGLang-style files prefix some or all.
-    return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
-
-
-def is_eagle3(raw: dict[str, Any], keys) -> bool:
-    """Whether a head's config and weight names are EAGLE-3's (else EAGLE-1/2's).
-
-    Raises ValueError when the config says EAGLE-3 but the weights are EAGLE-1/2's (or the
-    other way round)."""
-    names = set(_strip_model_prefix(dict.fromkeys(keys)))
-    by_keys = bool(names & {"d2t", "t2d", "norm.weight", "lm_head.weight"}) or any(
-        k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in names)
-    archs = " ".join(raw.get("architectures") or [])
-    # Only explicit names count: a draft_vocab_size alone also appears in other heads' configs.
-    by_config = "EAGLE3" in archs.upper() or raw.get("speculators_model_type") == "eagle3"
-    eagle2_keys = "layers.0.post_attention_layernorm.weight" in names and not by_keys
-    if by_config and eagle2_keys:
-        raise ValueError(
-            f"the head config says EAGLE-3 (architectures={raw.get('architectures')}, speculators_model_type="
-            f"{raw.get('speculators_model_type')}) but the weights are an EAGLE-1/2 head's (layers.0.*, no "
-            f"midlayer / lm_head / norm / d2t)"
-        )
-    return by_keys or by_config
