@@ -25,12 +25,15 @@ from eagle2_kernels.ops import _library  # noqa: F401  (registers torch.ops.eagl
 
 __version__ = "0.1.0"
 
-__all__ = ["TreeSpecDecoder", "DecodeConfig", "EagleDraftHead", "ops", "__version__"]
+__all__ = ["TreeSpecDecoder", "DecodeConfig", "DraftHeadBase", "EagleDraftHead", "Eagle3DraftHead", "ops",
+           "__version__"]
 
 _LAZY = {
     "TreeSpecDecoder": "eagle2_kernels.runtime.decoder",
     "DecodeConfig": "eagle2_kernels.runtime.config",
+    "DraftHeadBase": "eagle2_kernels.models.head_base",
     "EagleDraftHead": "eagle2_kernels.models.draft_head",
+    "Eagle3DraftHead": "eagle2_kernels.models.eagle3_head",
 }
 
 

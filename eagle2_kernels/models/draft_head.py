@@ -82,21 +82,7 @@ class _Layer(nn.Module):
         self.post_attention_layernorm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class _AnyDraftHead(type):
-    """Metaclass of :class:`EagleDraftHead` that keeps ``isinstance(head, EagleDraftHead)``
-    true for every draft head, EAGLE-3 included, as it was while the EAGLE-3 head subclassed
-    this class: callers that check it to mean "a draft head" keep working. New code checks
-    :class:`DraftHeadBase`; ``type(head) is EagleDraftHead`` or ``isinstance(head,
-    Eagle3DraftHead)`` tell the formats apart. ``issubclass`` and checks against subclasses of
-    EagleDraftHead are the ordinary ones."""
-
-    def __instancecheck__(cls, obj) -> bool:
-        if cls is EagleDraftHead and isinstance(obj, DraftHeadBase):
-            return True
-        return super().__instancecheck__(obj)
-
-
-class EagleDraftHead(DraftHeadBase, metaclass=_AnyDraftHead):
+class EagleDraftHead(DraftHeadBase):
     """EAGLE-1/2 draft head: ``fc`` + one Llama decoder layer (no input norm, no final norm).
 
     Args:

@@ -25,7 +25,9 @@ from typing import Iterator
 
 import torch
 
-from eagle2_kernels.models.draft_head import EagleDraftHead, check_pair
+from eagle2_kernels.models.draft_head import check_pair
+from eagle2_kernels.models.head_base import DraftHeadBase
+from eagle2_kernels.models.head_loader import load_draft_head
 from eagle2_kernels.models.target import TargetAdapter
 from eagle2_kernels.runtime import phases
 from eagle2_kernels.runtime.config import DecodeConfig, default_tree
@@ -71,7 +73,9 @@ class TreeSpecDecoder:
         target: a transformers causal LM whose attention goes through transformers'
             attention interface (Llama, Qwen2/3, Mistral, SmolLM, ...). It stays a normal
             model: our attention is switched in only around the decoder's own forwards.
-        draft: an :class:`EagleDraftHead` for this target (attached to it if it is not yet), or
+        draft: a draft head (:class:`~eagle2_kernels.models.head_base.DraftHeadBase`: an
+            EAGLE-1/2 ``EagleDraftHead`` or an ``Eagle3DraftHead``) for this target (attached to
+            it if it is not yet), or
             None: no head, the trees come from context lookup alone (``runtime/lookup.py``);
             any supported target then decodes faster where its text repeats, same output.
         total_tokens: T, tree nodes per round including the root (>= 2); with ``adaptive`` the
@@ -125,7 +129,7 @@ class TreeSpecDecoder:
     def __init__(
         self,
         target,
-        draft: EagleDraftHead | None = None,
+        draft: DraftHeadBase | None = None,
         total_tokens: int | None = None,
         depth: int | None = None,
         top_k: int | None = None,
@@ -145,8 +149,9 @@ class TreeSpecDecoder:
                       static_round=static_round, cuda_graphs=cuda_graphs, adaptive=adaptive,
                       kv_block_size=kv_block_size, lookup=lookup, compile=compile)
         self.config = config = _config_of(target, config, fields)
-        if draft is not None and not isinstance(draft, EagleDraftHead):
-            raise TypeError(f"draft must be an EagleDraftHead or None (lookup trees only), got {type(draft).__name__}")
+        if draft is not None and not isinstance(draft, DraftHeadBase):
+            raise TypeError(f"draft must be a draft head (EagleDraftHead, Eagle3DraftHead) or None (lookup trees "
+                            f"only), got {type(draft).__name__}")
         if draft is None and not config.lookup:
             raise ValueError("lookup=False needs a draft head: without one the trees come from context lookup alone")
         check_pair(target, draft, "TreeSpecDecoder")  # a target/head pair that cannot decode exactly
@@ -181,7 +186,7 @@ class TreeSpecDecoder:
         if config.max_length is not None:
             self._state.ensure(1, config.max_length)
 
-    def _attach_head(self, target, draft: EagleDraftHead, adapter: TargetAdapter) -> TargetAdapter:
+    def _attach_head(self, target, draft: DraftHeadBase, adapter: TargetAdapter) -> TargetAdapter:
         """Check the head against the target (device, dtype, top_k) and attach it; returns the
         adapter, rebuilt when the head reads features of several layers (EAGLE-3)."""
         lm = target.get_output_embeddings().weight
@@ -216,7 +221,7 @@ class TreeSpecDecoder:
             target: a transformers causal LM, or a local name/path loaded with
                 ``AutoModelForCausalLM.from_pretrained`` (its tokenizer becomes
                 ``dec.tokenizer``); None = the embedded default (SmolLM2-135M-Instruct).
-            draft: an :class:`EagleDraftHead`, a directory in the released EAGLE-1/2 or EAGLE-3
+            draft: a draft head object, a directory in the released EAGLE-1/2 or EAGLE-3
                 layout, or a Hugging Face hub repository id (read from the local cache when
                 ``HF_HUB_OFFLINE`` is set); None with target None = the default head shipped
                 with the package; None with any other target, or False, = no head: lookup
@@ -250,7 +255,7 @@ class TreeSpecDecoder:
         if draft is None or draft is False:
             draft = None  # no head: the decoder drafts from the context alone
         elif isinstance(draft, (str, os.PathLike)):
-            draft = EagleDraftHead.from_pretrained(draft, target=target)
+            draft = load_draft_head(draft, target=target)
         return cls(target, draft, tokenizer=tokenizer, **config)
 
     def close(self) -> None:

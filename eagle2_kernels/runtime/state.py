@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eagle2_kernels.cache import StaticKVCache
+from eagle2_kernels.cache import KVStore, StaticKVCache
 from eagle2_kernels.ops.sampling import process_logits, sample_from_probs
 from eagle2_kernels.ops.tree import pack_bits
 
@@ -87,8 +87,8 @@ class DecodeState:
         self.adapter = adapter
         self.head = head
         self.config = config
-        self.tcache = None  # target KV (StaticKVCache or PagedKVCache)
-        self.dcache: StaticKVCache | None = None  # the head's KV
+        self.tcache: KVStore | None = None  # target KV (StaticKVCache or PagedKVCache)
+        self.dcache: KVStore | None = None  # the head's KV (a StaticKVCache)
         self.positions: torch.Tensor | None = None  # arange over the draft cache's slots
         self.consts: TreeConstants | None = None
         self.epoch = 0

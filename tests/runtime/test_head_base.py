@@ -91,8 +91,8 @@ def test_both_heads_extend_the_base_and_run_its_init():
         assert head.target_hidden_size == 64 and head.layers[0].self_attn.scaling == head.head_dim ** -0.5
     assert (e2.feature_layers, e2.target_feature_size, e2.draft_vocab_size) == (None, 64, 320)
     assert (e3.feature_layers, e3.target_feature_size, e3.draft_vocab_size) == ((2, 4, 5), 192, 64)
-    # The check the decoder makes still accepts both; the formats stay apart by type.
-    assert isinstance(e3, EagleDraftHead) and not isinstance(e2, Eagle3DraftHead)
+    # The formats stay apart by type (the decoder checks DraftHeadBase, which both are).
+    assert not isinstance(e3, EagleDraftHead) and not isinstance(e2, Eagle3DraftHead)
     assert not isinstance(model, EagleDraftHead) and not isinstance(model, DraftHeadBase)
 
     class Custom(EagleDraftHead):
