@@ -49,7 +49,8 @@ class DecodeConfig:
         static_round: run each round over preallocated static buffers with device-side
             lengths and no host reads inside the round (the GPU path, see
             ``runtime/graphs.py``). None (default) = on for CUDA targets, off on CPU, where
-            the dynamic round is faster; True forces it (also on CPU, eagerly), False the
+            the dynamic round is as fast with a fixed tree and faster with the adaptive
+            policy (``bench/results/cpu/drivers/``); True forces it (also on CPU, eagerly), False the
             dynamic round.
         adaptive: size every round from the draft's scores and the machine's measured costs
             (default True; ``runtime/policy.py``): total_tokens, depth and top_k are then upper
