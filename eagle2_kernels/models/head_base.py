@@ -381,9 +381,12 @@ class DraftHeadBase(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, N, H] of ``input_ids`` [B, N] (own table if the head has one)."""
+        """Token embeddings [B, N, H] of ``input_ids`` [B, N] (own table if the head has one,
+        scaled as the attached target's embedding module scales its table: Gemma's sqrt(H))."""
         if self.embed_tokens is not None:
-            return self.embed_tokens(input_ids)
+            x = self.embed_tokens(input_ids)
+            scale = getattr(self._shared.get("embed"), "embed_scale", None)
+            return x if scale is None else x * torch.as_tensor(scale, device=x.device).to(x.dtype)
         self._require_attached()
         return self._shared["embed"](input_ids)
 

@@ -8,6 +8,10 @@ Commands::
     eval        held-out 1..5-step accuracy of a head, as JSON
     run         features (train + held-out) -> fit -> eval, with defaults for a small CPU
 
+``--target`` (a local model directory or hub id, loaded with transformers' Auto classes and its
+tokenizer) trains for another causal LM than the embedded default; pass the same one to every
+command of a pipeline.
+
 Feature directories are large (2*H bytes per token); keep them outside the repository, by
 default under ``$EAGLE2_KERNELS_CACHE/features``.
 """
@@ -50,20 +54,35 @@ def _load_conversations(source: str, start: int, count: int | None) -> tuple[lis
     return convs[begin:end], label
 
 
-def _load_target(dtype_name: str):
+def _load_target(dtype_name: str, target: str | None = None):
+    """(model, tokenizer): the embedded default, or ``target`` (a local directory or hub id)."""
     import torch
 
-    from eagle2_kernels.models.default import load_default
-
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    return load_default(dtype=dtype)
+    if target is None:
+        from eagle2_kernels.models.default import load_default
+
+        return load_default(dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--target {target!r}: cannot load a causal LM and its tokenizer ({exc})") from None
+    return model, tokenizer
+
+
+def _target_model(args, dtype_name: str = "fp32"):
+    """The ``--target`` model for fit / eval (None: the functions load the default)."""
+    return None if args.target is None else _load_target(dtype_name, args.target)[0]
 
 
 def cmd_features(args) -> int:
     from eagle2_kernels.train.features import generate_features
 
     convs, label = _load_conversations(args.source, args.start, args.count)
-    model, tokenizer = _load_target(args.dtype)
+    model, tokenizer = _load_target(args.dtype, args.target)
     layers = None
     if args.arch == "eagle3":
         from eagle2_kernels.models.eagle3_head import default_feature_layers
@@ -81,7 +100,7 @@ def cmd_selfdistill(args) -> int:
     from eagle2_kernels.train.selfdistill import generate_answers
 
     convs, label = _load_conversations("sharegpt", args.start, args.count)
-    model, tokenizer = _load_target(args.dtype)
+    model, tokenizer = _load_target(args.dtype, args.target)
     n = generate_answers(model, tokenizer, convs, args.out, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
                          window_batches=args.window_batches)
@@ -102,7 +121,7 @@ def cmd_fit(args) -> int:
         max_train_tokens=args.max_train_tokens, snapshot_every=args.snapshot_every,
         arch=args.arch,
     )
-    result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features)
+    result = fit(args.features, args.out, cfg, eval_dirs=args.eval_features, target=_target_model(args))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -110,7 +129,8 @@ def cmd_fit(args) -> int:
 def cmd_eval(args) -> int:
     from eagle2_kernels.train.evaluate import evaluate_head
 
-    result = evaluate_head(args.head, args.features, steps=args.steps, max_tokens=args.max_tokens)
+    result = evaluate_head(args.head, args.features, steps=args.steps, max_tokens=args.max_tokens,
+                           target=_target_model(args))
     if args.mtbench:
         from eagle2_kernels.train.evaluate import mtbench_tau
 
@@ -124,7 +144,8 @@ def cmd_eval(args) -> int:
             "questions": args.mtbench, "turn": 1, "max_new_tokens": args.max_new_tokens,
             "dtype": "bf16", "greedy": True,
             "configs": mtbench_tau(args.head, configs, questions=args.mtbench,
-                                   max_new_tokens=args.max_new_tokens),
+                                   max_new_tokens=args.max_new_tokens,
+                                   target=None if args.target is None else _load_target("bf16", args.target)),
         }
     text = json.dumps(result, indent=2)
     if args.json:
@@ -140,7 +161,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     if args.arch == "eagle3":  # multi-layer features (they also train an EAGLE-1/2 head)
         train_dir, eval_dir = work / "features3-train", work / "features3-heldout"
-    arch = ["--arch", args.arch]
+    arch = ["--arch", args.arch] + ([] if args.target is None else ["--target", str(args.target)])
     sub = [("features", ["--out", str(eval_dir), "--start", str(-args.heldout),
                          "--count", str(args.heldout), "--max-len", str(args.max_len), *arch]),
            ("features", ["--out", str(train_dir), "--start", "0", "--count",
@@ -158,14 +179,21 @@ def cmd_run(args) -> int:
     if rc:
         return rc
     rc = main(["eval", "--head", str(args.out), "--features", str(eval_dir),
-               "--json", str(Path(args.out) / "eval.json")])
+               "--json", str(Path(args.out) / "eval.json")]
+              + ([] if args.target is None else ["--target", str(args.target)]))
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s")
     return rc
 
 
+def _target_arg(parser) -> None:
+    parser.add_argument("--target", default=None,
+                        help="the target: a local model directory or hub id with its tokenizer "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eagle2 train",
-                                description="Train an EAGLE draft head for the default model.")
+                                description="Train an EAGLE draft head for the default model or --target.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sp = p.add_subparsers(dest="command", required=True)
 
@@ -184,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", choices=["eagle2", "eagle3"], default="eagle2",
                    help="eagle3: store the hidden states entering layers 2, L//2, L-3 and the "
                         "post-norm one (4x the disk; trains either head kind)")
+    _target_arg(f)
     f.set_defaults(func=cmd_features)
 
     s = sp.add_parser("selfdistill", help="target's greedy answers to ShareGPT first prompts")
@@ -198,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window-batches", type=int, default=8,
                    help="batches per window inside which prompts are sorted by length")
     s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    _target_arg(s)
     s.set_defaults(func=cmd_selfdistill)
 
     t = sp.add_parser("fit", help="train a head on cached features")
@@ -237,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head kind: eagle2 (fc + one layer on the last feature) or eagle3 "
                         "(multi-layer features, own lm_head; token loss only; official "
                         "--ttt-steps 7); eagle3 needs `features --arch eagle3`")
+    _target_arg(t)
     t.set_defaults(func=cmd_fit)
 
     e = sp.add_parser("eval", help="held-out 1..N-step draft accuracy")
@@ -250,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--configs", default="4,2,2;60,5,10",
                    help="fixed tree shapes T,D,K;T,D,K (default: a small CPU tree and the GPU paper shape)")
     e.add_argument("--max-new-tokens", type=int, default=128)
+    _target_arg(e)
     e.set_defaults(func=cmd_eval)
 
     r = sp.add_parser("run", help="features -> fit -> eval with defaults")
@@ -264,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft-vocab", type=int, default=8192)
     r.add_argument("--ttt-steps", type=int, default=1)
     r.add_argument("--arch", choices=["eagle2", "eagle3"], default="eagle2")
+    _target_arg(r)
     r.set_defaults(func=cmd_run)
     return p
 

@@ -142,23 +142,31 @@ def mtbench_questions(limit: int | None = None) -> list[dict]:
 
 
 def mtbench_tau(head_dir, configs, questions: int = 5, max_new_tokens: int = 128,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, target=None) -> list[dict]:
     """tau (mean tokens committed per draft-verify round) of the head with our decoder on the first turns
     of the first ``questions`` MT-bench questions, greedy, bf16, for each ``(T, D, K)`` in
     ``configs``. Also checks each output against plain greedy decoding of the same loop
-    (reported as ``matches``: bf16 allows rare divergences: tree-batched and one-token numerics round differently)."""
+    (reported as ``matches``: bf16 allows rare divergences: tree-batched and one-token numerics round differently).
+    ``target``: a (model, tokenizer) pair instead of the embedded default (its chat template and
+    stop tokens are used)."""
     from eagle2_kernels.models.default import load_default
     from eagle2_kernels.models.draft_head import EagleDraftHead
     from eagle2_kernels.runtime.decoder import TreeSpecDecoder
 
-    target, tok = load_default(dtype=torch.bfloat16)
+    default = target is None
+    target, tok = load_default(dtype=torch.bfloat16) if default else target
     head = EagleDraftHead.from_pretrained(head_dir, target=target)
     prompts = []
     for q in mtbench_questions(questions):
         text = tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}],
                                        tokenize=False, add_generation_prompt=True)
         prompts.append(tok(text, return_tensors="pt", add_special_tokens=False).input_ids)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    if default:
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+    else:
+        from eagle2_kernels.eval.methods import eos_token_ids
+
+        eos = eos_token_ids(target, tok)
     plain = {}
     results = []
     bar = None

@@ -105,8 +105,11 @@ def target_features(model, input_ids: torch.Tensor, feature_layers=None) -> torc
     [B, N, (len(feature_layers) + 1) * H]: those hidden states, then the post-norm one.
     """
     device = next(model.parameters()).device
-    out = model.model(input_ids=input_ids.to(device), use_cache=False,
-                      output_hidden_states=feature_layers is not None)
+    # The decoder stack under the lm_head: ``model.model`` for Llama-like families, another
+    # attribute for some (GPT-NeoX: ``gpt_neox``, GPT-2: ``transformer``).
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model.model
+    out = decoder(input_ids=input_ids.to(device), use_cache=False,
+                  output_hidden_states=feature_layers is not None)
     if feature_layers is None:
         return out.last_hidden_state
     return torch.cat([out.hidden_states[i] for i in feature_layers] + [out.last_hidden_state], dim=-1)

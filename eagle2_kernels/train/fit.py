@@ -277,6 +277,8 @@ def save_head(head, out_dir: str | Path, dtype=torch.bfloat16) -> None:
                                own_embedding=head.embed_tokens is not None)
     else:
         copy = EagleDraftHead(head.config, bias=head.bias, draft_to_target=d2t)
+        if head.embed_tokens is not None:  # a head loaded with its own copy of the table
+            copy.embed_tokens = torch.nn.Embedding(*head.embed_tokens.weight.shape)
     state = {k: (v.to(dtype) if v.is_floating_point() else v)
              for k, v in head.state_dict().items()}
     copy.load_state_dict(state)
@@ -356,6 +358,10 @@ def fit(feature_dirs, out_dir, cfg: FitConfig | None = None, eval_dirs=None, tar
     if is_eagle3(head) and head.feature_layers != layers:
         raise ValueError(f"the head reads hidden states {head.feature_layers}, the features hold {layers}")
     head.train()
+    if head.embed_tokens is not None and not is_eagle3(head):
+        # An EAGLE-1/2 head's own table is a copy of the target's embedding: frozen like the
+        # shared one (an EAGLE-3 head of another width trains its own).
+        head.embed_tokens.requires_grad_(False)
     summary: dict = {"config": asdict(cfg), "train_tokens": sum(len(s[0]) for s in train_seqs),
                      "train_sequences": len(train_seqs),
                      "train_loss_tokens": int(sum(int(s[1].sum()) for s in train_seqs))}
