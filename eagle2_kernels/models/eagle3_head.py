@@ -191,6 +191,12 @@ class Eagle3DraftHead(DraftHeadBase):
 
     # ------------------------------------------------------------------ the interface
     @property
+    def explicit_feature_layers(self) -> tuple[int, ...] | None:
+        """The feature layers given at construction (or by the config), None for the default
+        (:func:`default_feature_layers` of the attached target's depth)."""
+        return self._explicit_layers
+
+    @property
     def feature_layers(self) -> tuple[int, ...]:
         """``output_hidden_states`` indices of the target features, in concatenation order."""
         if self._layers_for is None:

@@ -272,7 +272,7 @@ def save_head(head, out_dir: str | Path, dtype=torch.bfloat16) -> None:
     d2t = getattr(head, "draft_to_target", None)
     if is_eagle3(head):
         copy = Eagle3DraftHead(head.config, target_hidden_size=head.target_hidden_size, draft_to_target=d2t,
-                               feature_layers=head._explicit_layers,
+                               feature_layers=head.explicit_feature_layers,
                                norm_before_residual=head.norm_before_residual,
                                own_embedding=head.embed_tokens is not None)
     else:
