@@ -25,12 +25,14 @@ What makes that possible:
   handful of buckets beats one graph per size. The cost model times the buckets, so the policy
   sees the step function it will actually pay.
 
-Start-up: each bucket compiles once per process, on its first forward (the cost model's
-measurement runs them all), about 40 s each for a 30-layer model on 2 cores. Inductor cannot
-cache a frozen graph across processes (oneDNN-packed weights do not pickle), so only its
-kernel-level pieces are reused from ``$EAGLE2_KERNELS_CACHE/inductor``; a server pays the
-compilation once, a one-shot script every time (``compile=False`` then starts at once). The
-prefill (a long, causal forward run once per call) stays eager.
+Start-up: here each bucket compiles once per process, on its first forward, about 40 s each
+for a 30-layer model on 2 cores: Inductor cannot cache a frozen graph across processes
+(oneDNN-packed weights do not pickle), so only its kernel-level pieces are reused from
+``$EAGLE2_KERNELS_CACHE/inductor``. That is why the default is the ahead-of-time compiled form
+of the same body (``models/compiled_aot.py``: one graph for every size, kept on disk, loaded in
+under a second by later processes); this per-process path is what it falls back to when a model
+cannot be exported, and what ``EAGLE2_KERNELS_COMPILE_CACHE=0`` selects. The prefill (a long,
+causal forward run once per call) stays eager.
 
 Frozen weights are copies taken at compilation: a model whose weights change afterwards
 (fine-tuning, ``load_state_dict``) needs a new decoder.

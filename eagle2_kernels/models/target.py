@@ -102,9 +102,9 @@ def _local_attention(module, kwargs) -> tuple:
 
 
 _CAUSAL: dict = {}
-# id(model) -> (model, {buckets: CompiledForward}). The graphs hold the model (its frozen
-# weights were copied from it), so an entry lives as long as the process: compiled graphs are
-# per-process state like Dynamo's own caches.
+# id(model) -> (model, {(aot, buckets): AOTForward | CompiledForward}). The graphs hold the
+# model (its frozen weights were copied from it), so an entry lives as long as the process:
+# loaded or compiled graphs are per-process state like Dynamo's own caches.
 _COMPILED: dict = {}
 
 
@@ -300,17 +300,39 @@ class TargetAdapter:
         buckets = tuple(sorted(set(DEFAULT_BUCKETS if buckets is None else buckets)))
         # Decoders over one model share its graphs (same weights, same code): a second decoder
         # (another tree shape, a benchmark's baseline) compiles nothing again.
+        # By default one AOTInductor graph, kept on disk across processes (compiled_aot.py);
+        # EAGLE2_KERNELS_COMPILE_CACHE=0: torch.compile per process, one graph per bucket.
+        from eagle2_kernels.models.compiled_aot import AOTForward, aot_cache_disabled_by_env
+
+        aot = not aot_cache_disabled_by_env()
         shared = _COMPILED.setdefault(id(self.model), (self.model, {}))[1]
-        if buckets not in shared:
-            shared[buckets] = CompiledForward(self.model, buckets, progress)
-        self.compiled = shared[buckets]
+        if (aot, buckets) not in shared:
+            shared[aot, buckets] = (
+                AOTForward(self.model, buckets, progress, self.scoped, lambda b, c: self.new_cache(b, c).kv)
+                if aot else CompiledForward(self.model, buckets, progress))
+        self.compiled = shared[aot, buckets]
         self.compile_status = f"compiled (Inductor, buckets {list(self.compiled.buckets)})"
 
+    @property
+    def compile_status(self) -> str:
+        """How the decode forwards run: "compiled (...)" or "eager (<reason>)". An AOT forward
+        reports its own (it falls back to per-process compilation if its export fails)."""
+        status = getattr(getattr(self, "compiled", None), "status", None)
+        return status if status is not None else self._compile_status
+
+    @compile_status.setter
+    def compile_status(self, value: str) -> None:
+        self._compile_status = value
+
     def precompile(self, batch: int = 1) -> None:
-        """Compile every bucket now (each graph compiles on its first forward otherwise): one
-        forward per bucket over a scratch cache. No-op when the forwards run eagerly."""
+        """Compile now what the first forwards would otherwise compile (the AOT graph: load it
+        from the disk cache or build it; per-process graphs: every bucket), then one forward per
+        bucket size over a scratch cache. No-op when the forwards run eagerly."""
         if self.compiled is None:
             return
+        ensure = getattr(self.compiled, "ensure", None)
+        if ensure is not None:
+            ensure()
         from eagle2_kernels.ops.tree import pack_bits
 
         top = self.compiled.buckets[-1]

@@ -1,8 +1,12 @@
-"""Compiled decode forwards (models/compiled.py): lossless with compile on, one graph per bucket.
+"""Compiled decode forwards: lossless with compile on.
 
-Each compilation costs several seconds even for these tiny models, so the cases share one
-decoder per target and small bucket sets; the rest of the suite runs eagerly (conftest sets
-EAGLE2_KERNELS_COMPILE=0, which only "auto" honours).
+The default path is one AOTInductor graph per model kept on disk (models/compiled_aot.py; its
+cache across processes is tested in test_compiled_cache.py); the per-process torch.compile
+path (models/compiled.py: frozen, one graph per bucket, padded rows) is what
+EAGLE2_KERNELS_COMPILE_CACHE=0 selects and what the AOT path falls back to, tested here by the
+bucket cases. Each compilation costs seconds even for these tiny models (an AOT one ~15 s the
+first time, then a load), so the cases share one decoder per target; the rest of the suite
+runs eagerly (conftest sets EAGLE2_KERNELS_COMPILE=0, which only "auto" honours).
 """
 
 from __future__ import annotations
@@ -73,9 +77,13 @@ def test_compiled_local_attention_equals_plain_greedy_fp32(arch):
     assert torch.equal(dec.generate(ids, max_new_tokens=24).sequences, hf_greedy(model, ids, 24)), arch
 
 
-def test_padded_bucket_rows_leave_real_rows_alone():
-    """A forward over 5 tokens runs the 8-token graph: its logits and features equal the eager
-    forward's, and it writes the 5 real slots exactly where the eager one does."""
+@pytest.mark.parametrize("aot", [False, True], ids=["buckets", "aot"])
+def test_padded_bucket_rows_leave_real_rows_alone(aot, monkeypatch):
+    """Per process (buckets), a forward over 5 tokens runs the 8-token graph; the AOT graph runs
+    it unpadded. Either way its logits and features equal the eager forward's, and it writes
+    the 5 real slots exactly where the eager one does."""
+    if not aot:
+        monkeypatch.setenv("EAGLE2_KERNELS_COMPILE_CACHE", "0")
     model = tiny_target("llama")
     dec = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4, compile=True,
                                                           compile_buckets=(8,)))
@@ -106,6 +114,8 @@ def test_padded_bucket_rows_leave_real_rows_alone():
             ad.compiled = saved
         outs.append((logits, feats, cache.kv[:, :, :, :16].clone()))
     (l0, f0, kv0), (l1, f1, kv1) = outs
+    # The compiled forward ran (an AOT graph was loaded or built; else the bucket graph).
+    assert ad.compiled.source in ("loaded", "built") if aot else isinstance(ad.compiled, CompiledForward)
     assert l1.shape == l0.shape == (1, 5, model.config.vocab_size)
     torch.testing.assert_close(l1, l0, **FP32_COMPILED)
     torch.testing.assert_close(f1, f0, **FP32_COMPILED)
@@ -135,10 +145,12 @@ def test_decoders_over_one_model_share_its_graphs():
     assert torch.equal(b.generate(ids, max_new_tokens=16).sequences, hf_greedy(model, ids, 16))
 
 
-def test_one_graph_per_bucket_and_no_recompile():
-    """Sizes inside a bucket reuse its graph: after every bucket has run once, further
-    forwards of any size and a grown cache compile nothing new."""
+def test_one_graph_per_bucket_and_no_recompile(monkeypatch):
+    """Per process: sizes inside a bucket reuse its graph: after every bucket has run once,
+    further forwards of any size and a grown cache compile nothing new."""
     import torch._dynamo.utils as dutils
+
+    monkeypatch.setenv("EAGLE2_KERNELS_COMPILE_CACHE", "0")
 
     model = tiny_target("qwen2")
     dec = TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=8, depth=3, top_k=4, compile=True,
@@ -160,7 +172,7 @@ def test_one_graph_per_bucket_and_no_recompile():
         assert logits.shape[1] == n
     assert dutils.counters["stats"]["unique_graphs"] == before
     # Larger than the last bucket: the eager path.
-    assert ad.compiled.bucket(9) is None
+    assert isinstance(ad.compiled, CompiledForward) and ad.compiled.bucket(9) is None
 
 
 def test_compiled_sampling_keeps_the_target_law():
