@@ -108,16 +108,12 @@ def artifact_key(model: torch.nn.Module) -> dict:
         cfg_text = cfg.to_json_string(use_diff=False)
     except Exception:  # an unusual config class: its repr still pins the architecture
         cfg_text = repr(cfg)
-    import inspect
-
-    from eagle2_kernels.models import target
-
     here = Path(__file__).resolve().parent
     src = hashlib.sha256()
-    for name in _SOURCES:  # this module and the traced body
+    # This module, the traced body and the adapter whose attention function the trace runs
+    # (target.py, read as a file: importing it here would make an import cycle).
+    for name in (*_SOURCES, "target.py"):
         src.update((here / name).read_bytes())
-    for fn in (target._tree_attention_function, target._local_attention):  # traced from the adapter
-        src.update(inspect.getsource(fn).encode())
     return {
         "format": _FORMAT,
         "model_class": type(model).__name__,

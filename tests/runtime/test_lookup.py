@@ -226,7 +226,7 @@ def test_lookup_off_and_no_head_errors():
     assert s.lookup_tokens == s.both_tokens == s.lookup_nodes == 0
     with pytest.raises(ValueError, match="lookup=False needs a draft head"):
         TreeSpecDecoder(model, lookup=False)
-    with pytest.raises(TypeError, match="EagleDraftHead, Eagle3DraftHead\) or None"):
+    with pytest.raises(TypeError, match=r"EagleDraftHead, Eagle3DraftHead\) or None"):
         TreeSpecDecoder(model, "head")
 
 
