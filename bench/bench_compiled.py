@@ -17,6 +17,14 @@ compilation (about 40 s per bucket on 2 cores) and the cost-model measurement ha
 any timing and are reported as start-up.
 
     python bench/bench_compiled.py --limit 4 --max-new-tokens 128 --json out.json
+
+``--startup`` measures start-up instead, each row a fresh process in turn over one empty cache
+folder: per-process ``torch.compile`` (frozen, buckets 1/4/8; what every process paid before
+the disk cache), the cached AOTInductor forward cold (it compiles and stores) and warm (a
+second process loads it); each then times 1/4/8-token forwards at prefix 128 (min and median
+of 40, after 5 warm-ups), with the eager forward as the baseline:
+
+    python bench/bench_compiled.py --startup --json startup.json
 """
 
 from __future__ import annotations
@@ -55,6 +63,77 @@ def fp32_gate() -> bool:
     return True
 
 
+# One start-up measurement, run as its own process (python bench_compiled.py --startup-child MODE).
+def startup_child(mode: str) -> dict:
+    t0 = time.perf_counter()
+    from eagle2_kernels.models.default import load_default
+    from eagle2_kernels.models.target import DecodeContext, TargetAdapter
+    from eagle2_kernels.ops.tree import pack_bits
+
+    model, _ = load_default()
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ad = TargetAdapter(model, compile=mode != "eager", compile_buckets=(1, 4, 8))
+    ad.precompile(1)
+    compile_s = time.perf_counter() - t1
+    ready_s = time.perf_counter() - t0
+    prefix, times = 128, {}
+    cache = ad.new_cache(1, 512)
+    for n in (1, 4, 8):
+        mask = pack_bits(torch.ones(n, n, dtype=torch.bool).tril()).view(1, n, -1)
+        ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+        pos = (prefix + torch.arange(n)).view(1, n)
+        samples = []
+        for i in range(45):
+            cache.set_length(prefix)
+            t = time.perf_counter()
+            ad.forward(ids, pos, DecodeContext(cache, prefix, mask, n))
+            if i >= 5:
+                samples.append(1e3 * (time.perf_counter() - t))
+        times[str(n)] = {"min_ms": min(samples), "median_ms": statistics.median(samples)}
+    source = getattr(ad.compiled, "source", "")
+    return {"mode": mode, "load_s": load_s, "compile_s": compile_s, "ready_s": ready_s, "status": ad.compile_status,
+            "source": source, "forward_ms": times}
+
+
+def startup(args) -> None:
+    import os
+    import subprocess
+    import tempfile
+
+    env = environment()
+    print(f"# {env.get('processor', '')} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"SmolLM2-135M bf16 | forward at prefix 128", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="e2k-startup-") as cache:
+        runs = [("eager", "eager", {}), ("per-process (buckets 1/4/8)", "jit", {"EAGLE2_KERNELS_COMPILE_CACHE": "0"}),
+                ("AOT cached, cold", "aot", {}), ("AOT cached, warm", "aot", {})]
+        # The default model's copy is shared; only the compiled artifacts start from nothing.
+        base = {**os.environ, "EAGLE2_KERNELS_CACHE": cache}
+        from eagle2_kernels.models.default import default_model_dir
+
+        os.symlink(default_model_dir(), Path(cache) / default_model_dir().name)
+        for label, mode, extra in runs:
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--startup-child", mode], env={**base, **extra},
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(f"{label}: the child failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row.update(label=label, process_s=wall)
+            rows.append(row)
+            f = row["forward_ms"]
+            print(f"{label:<28} process {wall:6.1f} s  load {row['load_s']:5.1f} s  compile/load {row['compile_s']:6.1f} s"
+                  f"  ms/forward n=1 {f['1']['min_ms']:6.2f} n=4 {f['4']['min_ms']:6.2f} n=8 {f['8']['min_ms']:6.2f}"
+                  f" (min; median n=1 {f['1']['median_ms']:.2f})",
+                  flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "rows": rows}, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", default="mtbench,code")
@@ -62,9 +141,17 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--startup", action="store_true", help="measure start-up (cold / warm) and forward times")
+    ap.add_argument("--startup-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.startup_child:
+        print(json.dumps(startup_child(args.startup_child)))
+        return
+    if args.startup:
+        startup(args)
+        return
     if not fp32_gate():
         raise SystemExit("fp32 gate FAILED: compiled decoding differs from transformers' greedy output; no timing")
     print("fp32 gate: compiled decoding equals transformers' greedy generate (tiny Llama, 2 prompts)", flush=True)
