@@ -63,6 +63,33 @@ def fp32_gate() -> bool:
     return True
 
 
+def draft_step_times(head, compiled_head, rows: int = 8, prefix: int = 128) -> str:
+    """One expansion step (tree_step over ``rows`` frontier nodes + their logits) of the eager
+    head and of the compiled one, at ``prefix`` cached slots: min and median of 60 (ms)."""
+    from eagle2_kernels.cache import StaticKVCache
+    from eagle2_kernels.ops.tree import pack_bits
+
+    dtype = next(head.parameters()).dtype
+    cache = StaticKVCache(1, 1, head.num_kv_heads, 512, head.head_dim, dtype, "cpu")
+    cache.set_length(prefix)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, rows, head.hidden_size, generator=g).to(dtype)
+    toks = torch.randint(0, 1000, (1, rows), generator=g)
+    pos = torch.full((1, rows), prefix, dtype=torch.int64)
+    mask = pack_bits(torch.eye(rows, dtype=torch.bool)).view(1, rows, -1)
+    out = []
+    for name, h in (("eager", head), ("compiled", compiled_head)):
+        samples = []
+        with torch.no_grad():
+            for i in range(65):
+                t = time.perf_counter()
+                h.logits(h.tree_step(feats, toks, pos, cache, [prefix], mask, rows, None))
+                if i >= 5:
+                    samples.append(1e3 * (time.perf_counter() - t))
+        out.append(f"{name} {min(samples):.2f} / {statistics.median(samples):.2f}")
+    return f"draft step ({rows} rows + logits, prefix {prefix}; min / median ms): " + ", ".join(out)
+
+
 # One start-up measurement, run as its own process (python bench_compiled.py --startup-child MODE).
 def startup_child(mode: str) -> dict:
     t0 = time.perf_counter()
@@ -141,6 +168,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile-head", action="store_true",
+                    help="also run the compiled decoder with its draft head's steps compiled (models/compiled_head.py)")
     ap.add_argument("--startup", action="store_true", help="measure start-up (cold / warm) and forward times")
     ap.add_argument("--startup-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,9 +195,24 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled.precompile(1)
     compile_s = time.perf_counter() - t0
+    head_dec, draft_line = None, None
+    if args.compile_head:
+        # The same compiled target, its draft head's steps compiled too (models/compiled_head.py),
+        # swapped in from outside: what a decoder with compiled head steps runs.
+        from eagle2_kernels.models.compiled_head import CompiledHead
+
+        head_dec = TreeSpecDecoder(model, eager.draft, tokenizer=tok, compile="auto")
+        t0 = time.perf_counter()
+        head_dec._state.head = CompiledHead(eager.draft, progress=print)
+        head_dec._state.head.ensure()
+        print(f"draft head steps: {head_dec._state.head.status} in {time.perf_counter() - t0:.1f} s", flush=True)
+        draft_line = draft_step_times(eager.draft, head_dec._state.head)
+        print(draft_line, flush=True)
     t0 = time.perf_counter()
     compiled.cost_model(1, remeasure=True)
     eager.cost_model(1, remeasure=True)
+    if head_dec is not None:
+        head_dec.cost_model(1, remeasure=True)
     costs_s = time.perf_counter() - t0
     eos = [tok.convert_tokens_to_ids("<|im_end|>")]
 
@@ -186,6 +230,8 @@ def main() -> None:
         "eagle2-eager": lambda ids, n: eager.generate(ids, n, eos_token_id=eos),
         "eagle2-compiled": lambda ids, n: compiled.generate(ids, n, eos_token_id=eos),
     }
+    if head_dec is not None:
+        methods["eagle2-comp+head"] = lambda ids, n: head_dec.generate(ids, n, eos_token_id=eos)
     warm = prompts_of("code", 1, tok)[0]
     for fn in methods.values():
         fn(warm, 16)
@@ -197,7 +243,7 @@ def main() -> None:
     print(f"start-up: load {load_s:.1f} s, compile {compile_s:.1f} s ({compiled.compile_status}), "
           f"cost models {costs_s:.1f} s")
     results = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "json"},
-               "startup_s": {"load": load_s, "compile": compile_s, "cost_models": costs_s},
+               "startup_s": {"load": load_s, "compile": compile_s, "cost_models": costs_s}, "draft_step": draft_line,
                "compile_status": compiled.compile_status, "sets": {}}
     for set_name in args.sets.split(","):
         prompts = prompts_of(set_name, args.limit, tok)

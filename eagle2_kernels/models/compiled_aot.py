@@ -99,33 +99,41 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def artifact_key(model: torch.nn.Module) -> dict:
-    """Everything the compiled artifact of ``model`` depends on, as a JSON-able dict."""
+def environment_key() -> dict:
+    """The versions and machine a compiled artifact is bound to."""
     import transformers
 
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), **_cpu()}
+
+
+def source_digest(paths) -> str:
+    """SHA-256 over the bytes of the source files a graph was traced from."""
+    src = hashlib.sha256()
+    for path in paths:
+        src.update(Path(path).read_bytes())
+    return src.hexdigest()
+
+
+def artifact_key(model: torch.nn.Module) -> dict:
+    """Everything the compiled artifact of ``model`` depends on, as a JSON-able dict."""
     cfg = model.config
     try:
         cfg_text = cfg.to_json_string(use_diff=False)
     except Exception:  # an unusual config class: its repr still pins the architecture
         cfg_text = repr(cfg)
     here = Path(__file__).resolve().parent
-    src = hashlib.sha256()
     # This module, the traced body and the adapter whose attention function the trace runs
     # (target.py, read as a file: importing it here would make an import cycle).
-    for name in (*_SOURCES, "target.py"):
-        src.update((here / name).read_bytes())
     return {
         "format": _FORMAT,
         "model_class": type(model).__name__,
         "config": hashlib.sha256(cfg_text.encode()).hexdigest(),
         "weights": _weights_digest(model),
         "dtype": str(model.get_output_embeddings().weight.dtype),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "source": src.hexdigest(),
+        "source": source_digest(here / name for name in (*_SOURCES, "target.py")),
         "limits": [MAX_BATCH, MAX_TOKENS],
-        **_cpu(),
+        **environment_key(),
     }
 
 
@@ -235,42 +243,11 @@ class AOTForward:
         with sh.lock:
             if sh.runner is not None or sh.failed is not None:
                 return
-            from eagle2_kernels.models.default import _file_lock
-
             key = artifact_key(self._model)
-            path = artifact_path(key)
-            failed = path.with_suffix(".failed")
-            sh.path = path
-            with _file_lock(path.parent / f".{path.stem}.lock", timeout_s=1800.0):
-                if failed.is_file():
-                    sh.failed = _read_reason(failed)
-                    return
-                if path.is_file():
-                    runner, why = self._load_checked(path)
-                    if runner is not None:
-                        sh.runner, sh.source = runner, "loaded"
-                        return
-                    _say(self.progress, f"the cached compiled forward {path} cannot be used ({why}); "
-                                        f"deleting and rebuilding it")
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                try:
-                    self._build(path, key)
-                except Exception as exc:  # export or compilation refused this model
-                    sh.failed = f"AOTInductor could not compile it: {type(exc).__name__}: {_short(exc)}"
-                    failed.write_text(json.dumps({"reason": sh.failed, "key": key}, indent=1))
-                    _say(self.progress, f"{sh.failed}; compiling per process with torch.compile instead")
-                    return
-                runner, why = self._load_checked(path)
-                if runner is None:  # deterministic for this key: recorded, not retried
-                    sh.failed = f"the freshly compiled AOTInductor forward is unusable: {why}"
-                    for stale in (path, path.with_suffix(".json")):
-                        with contextlib.suppress(OSError):
-                            stale.unlink()
-                    failed.write_text(json.dumps({"reason": sh.failed, "key": key}, indent=1))
-                    _say(self.progress, f"{sh.failed}; compiling per process with torch.compile instead")
-                    return
-                sh.runner, sh.source = runner, "built"
+            sh.path = artifact_path(key)
+            sh.runner, sh.source, sh.failed = load_or_build(
+                sh.path, key, self._build, self._load_checked, self.progress,
+                fallback="compiling per process with torch.compile instead")
 
     def _build(self, path: Path, key: dict) -> None:
         _say(self.progress, "compiling the target's decode forward for this model and machine (AOTInductor, "
@@ -293,38 +270,13 @@ class AOTForward:
         words, capacity = Dim("mask_words", min=1, max=_MAX_WORDS), Dim("capacity", min=2)
         shapes = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {1: batch, 3: capacity}, {0: batch},
                   {0: batch, 1: tokens, 2: words})
-        with torch.no_grad(), self._scoped():
-            program = torch.export.export(self._module, (ids, pos, kv, lengths, mask), dynamic_shapes=shapes,
-                                          strict=False)
-        # Inductor's build folder (another copy of the weights) goes once the package is made.
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp, _inductor_dir(tmp):
-            out = Path(tmp) / "forward.pt2"
-            with torch.no_grad():
-                torch._inductor.aoti_compile_and_package(program, package_path=str(out),
-                                                         inductor_configs={"freezing": True})
-            os.replace(out, path)
-        path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        compile_package(self._module, (ids, pos, kv, lengths, mask), shapes, path, key, self._scoped)
         _say(self.progress, f"compiled in {time.perf_counter() - t0:.0f} s; saved as {path}")
 
     def _load_checked(self, path: Path):
         """(runner, '') when ``path`` loads and agrees with the eager forward on a probe, else
         (None, why)."""
-        try:
-            runner = torch._inductor.aoti_load_package(str(path)).loader
-        except Exception as exc:
-            return None, f"{type(exc).__name__}: {_short(exc)}"
-        try:
-            err = self._probe(runner)
-        except Exception as exc:
-            return None, f"its probe forward failed: {type(exc).__name__}: {_short(exc)}"
-        # The probe catches a wrong or damaged artifact, not rounding: unrelated outputs of equal
-        # norm differ by ~1.4 (sqrt 2); packed bf16 GEMMs vs eager ones by ~0.09 on SmolLM2-135M
-        # (30 layers); fp32 ones by ~1e-6.
-        dtype = self._model.get_output_embeddings().weight.dtype
-        tol = 1e-3 if dtype in (torch.float32, torch.float64) else 0.25
-        if not err <= tol:
-            return None, f"it disagrees with the eager forward (relative error {err:.3g} > {tol:g})"
-        return runner, ""
+        return load_checked(path, self._probe, self._model.get_output_embeddings().weight.dtype)
 
     def _probe(self, runner) -> float:
         """Largest relative error (L2) of logits, features and written KV between the runner and
@@ -345,8 +297,90 @@ class AOTForward:
         with torch.no_grad(), self._scoped():
             ref = self._module(ids, pos, kv_ref, lengths, mask)
             out = runner.run([ids, pos, kv_out, lengths, mask])
-        pairs = list(zip(out, ref)) + [(kv_out, kv_ref)]
-        return max(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)) for a, b in pairs)
+        return relative_error(list(zip(out, ref)) + [(kv_out, kv_ref)])
+
+
+# --- shared by every cached graph (this target forward, the draft head's steps) ----------------
+def load_or_build(path: Path, key: dict, build, check, progress, fallback: str):
+    """Load the package at ``path`` or build it, under a lock across processes.
+
+    ``build(path, key)`` compiles and writes it (may raise: recorded in ``<path>.failed``, so later
+    processes do not try again); ``check(path)`` returns (runner, '') or (None, why). A file
+    that fails its check is reported, deleted and rebuilt once. Returns (runner or None, source
+    'loaded' / 'built' / '', why the graph is unavailable or None); ``fallback`` ends the message.
+    """
+    from eagle2_kernels.models.default import _file_lock
+
+    failed = path.with_suffix(".failed")
+    with _file_lock(path.parent / f".{path.stem}.lock", timeout_s=1800.0):
+        if failed.is_file():
+            return None, "", _read_reason(failed)
+        if path.is_file():
+            runner, why = check(path)
+            if runner is not None:
+                return runner, "loaded", None
+            _say(progress, f"the cached compiled forward {path} cannot be used ({why}); deleting and rebuilding it")
+            with contextlib.suppress(OSError):
+                path.unlink()
+        try:
+            build(path, key)
+        except Exception as exc:  # export or compilation refused this model
+            reason = f"AOTInductor could not compile it: {type(exc).__name__}: {_short(exc)}"
+            failed.write_text(json.dumps({"reason": reason, "key": key}, indent=1))
+            _say(progress, f"{reason}; {fallback}")
+            return None, "", reason
+        runner, why = check(path)
+        if runner is None:  # deterministic for this key: recorded, not retried
+            reason = f"the freshly compiled AOTInductor graph is unusable: {why}"
+            for stale in (path, path.with_suffix(".json")):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            failed.write_text(json.dumps({"reason": reason, "key": key}, indent=1))
+            _say(progress, f"{reason}; {fallback}")
+            return None, "", reason
+        return runner, "built", None
+
+
+def compile_package(module, args, shapes, path: Path, key: dict, scoped=None) -> None:
+    """``torch.export`` of ``module`` on ``args`` (dynamic ``shapes``), then AOTInductor with
+    freezing into the package ``path`` (written whole or not at all) and its key beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), (scoped() if scoped is not None else contextlib.nullcontext()):
+        program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    # Inductor's build folder (another copy of the weights) goes once the package is made.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp, _inductor_dir(tmp):
+        out = Path(tmp) / "graph.pt2"
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out),
+                                                     inductor_configs={"freezing": True})
+        os.replace(out, path)
+    path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
+
+
+def load_checked(path: Path, probe, dtype: torch.dtype):
+    """(runner, '') when the package at ``path`` loads and ``probe(runner)`` (the largest
+    relative error against the eager body) is within the tolerance of ``dtype``, else
+    (None, why)."""
+    try:
+        runner = torch._inductor.aoti_load_package(str(path)).loader
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {_short(exc)}"
+    try:
+        err = probe(runner)
+    except Exception as exc:
+        return None, f"its probe forward failed: {type(exc).__name__}: {_short(exc)}"
+    # The probe catches a wrong or damaged artifact, not rounding: unrelated outputs of equal
+    # norm differ by ~1.4 (sqrt 2); packed bf16 GEMMs vs eager ones by ~0.09 on SmolLM2-135M
+    # (30 layers); fp32 ones by ~1e-6.
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 0.25
+    if not err <= tol:
+        return None, f"it disagrees with the eager forward (relative error {err:.3g} > {tol:g})"
+    return runner, ""
+
+
+def relative_error(pairs) -> float:
+    """Largest L2 relative error ||a - b|| / ||b|| over (a, b) pairs."""
+    return max(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)) for a, b in pairs)
 
 
 @contextlib.contextmanager
