@@ -327,7 +327,7 @@ def load_or_build(path: Path, key: dict, build, check, progress, fallback: str):
         except Exception as exc:  # export or compilation refused this model
             reason = f"AOTInductor could not compile it: {type(exc).__name__}: {_short(exc)}"
             failed.write_text(json.dumps({"reason": reason, "key": key}, indent=1))
-            _say(progress, f"{reason}; {fallback}")
+            _say(progress, f"{reason}; {fallback} (recorded in {failed}; delete it to try again)")
             return None, "", reason
         runner, why = check(path)
         if runner is None:  # deterministic for this key: recorded, not retried
@@ -336,9 +336,28 @@ def load_or_build(path: Path, key: dict, build, check, progress, fallback: str):
                 with contextlib.suppress(OSError):
                     stale.unlink()
             failed.write_text(json.dumps({"reason": reason, "key": key}, indent=1))
-            _say(progress, f"{reason}; {fallback}")
+            _say(progress, f"{reason}; {fallback} (recorded in {failed}; delete it to try again)")
             return None, "", reason
+        _prune_superseded(path, key)
         return runner, "built", None
+
+
+def _prune_superseded(path: Path, key: dict) -> None:
+    """Delete the graphs this build replaces: same model, weights, versions and machine, other
+    package source or format (each upgrade or edit of the traced code would otherwise leave a
+    copy of the weights behind). Graphs of other versions or machines sharing the folder stay."""
+    same = {k: v for k, v in key.items() if k not in ("source", "format")}
+    for other in path.parent.glob("*.json"):
+        if other == path.with_suffix(".json"):
+            continue
+        try:
+            old = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k not in ("source", "format")} == same:
+            for stale in (other.with_suffix(".pt2"), other.with_suffix(".failed"), other):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
 
 def compile_package(module, args, shapes, path: Path, key: dict, scoped=None) -> None:

@@ -149,9 +149,18 @@ def test_a_damaged_entry_is_reported_and_rebuilt(built, monkeypatch):
         path.write_bytes(good)
 
     monkeypatch.setattr(compiled_aot.AOTForward, "_build", fake_build)
+    # Graphs of the same model from older package source (superseded: pruned by the build)
+    # and from another torch (another environment sharing the folder: kept).
+    key = compiled_aot.artifact_key(model)
+    folder = Path(first["path"]).parent
+    for name, change in (("older-source", {"source": "0" * 64}), ("other-torch", {"torch": "0.0.0"})):
+        (folder / f"{name}.json").write_text(json.dumps({**key, **change}))
+        (folder / f"{name}.pt2").write_bytes(b"weights")
     ad = _adapter(model, messages.append)
     (logits, feats), (ref_logits, ref_feats) = _compiled_and_eager(ad)
     assert builds == [Path(first["path"])] and ad.compiled.source == "built"
+    assert not (folder / "older-source.pt2").exists() and not (folder / "older-source.json").exists()
+    assert (folder / "other-torch.pt2").exists() and (folder / "other-torch.json").exists()
     assert any("cannot be used" in m and "rebuilding" in m for m in messages), messages
     assert Path(first["path"]).read_bytes() == good
     torch.testing.assert_close(logits, ref_logits, **FP32_COMPILED)
