@@ -213,9 +213,11 @@ class CompiledHead:
         return self.head.logits(hidden)
 
     # --- load or build --------------------------------------------------------------------------
-    def ensure(self, from_target: bool = False) -> None:
-        """Load (or build and store) the graph now instead of on the first step."""
-        self._runner(False if self._one_graph else bool(from_target))
+    def ensure(self, from_target: bool | None = None) -> None:
+        """Load (or build and store) a graph now instead of on its first step: the catch-up
+        (``from_target=True``) or expansion one, or (None) every graph this head uses."""
+        for ft in ((False,) if self._one_graph else (False, True)) if from_target is None else (from_target,):
+            self._runner(False if self._one_graph else bool(ft))
 
     def _runner(self, ft: bool):
         runner = self._runners.get(ft)

@@ -69,17 +69,21 @@ class DecodeConfig:
             without a draft head the trees come from lookup alone. The dynamic round only
             (the CPU default); the static round drafts with the head alone.
 
-        compile: compile the target's decode forwards (verify and plain step) with
-            ``torch.compile`` / Inductor, weights frozen and prepacked (``models/compiled.py``).
-            "auto" (default) = on for CPU targets when a C++ compiler is present and the
-            model's forward can be compiled, else eager, with the reason in
-            ``decoder.compile_status``; the environment variable ``EAGLE2_KERNELS_COMPILE=0``
-            turns "auto" off; True = on or raise; False = eager. The first forward of each
-            bucket compiles, once per process (about 40 s per bucket for a 30-layer model on
-            2 cores; frozen graphs are not cached across processes).
-        compile_buckets: forward sizes that get a compiled graph (default (1, 4, 8));
-            a forward over n tokens runs the smallest bucket >= n with padded rows, larger
-            ones run eagerly.
+        compile: compile the target's decode forwards (verify and plain step) and the draft
+            head's tree step. "auto" (default) = on for CPU models when a C++ compiler is
+            present and the forward can be exported, else eager, with the reason in
+            ``decoder.compile_status`` / ``decoder.head_compile_status``; the environment
+            variable ``EAGLE2_KERNELS_COMPILE=0`` turns "auto" off; True = on or raise;
+            False = eager. Each graph is one AOTInductor package with frozen, prepacked
+            weights, dynamic in batch and tokens (``models/compiled_aot.py``,
+            ``models/compiled_head.py``), built once per machine (about a minute for the
+            default model on 2 cores) and kept in ``$EAGLE2_KERNELS_CACHE/compiled/``, keyed
+            by the weights, config, versions and CPU; later processes load it in a second or
+            two. Where the export fails, or with ``EAGLE2_KERNELS_COMPILE_CACHE=0``, the target
+            falls back to per-process Inductor graphs, one per bucket (``models/compiled.py``).
+        compile_buckets: the per-process fallback's forward sizes (default (1, 4, 8)); a
+            forward over n tokens runs the smallest bucket >= n with padded rows, larger ones
+            run eagerly. The cached AOT graph ignores it.
 
     Invariant: T - 1 <= K + D*K*K (the draft must supply enough candidates).
 

@@ -219,8 +219,9 @@ def cost_key(adapter, head, config, batch: int) -> dict:
         model_cfg = cfg.to_json_string(use_diff=False)
     except Exception:  # an unusual config class: its repr still pins the architecture
         model_cfg = repr(cfg)
+    inner = getattr(head, "head", head)  # a CompiledHead names the head it wraps
     head_desc = None if head is None else [
-        type(head).__name__, head.hidden_size, head.draft_vocab_size, head.num_kv_heads,
+        type(inner).__name__, "compiled" if inner is not head else "eager", head.hidden_size, head.draft_vocab_size, head.num_kv_heads,
         head.head_dim, getattr(head, "target_feature_size", head.hidden_size)]
     return {
         "model": hashlib.sha1(model_cfg.encode()).hexdigest()[:16],

@@ -52,6 +52,7 @@ def test_compiled_greedy_equals_plain_greedy_fp32(arch, adaptive):
     model, head, prompts = trained_setup(arch)
     dec = _decoder(arch, adaptive)
     assert dec.compile_status.startswith("compiled"), dec.compile_status
+    assert dec.head_compile_status.startswith("compiled"), dec.head_compile_status  # the head's step too
     cases = [prompts[0:1], prompts[1:2], prompt(model.config.vocab_size, 9, 5)]
     for ids in cases:
         out = dec.generate(ids, max_new_tokens=40)

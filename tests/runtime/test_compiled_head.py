@@ -152,3 +152,23 @@ def test_compile_head_switches(monkeypatch):
     monkeypatch.delenv("EAGLE2_KERNELS_COMPILE_CACHE")
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler
     assert compile_head(head, True) is head
+
+
+def test_decoder_drives_the_compiled_head_when_compile_is_on(monkeypatch):
+    """compile on: the rounds drive a CompiledHead over the user's head (``dec.draft`` stays the
+    user's) and the cost model is keyed apart from the eager head's; compile off: the head itself."""
+    from eagle2_kernels import DecodeConfig, TreeSpecDecoder
+    from eagle2_kernels.runtime.costmodel import cost_key
+
+    model, head, _ = trained_setup("llama")
+    monkeypatch.delenv("EAGLE2_KERNELS_COMPILE_CACHE", raising=False)
+    on = TreeSpecDecoder(model, head, config=DecodeConfig(total_tokens=6, depth=2, top_k=3, compile=True))
+    off = TreeSpecDecoder(model, head, config=DecodeConfig(total_tokens=6, depth=2, top_k=3, compile=False))
+    assert isinstance(on._state.head, CompiledHead) and on._state.head.head is head and on.draft is head
+    assert on.head_compile_status == "compiled: not loaded yet"
+    assert off._state.head is head and off.head_compile_status.startswith("eager (compile off")
+    assert TreeSpecDecoder(model, None, config=DecodeConfig(total_tokens=6, depth=2, top_k=3,
+                                                           compile=False)).head_compile_status == "no head"
+    k_on = cost_key(on._state.adapter, on._state.head, on.config, 1)["head"]
+    k_off = cost_key(off._state.adapter, off._state.head, off.config, 1)["head"]
+    assert k_on[0] == k_off[0] == type(head).__name__ and k_on[1:2] == ["compiled"] and k_off[1:2] == ["eager"]
