@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from eagle2_kernels.runtime.costmodel import CostModel
 
-__all__ = ["Choice", "RoundPolicy", "choose_size", "expand_bound"]
+__all__ = ["Choice", "PROBE_SHARE", "RoundPolicy", "choose_size", "expand_bound", "plain_cap"]
 
 
 @dataclass(frozen=True)
@@ -111,22 +111,28 @@ class RoundPolicy:
         max_nodes: T - 1, the most drafted nodes a round may verify (the config's bound).
         max_depth: D, the most expansion levels after the root expansion.
         top_k: K, frontier rows per expansion level.
-        max_plain: longest run of plain steps between two probes.
+        max_plain: longest run of plain steps between two probes; None (default) = the
+            smallest power of two >= 16 at which a probe that drafts in vain costs at most
+            ``PROBE_SHARE`` of the plain steps before it (:func:`plain_cap`). Where the draft is
+            dear next to a plain step (bf16 emulated on CPUs without AVX-512-BF16), the runs
+            grow longer, so that decoding where drafting does not pay stays at plain speed.
 
     Used by the decoder as: ``plain_due`` before a round (skip the draft when > 0),
     ``keep_expanding`` after each level, ``choose`` after the last, ``record`` after verify.
     """
 
-    def __init__(self, costs: CostModel, max_nodes: int, max_depth: int, top_k: int, max_plain: int = 16,
+    def __init__(self, costs: CostModel, max_nodes: int, max_depth: int, top_k: int, max_plain: int | None = None,
                  calibration_prior: float = 4.0, decay: float = 0.9):
         # Any bounds a DecodeConfig accepts are valid here, however small or odd (T - 1 = 1 node,
         # K above T, D + 2 above T): sizes are clipped to the candidates a round really has.
+        if not isinstance(costs, CostModel):
+            raise TypeError(f"RoundPolicy: costs must be a CostModel, got {type(costs).__name__}")
+        if max_plain is None:
+            max_plain = plain_cap(costs, top_k)
         for name, value in (("max_nodes", max_nodes), ("max_depth", max_depth), ("top_k", top_k),
                             ("max_plain", max_plain)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"RoundPolicy: {name} must be an int >= 1, got {value!r}")
-        if not isinstance(costs, CostModel):
-            raise TypeError(f"RoundPolicy: costs must be a CostModel, got {type(costs).__name__}")
         self.costs = costs
         self.max_nodes, self.max_depth, self.top_k = int(max_nodes), int(max_depth), int(top_k)
         self.max_plain = int(max_plain)
@@ -207,6 +213,24 @@ class RoundPolicy:
         self.predicted_s += self.costs.target(1, prefix)
         self.plain_due -= 1
         self.plain_steps += 1
+
+
+# The most a probe that drafts in vain may cost, as a share of the plain steps before it.
+PROBE_SHARE = 0.02
+
+
+def plain_cap(costs: CostModel, top_k: int, share: float = PROBE_SHARE, floor: int = 16, ceiling: int = 256) -> int:
+    """The longest run of plain steps between two probes: the smallest power of two >= ``floor``
+    (at most ``ceiling``) at which one probe's fixed part (the root expansion and one level of
+    ``top_k`` rows, from the cost model) costs at most ``share`` of the run's plain steps. The
+    catch-up over the run's tokens is left out: it grows with the run, whatever its length."""
+    cap = floor
+    probe = costs.draft(1) + costs.draft(top_k) + costs.round_overhead_s
+    while cap < ceiling:
+        if probe <= share * cap * costs.target(1):
+            break
+        cap *= 2
+    return cap
 
 
 def top_probs(scores: list[list[float]], n: int) -> list[list[float]]:

@@ -388,3 +388,25 @@ def test_static_round_sizes_each_call_from_the_previous_ones(costs, second):
                                 adaptive=False, cost_model=STEEP)
     for _ in range(2):
         assert set(fixed_dec.generate(ids, 10, eos_token_id=[]).stats.tree_sizes) == {12}
+
+
+def test_plain_runs_grow_where_the_draft_is_dear():
+    """The backoff's cap keeps a vain probe's fixed cost within PROBE_SHARE of the plain steps
+    before it: 16 where a draft step is cheap next to a forward, longer where it is dear."""
+    from eagle2_kernels.runtime.policy import PROBE_SHARE, plain_cap
+
+    cheap = CostModel.synthetic([0.020, 0.021], draft_s=[0.001, 0.003], k_grid=[1, 8])
+    dear = CostModel.synthetic([0.0326, 0.051], draft_s=[0.002, 0.0094], k_grid=[1, 8])  # bf16 emulated
+    assert plain_cap(cheap, 8) == 16
+    cap = plain_cap(dear, 8)
+    assert cap == 32 and (0.002 + 0.0094) <= PROBE_SHARE * cap * 0.0326 < 2 * (0.002 + 0.0094)
+    assert plain_cap(CostModel.synthetic([0.01], draft_s=1.0), 1) == 256  # bounded
+    pol = RoundPolicy(dear, max_nodes=7, max_depth=3, top_k=8)
+    assert pol.max_plain == 32
+    dues = []
+    for _ in range(8):
+        assert pol.choose([[0.1, 0.05]], 0.0114, None, 1).n == 0
+        dues.append(pol.plain_due)
+        while pol.plain_due:
+            pol.take_plain_step()
+    assert dues == [1, 2, 4, 8, 16, 32, 32, 32]
