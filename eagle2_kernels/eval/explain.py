@@ -54,7 +54,7 @@ def policy_lines(
     return [
         f"policy: adaptive within T<={cfg.total_tokens} D<={cfg.depth} K={cfg.top_k}; verified tree sizes "
         f"over {scope} (nodes incl. root: rounds) {shown}; last call: mean depth {s['mean_depth']:.1f}, "
-        f"{s['plain_steps']} plain steps by backoff, draft calibration {s['calibration']:.2f}",
+        f"{s['plain_steps']} plain steps and {s.get('lookup_rounds', 0)} lookup-only rounds by backoff, draft calibration {s['calibration']:.2f}",
         f"why: measured target forward {1e3 * t1:.1f} ms for 1 token, {1e3 * t_mean:.1f} ms for "
         f"{n_mean}; draft step {1e3 * cm.draft(cfg.top_k):.2f} ms; each round "
         f"verifies the n best candidates maximising (1 + sum of their probabilities) / cost",

@@ -32,7 +32,7 @@ from eagle2_kernels.models.head_loader import load_draft_head
 from eagle2_kernels.models.target import TargetAdapter
 from eagle2_kernels.runtime import phases
 from eagle2_kernels.runtime.config import DecodeConfig, default_tree
-from eagle2_kernels.runtime.drivers import Run, StaticCalls, plain_rounds, static_rounds, tree_rounds
+from eagle2_kernels.runtime.drivers import Run, StaticCalls, lookup_rounds, plain_rounds, static_rounds, tree_rounds
 from eagle2_kernels.runtime.locking import lock_for
 from eagle2_kernels.runtime.request import (InputTypeError, Request, SamplingParams, check_budget, check_generator,
                                             eos_ids, pad_id, read_prompts)
@@ -466,8 +466,6 @@ class TreeSpecDecoder:
         elif static:
             yield from static_rounds(st, run, self._statics, feats, root, self.cost_model)
         elif self.draft is None:
-            from eagle2_kernels.runtime.lookup import lookup_rounds
-
             yield from lookup_rounds(st, run, root, self.cost_model(req.batch) if cfg.adaptive else None)
         else:
             policy = self.last_policy = self._policy(req.batch) if cfg.adaptive else None

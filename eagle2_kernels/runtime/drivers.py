@@ -20,6 +20,7 @@ import torch
 
 from eagle2_kernels.runtime.phases import (Sizer, accept, catch_up, catchup_pairs, dense_step, draft_tree,
                                            plain_step, verify)
+from eagle2_kernels.runtime.lookup import NO_CATCHUP, size_alone, verify_alone
 from eagle2_kernels.runtime.request import Request, cut
 from eagle2_kernels.runtime.stats import DecodeStats
 
@@ -94,6 +95,30 @@ def plain_rounds(state, run: Run, token: torch.Tensor):
         token = yield from plain_round(state, run, token)
 
 
+def backoff_round(state, run: Run, root: torch.Tensor, pending, policy):
+    """One round while the policy backs off from drafting with the head: the lookup's
+    continuations verified alone when the cost model says they pay (sized from lookup scores
+    and measured costs only, so the tree is fixed before the target sees it: lossless), else a
+    plain step. Yields the round's chunks; returns the next root."""
+    lookup = run.lookup
+    if lookup is not None:
+        t0 = time.perf_counter()
+        rnd = lookup.begin_round(run.active)
+        choice = None
+        if not rnd.empty:
+            rnd.merge(None, None, None, root.shape[0], "cpu")
+            choice = size_alone(rnd, policy.costs, state.config.total_tokens - 1, max(state.tcache.host_lengths),
+                                run.active)
+        run.stats.draft_s += time.perf_counter() - t0
+        if choice is not None and choice.n > 0:
+            root = yield from verify_alone(state, run, rnd, choice.n, root, pending)
+            policy.take_lookup_round(choice)
+            return root
+    root = yield from plain_round(state, run, root, pending)
+    policy.take_plain_step()
+    return root
+
+
 def tree_rounds(state, run: Run, root: torch.Tensor, pending, policy=None):
     """The dynamic round with a draft head: catch-up, draft tree (sized by ``policy`` when
     adaptive, merged with the context's continuations when lookup is on), verify, accept,
@@ -103,10 +128,11 @@ def tree_rounds(state, run: Run, root: torch.Tensor, pending, policy=None):
     while any(run.active):
         check_epoch(state, run)
         if policy is not None and policy.plain_due > 0:
-            # Backoff: drafting has not paid lately. A plain step; its pair waits for the
-            # next catch-up, which takes all the pending pairs in one draft forward.
-            root = yield from plain_round(state, run, root, pending)
-            policy.take_plain_step()
+            # Backoff: drafting with the head has not paid lately. A round of the context's
+            # continuations alone where they pay (no head forward), else a plain step; the
+            # pairs either commits wait for the next catch-up, which takes them all in one
+            # draft forward.
+            root = yield from backoff_round(state, run, root, pending, policy)
             continue
         t0 = time.perf_counter()
         lround = lookup.begin_round(run.active) if lookup is not None else None
@@ -143,6 +169,35 @@ def tree_rounds(state, run: Run, root: torch.Tensor, pending, policy=None):
             root = v.bonus.view(-1)
         stats.other_s += time.perf_counter() - t2
         yield chunks
+
+
+def lookup_rounds(state, run, root: torch.Tensor, costs=None):
+    """Decoding rounds with lookup trees alone (a target with no draft head).
+
+    Each round: search the context, score the continuations, pick the tree size (``costs``
+    given, adaptive: the n best candidates that maximise predicted tokens per second under the
+    cost model, n = 0 being a plain step; else up to T - 1 candidates), verify, commit. Yields
+    each round's committed chunks, as the other drivers (``runtime/drivers.py``) do.
+    """
+    n_max = state.config.total_tokens - 1
+    while any(run.active):
+        check_epoch(state, run)
+        t0 = time.perf_counter()
+        rnd = run.lookup.begin_round(run.active)
+        n = 0
+        if not rnd.empty:
+            rnd.merge(None, None, None, root.shape[0], "cpu")
+            if costs is None:
+                n = min(n_max, max(len(t) for t in rnd.tokens))
+            else:
+                # The size reads only lookup scores and measured costs (no target output of
+                # this round), so the tree is fixed before verification: lossless.
+                n = size_alone(rnd, costs, n_max, max(state.tcache.host_lengths), run.active).n
+        run.stats.draft_s += time.perf_counter() - t0
+        if n == 0:
+            root = yield from plain_round(state, run, root, NO_CATCHUP)  # a round of one node
+        else:
+            root = yield from verify_alone(state, run, rnd, n, root)
 
 
 # ---------------------------------------------------------------------------------- static round

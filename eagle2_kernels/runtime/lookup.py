@@ -16,7 +16,8 @@ returns their continuations. This module turns them into tree candidates:
   under the same parent raises that candidate's score to the larger of the two; the rest of the
   continuation is appended as new candidates (parents before children). Scores never rise
   from parent to child, so the kept set stays closed under ancestors and parents-first.
-* :func:`lookup_rounds`: decoding with lookup trees alone, for a target with no draft head.
+* :func:`size_alone` / :func:`verify_alone`: a round of lookup candidates alone, which
+  ``runtime/drivers.py`` runs for a target with no draft head (``lookup_rounds``) and in the backoff.
 
 Losslessness: every candidate, score and tree size here comes from the context (committed
 tokens) and from the outcomes of earlier rounds, never from this round's target outputs. The
@@ -311,7 +312,7 @@ class _NoCatchup:
         pass
 
 
-_NO_CATCHUP = _NoCatchup()
+NO_CATCHUP = _NoCatchup()
 
 
 def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bool]):
@@ -325,10 +326,11 @@ def size_alone(rnd: LookupRound, costs, n_max: int, prefix: int, active: list[bo
     return choose_size(top, costs, 0.0, n_cap, prefix)
 
 
-def verify_alone(state, run, rnd: LookupRound, n: int, root: torch.Tensor):
-    """One round that verifies the n best of ``rnd``'s candidates (no head) and commits.
-    Yields the round's chunks; returns the next root [B]."""
-    from eagle2_kernels.runtime.phases import accept, verify
+def verify_alone(state, run, rnd: LookupRound, n: int, root: torch.Tensor, pending=NO_CATCHUP):
+    """One round that verifies the n best of ``rnd``'s candidates (no head drafted them) and
+    commits; the accepted pairs join ``pending``, the head's catch-up queue, where there is a
+    head. Yields the round's chunks; returns the next root [B]."""
+    from eagle2_kernels.runtime.phases import accept, catchup_pairs, verify
 
     stats, req = run.stats, run.req
     batch = root.shape[0]
@@ -344,37 +346,8 @@ def verify_alone(state, run, rnd: LookupRound, n: int, root: torch.Tensor):
     run.lookup.record(rnd, acc.paths, T, stats)
     chunks = run.commit(acc.proposals)
     stats.tree_sizes.append(T)
+    if any(run.active):
+        pending.add(*catchup_pairs(v, acc))
     stats.other_s += time.perf_counter() - t2
     yield chunks
     return v.bonus.view(batch)
-
-
-def lookup_rounds(state, run, root: torch.Tensor, costs=None):
-    """Decoding rounds with lookup trees alone (a target with no draft head).
-
-    Each round: search the context, score the continuations, pick the tree size (``costs``
-    given, adaptive: the n best candidates that maximise predicted tokens per second under the
-    cost model, n = 0 being a plain step; else up to T - 1 candidates), verify, commit. Yields
-    each round's committed chunks, as the other drivers (``runtime/drivers.py``) do.
-    """
-    from eagle2_kernels.runtime.drivers import check_epoch, plain_round
-
-    n_max = state.config.total_tokens - 1
-    while any(run.active):
-        check_epoch(state, run)
-        t0 = time.perf_counter()
-        rnd = run.lookup.begin_round(run.active)
-        n = 0
-        if not rnd.empty:
-            rnd.merge(None, None, None, root.shape[0], "cpu")
-            if costs is None:
-                n = min(n_max, max(len(t) for t in rnd.tokens))
-            else:
-                # The size reads only lookup scores and measured costs (no target output of
-                # this round), so the tree is fixed before verification: lossless.
-                n = size_alone(rnd, costs, n_max, max(state.tcache.host_lengths), run.active).n
-        run.stats.draft_s += time.perf_counter() - t0
-        if n == 0:
-            root = yield from plain_round(state, run, root, _NO_CATCHUP)  # a round of one node
-        else:
-            root = yield from verify_alone(state, run, rnd, n, root)

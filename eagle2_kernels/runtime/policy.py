@@ -144,6 +144,7 @@ class RoundPolicy:
         self.sizes: list[int] = []  # chosen n per drafted round (for reports)
         self.depths: list[int] = []  # expansion levels run per drafted round
         self.plain_steps = 0  # plain steps taken by the backoff
+        self.lookup_rounds = 0  # rounds of the backoff that verified lookup continuations alone
         self._profile = [0.0] * self.max_nodes  # sum over rounds/sequences of the i-th best p
         self._profile_n = 0
         self.predicted_s = 0.0  # the cost model's seconds for every round and plain step taken
@@ -206,6 +207,7 @@ class RoundPolicy:
             "mean_depth": sum(self.depths) / len(self.depths) if self.depths else 0.0,
             "no_draft_rounds": sum(1 for n in sizes if n == 0),
             "plain_steps": self.plain_steps,
+            "lookup_rounds": self.lookup_rounds,
             "calibration": round(self.calibration, 3),
         }
 
@@ -213,6 +215,13 @@ class RoundPolicy:
         self.predicted_s += self.costs.target(1, prefix)
         self.plain_due -= 1
         self.plain_steps += 1
+
+    def take_lookup_round(self, choice: Choice) -> None:
+        """A round of the backoff that verified the context's continuations alone (no head
+        forward): it counts as one of the steps due, at its predicted cost."""
+        self.predicted_s += choice.seconds
+        self.plain_due -= 1
+        self.lookup_rounds += 1
 
 
 # The most a probe that drafts in vain may cost, as a share of the plain steps before it.

@@ -38,6 +38,18 @@ COSTS = CostModel.synthetic([0.040, 0.041, 0.042, 0.043, 0.045, 0.047, 0.050, 0.
                              0.061, 0.064, 0.067, 0.070, 0.073, 0.076], draft_s=0.002)
 
 
+
+def head_never_pays(monkeypatch) -> None:
+    """Every drafted round sizes its tree as if all its candidates had probability 0, so it
+    chooses n = 0 and the policy backs off; its backoff rounds then verify the lookup's
+    continuations alone where those pay (they are sized apart, by ``lookup.size_alone``)."""
+    from eagle2_kernels.runtime.policy import RoundPolicy
+
+    choose = RoundPolicy.choose
+    monkeypatch.setattr(RoundPolicy, "choose", lambda self, top, draft_s, prefix, levels_done: choose(
+        self, [[0.0] * len(t) for t in top], draft_s, prefix, levels_done))
+
+
 def repetitive_prompt(vocab: int, seed: int, period: int = 7, length: int = 30) -> torch.Tensor:
     """[1, length]: a random phrase of ``period`` tokens repeated (lookup finds matches at once)."""
     g = torch.Generator().manual_seed(seed)
@@ -169,6 +181,30 @@ def test_greedy_exact_trained_head_with_lookup(adaptive):
     assert head_tokens > 0 and lookup_tokens > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_exact_lookup_rounds_during_the_backoff(arch, monkeypatch):
+    """A head that never pays: the backoff's rounds verify lookup continuations alone (no head
+    forward), their pairs join the head's catch-up for its next probe; output identical to plain
+    greedy decoding, alone and in a ragged batch."""
+    head_never_pays(monkeypatch)
+    model = tiny_target(arch)
+    V = model.config.vocab_size
+    dec = TreeSpecDecoder(model, random_head(arch), total_tokens=10, depth=3, top_k=4, cost_model=COSTS)
+    rounds = lookup = 0
+    for seed in range(3):
+        s = check_exact(dec, model, repetitive_prompt(V, seed), 40)
+        rounds += dec.last_policy.lookup_rounds
+        lookup += s.lookup_tokens
+        assert s.head_tokens == s.both_tokens == 0 and all(n == 0 for n in dec.last_policy.sizes)
+    assert rounds > 0 and lookup > 0
+    rows = [repetitive_prompt(V, s, period=5 + s, length=20 + 3 * s)[0] for s in range(3)]
+    out = dec.generate(rows, max_new_tokens=30)
+    assert dec.last_policy.lookup_rounds > 0
+    for b, row in enumerate(rows):
+        want = hf_greedy(model, row.view(1, -1), 30)[0, row.numel():]
+        assert out.sequences[b, -30:].tolist() == want.tolist(), b  # rows are left-padded
+
+
 @pytest.mark.parametrize("T", [2, 6, 16], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -235,14 +271,18 @@ ALPHA = 1e-3
 SAMPLING_PROMPT = torch.tensor([[3, 1, 4, 1, 5, 3, 1, 4]])  # repeats: lookup proposes from x1 on
 
 
-@pytest.mark.parametrize("head", [True, False], ids=["head+lookup", "lookup-only"])
-def test_sampling_with_lookup_matches_the_target_law(head):
+@pytest.mark.parametrize("head,backoff", [(True, False), (False, False), (True, True)],
+                         ids=["head+lookup", "lookup-only", "lookup-in-backoff"])
+def test_sampling_with_lookup_matches_the_target_law(head, backoff, monkeypatch):
     """600 samples of (x1, x2, x3, x4) after a repetitive prompt from a vocabulary-8 target,
     tree T6-D2-K3 (fixed) with lookup candidates merged in: the joints (x1, x2), (x2, x3) and
     (x3, x4) against the exact law of plain sampling. A control: the same samples reject the
     unprocessed law. Lookup nodes must have been accepted (the test covers them)."""
     model, h = sampling_setup()
-    dec = TreeSpecDecoder(model, h if head else None, total_tokens=6, depth=2, top_k=3, adaptive=False)
+    if backoff:
+        head_never_pays(monkeypatch)
+    dec = TreeSpecDecoder(model, h if head else None, total_tokens=6, depth=2, top_k=3, adaptive=backoff,
+                          cost_model=COSTS if backoff else None)
     n = 4
     law = exact_law(model, SAMPLING_PROMPT, n, lambda lg: process_logits(lg, **SAMPLING))
     g = torch.Generator().manual_seed(21)
@@ -251,6 +291,8 @@ def test_sampling_with_lookup_matches_the_target_law(head):
         out = dec.generate(SAMPLING_PROMPT, n, generator=g, **SAMPLING)
         samples.append(out.sequences[0, SAMPLING_PROMPT.shape[1]:])
         accepted_lookup += out.stats.lookup_tokens + out.stats.both_tokens
+        if backoff:  # the lookup's nodes came from the backoff's rounds, the head drafted none
+            assert all(n == 0 for n in dec.last_policy.sizes) and out.stats.head_tokens == 0
     samples = torch.stack(samples)
     pvalues = law_pvalues(samples, law, [(0, 1), (1, 2), (2, 3)])
     assert min(pvalues.values()) > ALPHA, pvalues
