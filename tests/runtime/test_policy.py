@@ -173,14 +173,21 @@ def test_expand_bound_is_an_upper_bound():
 
 
 # ------------------------------------------------------------------------------ RoundPolicy
-def test_backoff_doubles_and_resets():
-    pol = RoundPolicy(STEEP, max_nodes=7, max_depth=3, top_k=2, max_plain=4)
+def backoff_dues(pol: RoundPolicy, top: list[list[float]], draft_s: float, rounds: int) -> list[int]:
+    """The plain steps due after each of ``rounds`` drafted rounds that choose n = 0 (each run
+    of plain steps taken before the next round)."""
     dues = []
-    for _ in range(5):
-        assert pol.choose([[0.5, 0.4]], 0.001, None, 1).n == 0
+    for _ in range(rounds):
+        assert pol.choose(top, draft_s, None, 1).n == 0
         dues.append(pol.plain_due)
         while pol.plain_due:
             pol.take_plain_step()
+    return dues
+
+
+def test_backoff_doubles_and_resets():
+    pol = RoundPolicy(STEEP, max_nodes=7, max_depth=3, top_k=2, max_plain=4)
+    dues = backoff_dues(pol, [[0.5, 0.4]], 0.001, 5)
     assert dues == [1, 2, 4, 4, 4]  # doubling, capped at max_plain
     assert pol.plain_steps == 15
     pol.costs = FLAT
@@ -403,10 +410,4 @@ def test_plain_runs_grow_where_the_draft_is_dear():
     assert plain_cap(CostModel.synthetic([0.01], draft_s=1.0), 1) == 256  # bounded
     pol = RoundPolicy(dear, max_nodes=7, max_depth=3, top_k=8)
     assert pol.max_plain == 32
-    dues = []
-    for _ in range(8):
-        assert pol.choose([[0.1, 0.05]], 0.0114, None, 1).n == 0
-        dues.append(pol.plain_due)
-        while pol.plain_due:
-            pol.take_plain_step()
-    assert dues == [1, 2, 4, 8, 16, 32, 32, 32]
+    assert backoff_dues(pol, [[0.1, 0.05]], 0.0114, 8) == [1, 2, 4, 8, 16, 32, 32, 32]
