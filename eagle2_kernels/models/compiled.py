@@ -110,6 +110,31 @@ def _(q, k, v, kv, layer, prefix_len, tree_mask, scale, window=None, softcap=Non
     return torch.empty_like(q)
 
 
+_NATIVE_OP: list = []  # [op or None], decided once per process
+
+
+def attention_op():
+    """The operator a compiled graph calls for its attention: the native
+    ``eagle2::cache_tree_attention_cpu`` (``csrc/cache_attention.cpp``, dispatched in C++: the
+    Python operator costs ~250 us a call on a 2-core EPYC) when the extension is built and no
+    ops backend is forced by ``EAGLE2_KERNELS_BACKEND``; else :func:`cache_tree_attention`.
+    Both write the cache and attend identically (the native one on CPU tensors only)."""
+    if not _NATIVE_OP:
+        from eagle2_kernels import _native
+        from eagle2_kernels._backend import forced_backend
+
+        op = None
+        if forced_backend() is None and _native.available() and hasattr(torch.ops.eagle2, "cache_tree_attention_cpu"):
+            op = torch.ops.eagle2.cache_tree_attention_cpu
+
+            @torch.library.register_fake("eagle2::cache_tree_attention_cpu")
+            def _(q, k, v, kv, layer, prefix_len, tree_mask, scale, window=None, softcap=None, sinks=None):
+                return torch.empty_like(q)
+
+        _NATIVE_OP.append(op)
+    return _NATIVE_OP[0]
+
+
 # --- when compiling is possible --------------------------------------------------------------
 def compile_disabled_by_env() -> bool:
     """``EAGLE2_KERNELS_COMPILE=0`` (or false/off/no) turns ``compile="auto"`` off."""

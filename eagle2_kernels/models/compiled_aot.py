@@ -44,14 +44,14 @@ from torch import Tensor
 
 from eagle2_kernels.models.compiled import CompiledForward, _Forward, _logit_transform
 
-__all__ = ["AOTForward", "MAX_BATCH", "MAX_TOKENS", "aot_cache_disabled_by_env", "artifact_key", "artifact_path"]
+__all__ = ["AOTForward", "MAX_BATCH", "MAX_TOKENS", "aot_cache_disabled_by_env", "artifact_key", "artifact_path", "matmul_key"]
 
 # Dynamic ranges of the exported graph: larger forwards run eagerly (or per-process compiled).
 MAX_BATCH = 64
 MAX_TOKENS = 256  # new tokens per forward; the packed mask then has at most 8 words
 _MAX_WORDS = (MAX_TOKENS + 31) // 32
 _FORMAT = 1  # bump when the artifact's calling convention changes
-_SOURCES = ("compiled.py", "compiled_aot.py")  # code traced into (or deciding) the artifact
+_SOURCES = ("compiled.py", "compiled_aot.py", "matmul.py")  # code traced into (or deciding) the artifact
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "amx_bf16", "amx_int8")
 
@@ -133,8 +133,17 @@ def artifact_key(model: torch.nn.Module) -> dict:
         "dtype": str(model.get_output_embeddings().weight.dtype),
         "source": source_digest(here / name for name in (*_SOURCES, "target.py")),
         "limits": [MAX_BATCH, MAX_TOKENS],
+        **matmul_key(model),
         **environment_key(),
     }
+
+
+def matmul_key(module: torch.nn.Module) -> dict:
+    """The kernel the graph's bf16 linears are traced with (``models/matmul.py``)."""
+    from eagle2_kernels.models import matmul
+
+    pick = matmul.choice(module)
+    return {"matmul": pick, **({"matmul_kernel": matmul.KERNEL_VERSION} if pick == "eagle2" else {})}
 
 
 def artifact_path(key: dict) -> Path:
@@ -362,9 +371,13 @@ def _prune_superseded(path: Path, key: dict) -> None:
 
 def compile_package(module, args, shapes, path: Path, key: dict, scoped=None) -> None:
     """``torch.export`` of ``module`` on ``args`` (dynamic ``shapes``), then AOTInductor with
-    freezing into the package ``path`` (written whole or not at all) and its key beside it."""
+    freezing into the package ``path`` (written whole or not at all) and its key beside it.
+    ``key["matmul"] == "eagle2"``: the bf16 linears are traced as ``eagle2::linear_bf16w``."""
+    from eagle2_kernels.models import matmul
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), (scoped() if scoped is not None else contextlib.nullcontext()):
+    linears = matmul.bf16_linears(module) if key.get("matmul") == "eagle2" else []
+    with torch.no_grad(), (scoped() if scoped is not None else contextlib.nullcontext()), matmul.patched(linears):
         program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
     # Inductor's build folder (another copy of the weights) goes once the package is made.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp, _inductor_dir(tmp):
@@ -380,6 +393,9 @@ def load_checked(path: Path, probe, dtype: torch.dtype):
     """(runner, '') when the package at ``path`` loads and ``probe(runner)`` (the largest
     relative error against the eager body) is within the tolerance of ``dtype``, else
     (None, why)."""
+    from eagle2_kernels import _native
+
+    _native.available()  # registers the native operators a graph may call (eagle2::linear_bf16w)
     try:
         runner = torch._inductor.aoti_load_package(str(path)).loader
     except Exception as exc:

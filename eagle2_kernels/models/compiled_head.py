@@ -37,6 +37,7 @@ from eagle2_kernels.models.compiled_aot import (
     environment_key,
     load_checked,
     load_or_build,
+    matmul_key,
     relative_error,
     source_digest,
 )
@@ -134,6 +135,7 @@ def head_key(head, from_target: bool) -> dict:
         "dtype": str(next(head.parameters()).dtype),
         "source": source_digest(_sources(head)),
         "limits": [MAX_BATCH, MAX_ROWS],
+        **matmul_key(head),
         **environment_key(),
     }
 

@@ -33,9 +33,9 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from eagle2_kernels.models import matmul
 from eagle2_kernels.models.head_base import (  # noqa: F401  (re-exported: the names callers import from here)
     BIN_NAME,
     CONFIG_NAME,
@@ -174,7 +174,7 @@ class EagleDraftHead(DraftHeadBase):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] of predicted features ``hidden`` [..., H] (target lm_head rows)."""
         self._require_attached()
-        return F.linear(hidden, self._lm_weight, self._lm_bias)
+        return matmul.linear(hidden, self._lm_weight, self._lm_bias)
 
     def project(self, hidden_states, input_ids, position_ids, from_target: bool = False):
         """First half of the head, up to attention: the input projection and rotated q, k, v.

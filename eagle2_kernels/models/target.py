@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from eagle2_kernels.cache import PagedKVCache, StaticKVCache
-from eagle2_kernels.models.compiled import KV_KWARG, LEN_KWARG, MASK_KWARG, CompiledForward, compile_support
+from eagle2_kernels.models import matmul
+from eagle2_kernels.models.compiled import (
+    KV_KWARG,
+    LEN_KWARG,
+    MASK_KWARG,
+    CompiledForward,
+    attention_op,
+    compile_support,
+)
 
 ATTN_NAME = "eagle2_kernels_tree"
 CTX_KWARG = "eagle2_ctx"
@@ -134,7 +142,8 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
     if ctx is None and KV_KWARG in kwargs:
         # A compiled forward (models/compiled.py): plain tensors in, one opaque op, no Python
         # side effects, so the whole forward stays one graph.
-        out = torch.ops.eagle2.cache_tree_attention(
+        native = attention_op() if query.device.type == "cpu" else None
+        out = (native or torch.ops.eagle2.cache_tree_attention)(
             query, key, value, kwargs[KV_KWARG], module.layer_idx, kwargs[LEN_KWARG], kwargs[MASK_KWARG],
             float(scaling if scaling is not None else query.shape[-1] ** -0.5), window, softcap, sinks,
         )
@@ -260,6 +269,8 @@ class TargetAdapter:
                 f"{type(model).__name__} uses chunked local attention (attention_chunk_size={chunk}), "
                 f"which the tree attention does not implement"
             )
+        # bf16 linears that run through our AVX2 kernel inside `scoped` (measured per machine).
+        self.fast_linears = matmul.bf16_linears(model) if matmul.choice(model) == "eagle2" else []
         register_attention()
         # Validate once through the public API (raises if the model cannot take our attention),
         # then put the previous implementation back: outside our forwards nothing changes.
@@ -318,7 +329,8 @@ class TargetAdapter:
         """How the decode forwards run: "compiled (...)" or "eager (<reason>)". An AOT forward
         reports its own (it falls back to per-process compilation if its export fails)."""
         status = getattr(getattr(self, "compiled", None), "status", None)
-        return status if status is not None else self._compile_status
+        status = status if status is not None else self._compile_status
+        return status + ("; bf16 linears on the AVX2 kernel" if getattr(self, "fast_linears", None) else "")
 
     @compile_status.setter
     def compile_status(self, value: str) -> None:
@@ -477,6 +489,8 @@ class TargetAdapter:
     @contextlib.contextmanager
     def scoped(self):
         """Switch the model to our attention for the body only; restore the previous one after.
+        Its bf16 linears run through our AVX2 kernel in the body where that was measured faster
+        on this machine (``models/matmul.py``; ``fast_linears``).
 
         ``set_attn_implementation`` walks every module (~0.5 ms even for a 2-layer model), too
         slow for twice per round; it validated our implementation once in ``__init__``. Here we
@@ -486,7 +500,8 @@ class TargetAdapter:
         for cfg, _ in saved:
             cfg._attn_implementation_internal = ATTN_NAME
         try:
-            yield
+            with matmul.patched(self.fast_linears):
+                yield
         finally:
             for cfg, previous in saved:
                 cfg._attn_implementation_internal = previous
