@@ -97,20 +97,29 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// y [M, N] (fp32) = x [M, K] (fp32, contiguous) @ w [N, K] (bf16 bits, contiguous)^T.
-// Threads split the weight rows; each thread takes NR weight rows at a time (they stay in L1)
-// against every MR-row block of x (x stays in L2).
-void gemm(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+// y [M, N] = x [M, K] (fp32, contiguous) @ w [N, K] (bf16 bits, contiguous)^T (+ bias [N]),
+// written as fp32 or rounded to bf16 (nearest even). Threads split the weight rows; each
+// thread takes NR weight rows at a time (they stay in L1) against every MR-row block of x
+// (x stays in L2).
+template <typename out_t>
+void gemm(const float* x, const uint16_t* w, const float* bias, out_t* y, int64_t M, int64_t N,
+          int64_t K) {
   const int64_t blocks = (N + kNR - 1) / kNR;
   // Grain: at least ~64 KB of weights per task so that small layers do not pay for threads.
   const int64_t grain = std::max<int64_t>(1, (32768 / std::max<int64_t>(K, 1)) / kNR);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    float acc[kMR * kNR];
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n0 = nb * kNR;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, N - n0));
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        pick_tile(mr, nr)(x + m0 * K, K, w + n0 * K, K, K, y + m0 * N + n0, N);
+        pick_tile(mr, nr)(x + m0 * K, K, w + n0 * K, K, K, acc, kNR);
+        for (int i = 0; i < mr; ++i)
+          for (int j = 0; j < nr; ++j) {
+            const float v = acc[i * kNR + j] + (bias != nullptr ? bias[n0 + j] : 0.0f);
+            y[(m0 + i) * N + n0 + j] = static_cast<out_t>(v);
+          }
       }
     }
   });
@@ -137,17 +146,25 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& weight,
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = N;
   at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  at::Tensor y;
+  const std::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
 #ifdef EAGLE2_LINEAR_AVX2
   if (cpu_has_avx2_fma() && M <= kWidenRows) {
-    at::Tensor w = weight.contiguous();
-    y = at::empty({M, N}, xf.options());
-    gemm(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
-         y.data_ptr<float>(), M, N, K);
+    TORCH_CHECK_VALUE(!b.has_value() || b->numel() == N, "linear_bf16w: bias must have ", N, " elements, got ",
+                      b->numel());
+    const at::Tensor w = weight.contiguous();
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    const float* bp = b.has_value() ? b->data_ptr<float>() : nullptr;
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (x.scalar_type() == at::kFloat)
+      gemm<float>(xf.data_ptr<float>(), wp, bp, y.data_ptr<float>(), M, N, K);
+    else
+      gemm<at::BFloat16>(xf.data_ptr<float>(), wp, bp, y.data_ptr<at::BFloat16>(), M, N, K);
+    return y.view(out_sizes);
   }
 #endif
-  if (!y.defined()) y = at::matmul(xf, weight.to(at::kFloat).t());
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  at::Tensor y = at::matmul(xf, weight.to(at::kFloat).t());
+  if (b.has_value()) y.add_(*b);
   return y.to(x.scalar_type()).view(out_sizes);
 }
 
