@@ -11,6 +11,7 @@ Systems (those whose environment or model file is missing are skipped, with the 
   ours-plain   the same decoder's plain loop (generate_plain), same process
   ours-nohead  TreeSpecDecoder.from_pretrained(None, False): no draft head, lookup trees alone
                (the CLI's --draft none), otherwise the defaults (adaptive, compile="auto")
+  ours-headonly  TreeSpecDecoder.from_pretrained(lookup=False): the head's trees alone
   hf-eager     transformers generate, eager (sdpa), on the same bf16 weights
   hf-compiled  transformers generate with a static cache (decode step torch.compile'd, freezing on;
                one StaticCache sized for the longest prompt + new tokens, reset before each call)
@@ -234,6 +235,7 @@ def main() -> None:
     specs = {
         "ours": (ours_py, ["ours", *th], {}),
         "ours-nohead": (ours_py, ["ours", *th, "--no-head"], {}),
+        "ours-headonly": (ours_py, ["ours", *th, "--no-lookup"], {}),
         "hf-eager": (ours_py, ["hf-eager", *th], {}),
         "hf-compiled": (ours_py, ["hf-compiled", *th, "--cache-len", str(static_len)], {}),
         "hf-lookup10": (ours_py, ["hf-lookup", *th, "--lookup-tokens", "10"], {}),
@@ -386,6 +388,7 @@ def render(res: dict) -> str:
              f"(stop at end of turn), {res['repeats']} repeats in rotation, commit {res['commit']}.", ""]
     names = {"ours": "ours, default adaptive EAGLE-2 (compile=auto)", "ours-plain": "ours, plain loop (generate_plain)",
              "ours-nohead": "ours, no draft head: lookup trees only (compile=auto)",
+             "ours-headonly": "ours, head trees only: no lookup candidates (compile=auto)",
              "hf-eager": "transformers generate, eager (sdpa)",
              "hf-compiled": "transformers generate, static cache + torch.compile (freezing)",
              "hf-lookup10": "transformers generate, prompt lookup (10 tokens)",

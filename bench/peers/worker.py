@@ -42,7 +42,10 @@ class Ours:
         torch.set_num_threads(args.threads)
         self.torch = torch
         # draft=False: no head, the decoder drafts from the context alone (the CLI's --draft none).
-        self.dec = TreeSpecDecoder.from_pretrained(None, False) if args.no_head else TreeSpecDecoder.from_pretrained()
+        if args.no_head:
+            self.dec = TreeSpecDecoder.from_pretrained(None, False)
+        else:  # --no-lookup: the head's trees alone (the comparison "never below head-only")
+            self.dec = TreeSpecDecoder.from_pretrained(**({"lookup": False} if args.no_lookup else {}))
         self.versions = {"torch": torch.__version__, "compile": self.dec.compile_status,
                          "draft_head": self.dec.draft is not None}
         # Warm-up, excluded from timing: the compiled graphs loaded (or built once per machine),
@@ -230,6 +233,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file (llama) or transformers directory (vllm)")
     ap.add_argument("--cache-len", type=int, default=1024, help="context size of static caches / engines")
     ap.add_argument("--no-head", action="store_true", help="ours: no draft head (lookup trees alone)")
+    ap.add_argument("--no-lookup", action="store_true", help="ours: no lookup candidates (head trees alone)")
     ap.add_argument("--lookup-tokens", type=int, default=10, help="hf-lookup: prompt_lookup_num_tokens")
     args = ap.parse_args()
     # Engines print to stdout; keep the protocol on a private copy of it.
