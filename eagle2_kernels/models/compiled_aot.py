@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from eagle2_kernels.models.compiled import CompiledForward, _Forward, _logit_transform
+from eagle2_kernels.models.machine import environment_key
 
 __all__ = ["AOTForward", "MAX_BATCH", "MAX_TOKENS", "aot_cache_disabled_by_env", "artifact_key", "artifact_path", "matmul_key"]
 
@@ -52,8 +52,6 @@ MAX_TOKENS = 256  # new tokens per forward; the packed mask then has at most 8 w
 _MAX_WORDS = (MAX_TOKENS + 31) // 32
 _FORMAT = 1  # bump when the artifact's calling convention changes
 _SOURCES = ("compiled.py", "compiled_aot.py", "matmul.py")  # code traced into (or deciding) the artifact
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-              "amx_tile", "amx_bf16", "amx_int8")
 
 
 def aot_cache_disabled_by_env() -> bool:
@@ -69,21 +67,6 @@ def _say(progress: Optional[Callable[[str], None]], message: str) -> None:
         print(f"eagle2_kernels: {message}", file=sys.stderr, flush=True)
 
 
-def _cpu() -> dict:
-    """CPU model and the ISA flags that decide the kernels and oneDNN's packed weight layout."""
-    name, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")):  # x86 / Arm
-                flags = set(line.split(":", 1)[1].split())
-                break
-    # (Inductor's own ISA pick compiles test programs, ~1 s: the flags decide it anyway.)
-    return {"cpu": name, "arch": platform.machine(), "flags": sorted(flags & set(_ISA_FLAGS))
-            if flags & set(_ISA_FLAGS) else sorted(flags)}
-
-
 def _weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter and buffer (name, dtype, shape, bytes); tied tensors once."""
     h = hashlib.sha256()
@@ -97,14 +80,6 @@ def _weights_digest(model: torch.nn.Module) -> str:
         seen.add(ident)
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def environment_key() -> dict:
-    """The versions and machine a compiled artifact is bound to."""
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), **_cpu()}
 
 
 def source_digest(paths) -> str:

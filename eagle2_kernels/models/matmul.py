@@ -46,11 +46,11 @@ _ACTIVE = [0]  # depth of `patched` bodies: `linear` uses the kernel inside them
 def available() -> bool:
     """True when the native kernel is built and this CPU has AVX2 + FMA."""
     from eagle2_kernels import _native
-    from eagle2_kernels.models.compiled_aot import _cpu
+    from eagle2_kernels.models.machine import cpu_info
 
     if not _native.available() or not hasattr(torch.ops.eagle2, "linear_bf16w"):
         return False
-    flags = set(_cpu()["flags"])
+    flags = set(cpu_info()["flags"])
     return {"avx2", "fma"} <= flags
 
 
@@ -121,7 +121,7 @@ def choice(module: torch.nn.Module) -> str:
 
 def _measured_choice(shapes: list) -> str:
     """The faster kernel for these shapes, read from the disk cache or timed and stored."""
-    from eagle2_kernels.models.compiled_aot import environment_key
+    from eagle2_kernels.models.machine import environment_key
     from eagle2_kernels.models.default import _file_lock, cache_dir
 
     key = {"shapes": shapes, "kernel": KERNEL_VERSION, "threads": torch.get_num_threads(), **environment_key()}
