@@ -1,9 +1,11 @@
 // y = x @ W^T + b with W in bfloat16 on x86 CPUs that have AVX2 + FMA but no bf16 dot
 // instructions (no AVX-512-BF16, no AMX): torch's bf16 matmul there costs ~14 ms per extra
 // row of x for a 135M-parameter model (2-core EPYC), so a 16-token verify costs ~10 forwards.
-// Here each weight element is widened to fp32 in registers (a 16-bit shift) and multiplied
-// against every row of x while it sits in L1: the weights are read from memory once per call
-// whatever the number of rows, the way llama.cpp's AVX2 path does it.
+// Here each weight element is widened to fp32 (a 16-bit shift) and multiplied against every
+// row of x while it sits in L1: the weights are read from memory once per call whatever the
+// number of rows. Up to 4 rows the widening happens in registers as the weights stream by;
+// beyond, each block of 3 weight rows is widened once into a buffer that every block of 4 rows
+// of x then reads.
 //
 // Semantics: fp32 products and sums (8 lanes, then a horizontal sum), the bias added in fp32,
 // one rounding to x's dtype at the end: what oneDNN's bf16 matmul computes, up to the order
@@ -16,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -49,9 +52,16 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// out[i * ldo + j] = sum_k x[i * ldx + k] * w[j * ldw + k] for i < MR, j < NR.
-template <int MR, int NR>
-__attribute__((target("avx2,fma"))) void tile(const float* x, int64_t ldx, const uint16_t* w,
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 widen(const float* p) {
+  return _mm256_loadu_ps(p);  // a weight row widened beforehand
+}
+
+inline float bf16_to_float(float f) { return f; }
+
+// out[i * ldo + j] = sum_k x[i * ldx + k] * w[j * ldw + k] for i < MR, j < NR; w in bf16 bits
+// (widened here, in registers) or in fp32 (widened beforehand).
+template <int MR, int NR, typename w_t>
+__attribute__((target("avx2,fma"))) void tile(const float* x, int64_t ldx, const w_t* w,
                                               int64_t ldw, int64_t K, float* out, int64_t ldo) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -73,19 +83,48 @@ __attribute__((target("avx2,fma"))) void tile(const float* x, int64_t ldx, const
     }
 }
 
-using TileFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t);
+template <typename w_t>
+using TileFn = void (*)(const float*, int64_t, const w_t*, int64_t, int64_t, float*, int64_t);
 
-template <int MR>
-constexpr TileFn tile_for(int nr) {
-  return nr == 1 ? tile<MR, 1> : nr == 2 ? tile<MR, 2> : tile<MR, 3>;
+template <int MR, typename w_t>
+constexpr TileFn<w_t> tile_for(int nr) {
+  return nr == 1 ? tile<MR, 1, w_t> : nr == 2 ? tile<MR, 2, w_t> : tile<MR, 3, w_t>;
 }
 
-TileFn pick_tile(int mr, int nr) {
+template <typename w_t>
+TileFn<w_t> pick_tile(int mr, int nr) {
   switch (mr) {
-    case 1: return tile_for<1>(nr);
-    case 2: return tile_for<2>(nr);
-    case 3: return tile_for<3>(nr);
-    default: return tile_for<4>(nr);
+    case 1: return tile_for<1, w_t>(nr);
+    case 2: return tile_for<2, w_t>(nr);
+    case 3: return tile_for<3, w_t>(nr);
+    default: return tile_for<4, w_t>(nr);
+  }
+}
+
+// One row of x (a decode step): 8 weight rows at a time, 8 independent sums in flight.
+constexpr int kNR1 = 8;
+
+TileFn<uint16_t> pick_row_tile(int nr) {
+  switch (nr) {
+    case 1: return tile<1, 1, uint16_t>;
+    case 2: return tile<1, 2, uint16_t>;
+    case 3: return tile<1, 3, uint16_t>;
+    case 4: return tile<1, 4, uint16_t>;
+    case 5: return tile<1, 5, uint16_t>;
+    case 6: return tile<1, 6, uint16_t>;
+    case 7: return tile<1, 7, uint16_t>;
+    default: return tile<1, 8, uint16_t>;
+  }
+}
+
+// Widen n rows of K bf16 weights into fp32 (once per weight block when x has several blocks of
+// rows: each widened row is then used by every block from L1).
+__attribute__((target("avx2,fma"))) void widen_rows(const uint16_t* w, int64_t ldw, int n, int64_t K,
+                                                    float* out) {
+  for (int j = 0; j < n; ++j) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + j * K + k, widen(w + j * ldw + k));
+    for (; k < K; ++k) out[j * K + k] = bf16_to_float(w[j * ldw + k]);
   }
 }
 
@@ -104,17 +143,39 @@ bool cpu_has_avx2_fma() {
 template <typename out_t>
 void gemm(const float* x, const uint16_t* w, const float* bias, out_t* y, int64_t M, int64_t N,
           int64_t K) {
+  if (M == 1) {
+    const int64_t blocks1 = (N + kNR1 - 1) / kNR1;
+    const int64_t grain1 = std::max<int64_t>(1, (32768 / std::max<int64_t>(K, 1)) / kNR1);
+    at::parallel_for(0, blocks1, grain1, [&](int64_t begin, int64_t end) {
+      float acc[kNR1];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const int64_t n0 = nb * kNR1;
+        const int nr = static_cast<int>(std::min<int64_t>(kNR1, N - n0));
+        pick_row_tile(nr)(x, K, w + n0 * K, K, K, acc, kNR1);
+        for (int j = 0; j < nr; ++j) y[n0 + j] = static_cast<out_t>(acc[j] + (bias != nullptr ? bias[n0 + j] : 0.0f));
+      }
+    });
+    return;
+  }
   const int64_t blocks = (N + kNR - 1) / kNR;
   // Grain: at least ~64 KB of weights per task so that small layers do not pay for threads.
   const int64_t grain = std::max<int64_t>(1, (32768 / std::max<int64_t>(K, 1)) / kNR);
+  // One block of rows: widen in registers as the weights stream by. More: widen each weight
+  // block once into a per-task buffer that every block of rows then reads from L1.
+  const bool buffered = M > kMR;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float acc[kMR * kNR];
+    std::vector<float> wbuf(buffered ? kNR * K : 0);
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n0 = nb * kNR;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, N - n0));
+      if (buffered) widen_rows(w + n0 * K, K, nr, K, wbuf.data());
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        pick_tile(mr, nr)(x + m0 * K, K, w + n0 * K, K, K, acc, kNR);
+        if (buffered)
+          pick_tile<float>(mr, nr)(x + m0 * K, K, wbuf.data(), K, K, acc, kNR);
+        else
+          pick_tile<uint16_t>(mr, nr)(x + m0 * K, K, w + n0 * K, K, K, acc, kNR);
         for (int i = 0; i < mr; ++i)
           for (int j = 0; j < nr; ++j) {
             const float v = acc[i * kNR + j] + (bias != nullptr ? bias[n0 + j] : 0.0f);
@@ -126,9 +187,10 @@ void gemm(const float* x, const uint16_t* w, const float* bias, out_t* y, int64_
 }
 #endif  // EAGLE2_LINEAR_AVX2
 
-// Rows of x above which the weights are widened once to fp32 and the product handed to
-// torch's fp32 GEMM (prefill: compute-bound, where a tuned GEMM beats the streaming kernel).
-constexpr int64_t kWidenRows = 128;
+// Rows of x above which the weights are widened to fp32 tensors and the product handed to
+// torch's fp32 GEMM (long prefills only: up to 256 rows, the compiled graph's limit, the kernel
+// measured faster, 2.3 ms a row against 3.1 for SmolLM2-135M's linears on a 2-core EPYC).
+constexpr int64_t kWidenRows = 256;
 
 at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias) {

@@ -2,11 +2,12 @@
 
 On x86 CPUs with AVX-512-BF16 or AMX, torch's bf16 matmul (oneDNN) is fast at every row
 count. On CPUs with only AVX2 + FMA it is not: each extra row of activations costs about what
-the first one does (SmolLM2-135M on a 2-core AMD EPYC: 18 ms for 1 row, 130 ms for 8), so a
-verify forward over a draft tree costs several plain forwards and a prompt's prefill seconds.
-``torch.ops.eagle2.linear_bf16w`` (``csrc/linear_bf16.cpp``, native extension) widens each
-weight to fp32 in registers and multiplies it against all rows while it is in L1: 12 ms for 1
-row, 25 ms for 8 on that machine.
+the first one does, so a verify forward over a draft tree costs several plain forwards and a
+prompt's prefill seconds. ``torch.ops.eagle2.linear_bf16w`` (``csrc/linear_bf16.cpp``, native
+extension) widens each weight to fp32 and multiplies it against all rows while it is in L1.
+Every linear of SmolLM2-135M (30 layers and the lm_head, weights streamed from memory) on a
+2-core AMD EPYC with AVX2 only: 1 / 8 / 16 rows 19-21 / 120-141 / 257 ms with torch, 17-19 /
+29-41 / 54-55 ms with the kernel (two runs each; ``bench/bench_matmul.py``).
 
 Which one a model uses is measured, not assumed from the CPU's name: :func:`choice` times both
 on the model's own linear shapes at 1 and 8 rows once per machine (about a second) and keeps
