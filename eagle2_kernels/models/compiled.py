@@ -110,29 +110,36 @@ def _(q, k, v, kv, layer, prefix_len, tree_mask, scale, window=None, softcap=Non
     return torch.empty_like(q)
 
 
-_NATIVE_OP: list = []  # [op or None], decided once per process
+_NATIVE_OPS: dict = {}  # name -> op or None, decided once per process
 
 
-def attention_op():
-    """The operator a compiled graph calls for its attention: the native
-    ``eagle2::cache_tree_attention_cpu`` (``csrc/cache_attention.cpp``, dispatched in C++: the
-    Python operator costs ~250 us a call on a 2-core EPYC) when the extension is built and no
-    ops backend is forced by ``EAGLE2_KERNELS_BACKEND``; else :func:`cache_tree_attention`.
-    Both write the cache and attend identically (the native one on CPU tensors only)."""
-    if not _NATIVE_OP:
+def native_op(name: str):
+    """``torch.ops.eagle2.<name>``, a native CPU operator of the compiled graphs
+    (``csrc/cache_attention.cpp``: the target's ``cache_tree_attention_cpu`` and the draft head's
+    ``head_cache_attention_cpu``, dispatched in C++, where the Python operators cost ~250 us a
+    call in the callback on a 2-core EPYC), with its fake registered; None when the extension is
+    not built or an ops backend is forced by ``EAGLE2_KERNELS_BACKEND`` (then the graphs call
+    the Python operators, which honour it). Each writes the cache and attends exactly as its
+    Python counterpart does, on CPU tensors."""
+    if name not in _NATIVE_OPS:
         from eagle2_kernels import _native
         from eagle2_kernels._backend import forced_backend
 
         op = None
-        if forced_backend() is None and _native.available() and hasattr(torch.ops.eagle2, "cache_tree_attention_cpu"):
-            op = torch.ops.eagle2.cache_tree_attention_cpu
+        if forced_backend() is None and _native.available() and hasattr(torch.ops.eagle2, name):
+            op = getattr(torch.ops.eagle2, name)
+            torch.library.register_fake(f"eagle2::{name}")(_like_q)
+        _NATIVE_OPS[name] = op
+    return _NATIVE_OPS[name]
 
-            @torch.library.register_fake("eagle2::cache_tree_attention_cpu")
-            def _(q, k, v, kv, layer, prefix_len, tree_mask, scale, window=None, softcap=None, sinks=None):
-                return torch.empty_like(q)
 
-        _NATIVE_OP.append(op)
-    return _NATIVE_OP[0]
+def _like_q(q, *args, **kwargs):
+    return torch.empty_like(q)
+
+
+def attention_op():
+    """The native target attention operator, or None (see :func:`native_op`)."""
+    return native_op("cache_tree_attention_cpu")
 
 
 # --- when compiling is possible --------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from eagle2_kernels.models.compiled import native_op
 from eagle2_kernels.models.compiled_aot import (
     MAX_BATCH,
     _say,
@@ -92,8 +93,9 @@ class _Step(torch.nn.Module):
     def forward(self, hidden, input_ids, position_ids, kv, slot, prefix_len, tree_mask, tree_len):
         head = self.head
         h, q, k, v = head.project(hidden, input_ids, position_ids, from_target=self.from_target)
-        out = torch.ops.eagle2.head_cache_attention(q, k, v, kv, slot, prefix_len, tree_mask, tree_len,
-                                                    float(head.scaling))
+        native = native_op("head_cache_attention_cpu") if kv.device.type == "cpu" else None
+        out = (native or torch.ops.eagle2.head_cache_attention)(q, k, v, kv, slot, prefix_len, tree_mask, tree_len,
+                                                                float(head.scaling))
         hs = head.finish(h, out)
         return hs, head.logits(hs)
 
@@ -102,7 +104,7 @@ def _sources(head) -> list[Path]:
     """This module, the shared AOT module and every package module the head's class (and its
     bases) is defined in: the code the step is traced from."""
     here = Path(__file__).resolve().parent
-    files = {here / "compiled_head.py", here / "compiled_aot.py"}
+    files = {here / "compiled_head.py", here / "compiled_aot.py", here / "compiled.py", here / "matmul.py"}
     for cls in type(head).__mro__:
         if cls.__module__.startswith("eagle2_kernels."):
             files.add(Path(inspect.getfile(cls)).resolve())

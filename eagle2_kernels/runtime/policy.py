@@ -75,9 +75,10 @@ def choose_size(top: list[list[float]], costs: CostModel, draft_s: float, n_cap:
     seqs = len(top)
     n_cap = max(0, min(n_cap, min((len(p) for p in top), default=0)))
     mass = _prefix_mass(top, n_cap)
-    best = Choice(0, float(seqs), draft_s + costs.target(1, prefix))
+    t = costs.target_row(prefix, n_cap + 2)
+    best = Choice(0, float(seqs), draft_s + t[1])
     for n in range(1, n_cap + 1):
-        c = Choice(n, seqs + calibration * mass[n], draft_s + costs.round_overhead_s + costs.target(n + 1, prefix))
+        c = Choice(n, seqs + calibration * mass[n], draft_s + costs.round_overhead_s + t[n + 1])
         if c.rate > best.rate:
             best = c
     return best
@@ -94,10 +95,11 @@ def expand_bound(top: list[list[float]], frontier_mass: float, costs: CostModel,
     seqs = len(top)
     n_cap = max(0, min(n_cap, min((len(p) for p in top), default=0)))
     mass = _prefix_mass(top, n_cap)
-    best = seqs / (draft_s + step_s + costs.target(1, prefix))  # a plain step after all
+    t = costs.target_row(prefix, n_cap + 2)
+    best = seqs / (draft_s + step_s + t[1])  # a plain step after all
     for n in range(0, n_cap + 1):
         gain = seqs + calibration * (mass[n] + frontier_mass)
-        cost = draft_s + step_s + costs.round_overhead_s + costs.target(n + 1 + 1, prefix)
+        cost = draft_s + step_s + costs.round_overhead_s + t[n + 2]
         best = max(best, gain / cost)
     return best
 

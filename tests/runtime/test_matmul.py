@@ -166,3 +166,27 @@ def test_native_cache_attention_equals_the_python_operator(dtype, local):
     assert torch.equal(kv_c, kv_py) and torch.equal(got, want)
     with pytest.raises(ValueError, match="does not fit"):
         op(q, k, v, kv_c, 1, torch.tensor([0, 7, 30], dtype=torch.int32), mask, 0.25)
+
+
+@needs_native
+def test_native_head_attention_equals_the_python_operator():
+    from eagle2_kernels.models.compiled import native_op
+    from eagle2_kernels.models.compiled_head import head_cache_attention
+    from eagle2_kernels.ops.tree import pack_bits
+
+    op = native_op("head_cache_attention_cpu")
+    assert op is not None
+    B, Hq, Hkv, n, Dh, cap = 2, 4, 2, 3, 8, 24
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, h, n, Dh, generator=gen) for h in (Hq, Hkv, Hkv))
+    kv = torch.randn(2, B, Hkv, cap, Dh, generator=gen)
+    lengths = torch.tensor([4, 9], dtype=torch.int32)
+    tree_len = torch.tensor(5)  # two earlier tree rows, then these three at slots +2 .. +4
+    slot = lengths.to(torch.int64) + 2
+    mask = pack_bits(torch.ones(n, 5, dtype=torch.bool).tril(diagonal=2)).expand(B, n, -1).contiguous()
+    kv_py, kv_c = kv.clone(), kv.clone()
+    want = head_cache_attention(q, k, v, kv_py, slot, lengths, mask, tree_len, 0.3)
+    got = op(q, k, v, kv_c, slot, lengths, mask, tree_len, 0.3)
+    assert torch.equal(kv_c, kv_py) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="does not fit"):
+        op(q, k, v, kv_c, torch.tensor([4, 22]), lengths, mask, tree_len, 0.3)
