@@ -114,8 +114,10 @@ def backoff_round(state, run: Run, root: torch.Tensor, pending, policy):
             root = yield from verify_alone(state, run, rnd, choice.n, root, pending)
             policy.take_lookup_round(choice)
             return root
+    t0 = time.perf_counter()
     root = yield from plain_round(state, run, root, pending)
     policy.take_plain_step()
+    policy.observe("plain", time.perf_counter() - t0, policy.costs.target(1, max(state.tcache.host_lengths)))
     return root
 
 
@@ -167,7 +169,10 @@ def tree_rounds(state, run: Run, root: torch.Tensor, pending, policy=None):
         if any(run.active):
             pending.add(*catchup_pairs(v, acc))
             root = v.bonus.view(-1)
-        stats.other_s += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        stats.other_s += t3 - t2
+        if policy is not None and policy.last_choice is not None:
+            policy.observe("round", t3 - t0, policy.last_choice.seconds)
         yield chunks
 
 

@@ -141,7 +141,11 @@ class RoundPolicy:
         self._prior, self._decay = float(calibration_prior), float(decay)
         self._acc = 0.0  # decayed sum of accepted drafted nodes
         self._pred = 0.0  # decayed sum of their predicted count (sum of p of verified nodes)
-        self._misses = 0  # consecutive rounds that chose n = 0
+        self._misses = 0  # consecutive rounds that chose n = 0 (or drafted at a loss)
+        self._tokens = self._seconds = self._weight = 0.0  # decayed over drafted rounds: predicted
+        # tokens, predicted seconds, and their count
+        self._unmodelled = {"round": [0.0, 0.0], "plain": [0.0, 0.0]}  # decayed (wall - model) s, count
+        self.last_choice: Choice | None = None
         self.plain_due = 0  # plain steps still to take before the next probe
         self.sizes: list[int] = []  # chosen n per drafted round (for reports)
         self.depths: list[int] = []  # expansion levels run per drafted round
@@ -179,13 +183,41 @@ class RoundPolicy:
         self.sizes.append(choice.n)
         self.depths.append(levels_done)
         self.predicted_s += choice.seconds
-        if choice.n == 0:
-            # Drafting did not pay this round: back off (1, 2, 4, ... plain steps) before probing.
+        # The choice above treats this round's draft as spent. Whether drafting pays at all is
+        # the drafted rounds' predicted rate (tokens over seconds, draft included, decayed over
+        # recent rounds: one unsure round is not a trend) against plain steps with no draft.
+        if choice.n > 0:
+            self._tokens = self._decay * self._tokens + choice.expected
+            self._seconds = self._decay * self._seconds + choice.seconds
+            self._weight = self._decay * self._weight + 1.0
+        self.last_choice = choice
+        # Both sides carry the host time the cost model does not see (measured online, below).
+        plain_rate = len(top) / (self.costs.target(1, prefix) + self.unmodelled("plain")) if top else 0.0
+        losing = choice.n > 0 and self._tokens < plain_rate * (self._seconds + self._weight * self.unmodelled("round"))
+        if choice.n == 0 or losing:
+            # Drafting did not pay: back off (1, 2, 4, ... plain steps) before probing again.
+            # (A chosen tree is still verified: its draft is spent and it beats a plain step now.)
             self._misses += 1
             self.plain_due = min(2 ** (self._misses - 1), self.max_plain)
         else:
             self._misses = 0
         return choice
+
+    def observe(self, kind: str, wall_s: float, model_s: float) -> None:
+        """A drafted round (``kind="round"``) or a plain step (``"plain"``) took ``wall_s``
+        seconds where the cost model said ``model_s``: the host time around the forwards
+        (Python, the policy itself, cache misses) that the model's isolated timings miss. It
+        only informs whether drafting pays at all (the backoff), never a tree's size. Which
+        rounds draft may then vary from run to run with the machine's load, the output does not:
+        every tree is still fixed before the target sees it (lossless)."""
+        acc = self._unmodelled[kind]
+        acc[0] = self._decay * acc[0] + (wall_s - model_s)
+        acc[1] = self._decay * acc[1] + 1.0
+
+    def unmodelled(self, kind: str) -> float:
+        """Mean seconds a ``kind`` of round has taken beyond the cost model lately (>= 0)."""
+        total, count = self._unmodelled[kind]
+        return max(0.0, total / count) if count else 0.0
 
     def record(self, predicted: float, accepted: int) -> None:
         """After a verified round: ``predicted`` = sum of p over verified nodes, ``accepted`` =

@@ -253,7 +253,11 @@ def test_greedy_is_exact_under_any_cost_curve(arch, costs, expect):
         assert max(out.stats.accept_lengths) == 1
     else:
         assert len(set(sizes)) > 1 and max(sizes) < 12  # sized per round, below the bound
-        assert_accepts(out.stats, tau=2.0)
+        assert max(out.stats.accept_lengths) >= 3  # drafted trees of a few nodes were accepted
+        # Here a tree of n nodes costs 40 + 30 n ms: the head's trees barely pay even when
+        # accepted, and the backoff keeps decoding near plain speed by the policy's own model
+        # (probes included), whichever way each round goes.
+        assert dec.last_policy.predicted_s <= 1.1 * costs.target(1) * out.stats.new_tokens
 
 
 def test_batch_mixing_plain_steps_and_trees_is_exact():
