@@ -99,7 +99,8 @@ class Pending:
         for b in range(self.batch):
             rows, offset = [], 0
             for c, w in zip(chunks, widths):
-                rows.extend(range(offset, offset + c[2][b]))
+                if active[b]:  # a stopped sequence's rows are dropped (its total is 0)
+                    rows.extend(range(offset, offset + c[2][b]))
                 offset += w
             rows = rows or [0]
             index[b] = torch.tensor(rows + [rows[-1]] * (n - len(rows)))

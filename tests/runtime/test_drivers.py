@@ -201,3 +201,17 @@ def test_head_only_rounds_count_the_heads_tokens():
     rounds = len(s.accept_lengths) - 1
     assert 0 <= s.head_tokens - (s.new_tokens - 1 - rounds) <= 6
     assert s.head_tokens > 2 * rounds  # a trained head: long accepted paths
+
+
+def test_pending_drops_the_rows_of_a_stopped_sequence():
+    """Catch-up pairs of a sequence that stopped (its total 0) are left out of the ragged
+    gather: sequence 1 stopped with 3 rows pending while sequence 0 has 2."""
+    from eagle2_kernels.runtime.phases import Pending
+
+    p = Pending(2)
+    feats = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    p.add(feats[:, :2], torch.tensor([[1, 2], [5, 6]]), [1, 2])
+    p.add(feats[:, 2:], torch.tensor([[3], [7]]), [1, 1])
+    f, t, totals = p.take([True, False])
+    assert totals == [2, 0] and t.shape == (2, 2)
+    assert t[0].tolist() == [1, 3] and torch.equal(f[0], feats[0, [0, 2]])
