@@ -6,8 +6,8 @@ the first one does, so a verify forward over a draft tree costs several plain fo
 prompt's prefill seconds. ``torch.ops.eagle2.linear_bf16w`` (``csrc/linear_bf16.cpp``, native
 extension) widens each weight to fp32 and multiplies it against all rows while it is in L1.
 Every linear of SmolLM2-135M (30 layers and the lm_head, weights streamed from memory) on a
-2-core AMD EPYC with AVX2 only: 1 / 8 / 16 rows 19-21 / 120-141 / 257 ms with torch, 17-19 /
-29-41 / 54-55 ms with the kernel (two runs each; ``bench/bench_matmul.py``).
+2-core AMD EPYC with AVX2 only: 1 / 8 / 64 rows 17.8 / 117 / 965 ms with torch, 16.6 / 35.5 /
+165 ms with the kernel (``bench/bench_matmul.py``, ``bench/results/cpu/matmul_avx2/``).
 
 Which one a model uses is measured, not assumed from the CPU's name: :func:`choice` times both
 on the model's own linear shapes at 1 and 8 rows once per machine (about a second) and keeps
