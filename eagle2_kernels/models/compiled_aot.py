@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
 from eagle2_kernels.models.compiled import CompiledForward, _Forward, _logit_transform
 from eagle2_kernels.models.machine import environment_key
