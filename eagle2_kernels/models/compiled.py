@@ -137,10 +137,6 @@ def _like_q(q, *args, **kwargs):
     return torch.empty_like(q)
 
 
-def attention_op():
-    """The native target attention operator, or None (see :func:`native_op`)."""
-    return native_op("cache_tree_attention_cpu")
-
 
 # --- when compiling is possible --------------------------------------------------------------
 def compile_disabled_by_env() -> bool:

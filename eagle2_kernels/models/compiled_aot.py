@@ -183,6 +183,12 @@ class AOTForward:
                 f"cached across processes)")
 
     @property
+    def jit_fallback(self) -> bool:
+        """True when this model's forwards run the per-process ``torch.compile`` fallback
+        (traced in the caller's scope) rather than the AOT graph."""
+        return self._shared.failed is not None
+
+    @property
     def source(self) -> str:
         """'loaded' (from the disk cache), 'built' (compiled by this process) or '' (not yet)."""
         return self._shared.source

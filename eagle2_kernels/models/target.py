@@ -43,8 +43,8 @@ from eagle2_kernels.models.compiled import (
     LEN_KWARG,
     MASK_KWARG,
     CompiledForward,
-    attention_op,
     compile_support,
+    native_op,
 )
 
 ATTN_NAME = "eagle2_kernels_tree"
@@ -142,7 +142,7 @@ def _tree_attention_function(module, query, key, value, attention_mask, scaling=
     if ctx is None and KV_KWARG in kwargs:
         # A compiled forward (models/compiled.py): plain tensors in, one opaque op, no Python
         # side effects, so the whole forward stays one graph.
-        native = attention_op() if query.device.type == "cpu" else None
+        native = native_op("cache_tree_attention_cpu") if query.device.type == "cpu" else None
         out = (native or torch.ops.eagle2.cache_tree_attention)(
             query, key, value, kwargs[KV_KWARG], module.layer_idx, kwargs[LEN_KWARG], kwargs[MASK_KWARG],
             float(scaling if scaling is not None else query.shape[-1] ** -0.5), window, softcap, sinks,
@@ -487,10 +487,10 @@ class TargetAdapter:
         return list(seen.values())
 
     @contextlib.contextmanager
-    def scoped(self):
+    def scoped(self, linears: bool = True):
         """Switch the model to our attention for the body only; restore the previous one after.
-        Its bf16 linears run through our AVX2 kernel in the body where that was measured faster
-        on this machine (``models/matmul.py``; ``fast_linears``).
+        With ``linears``, its bf16 linears run through our AVX2 kernel in the body where that was
+        measured faster on this machine (``models/matmul.py``; ``fast_linears``).
 
         ``set_attn_implementation`` walks every module (~0.5 ms even for a 2-layer model), too
         slow for twice per round; it validated our implementation once in ``__init__``. Here we
@@ -500,7 +500,7 @@ class TargetAdapter:
         for cfg, _ in saved:
             cfg._attn_implementation_internal = ATTN_NAME
         try:
-            with matmul.patched(self.fast_linears):
+            with matmul.patched(self.fast_linears if linears else []):
                 yield
         finally:
             for cfg, previous in saved:
@@ -531,7 +531,10 @@ class TargetAdapter:
                 and type(ctx.cache) is StaticKVCache):
             # The compiled graph: attention calls cannot be counted inside it, but the eager
             # prefill of every call counted them on the same model code.
-            with torch.no_grad(), self.scoped():
+            # The AOT graph has its linears baked in: no eager patch around it (a per-process
+            # torch.compile graph is traced inside the body, so it keeps it).
+            linears = getattr(self.compiled, "jit_fallback", True)
+            with torch.no_grad(), self.scoped(linears):
                 out = self.compiled(input_ids, position_ids, ctx.cache.kv, ctx.cache.lengths, ctx.tree_mask)
             if out is not None:
                 return out

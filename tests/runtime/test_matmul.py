@@ -12,6 +12,7 @@ import torch
 from eagle2_kernels import _native
 from eagle2_kernels.models import matmul
 from tests.tiny_models import tiny_model
+from tests.trees import make_tree
 
 needs_kernel = pytest.mark.skipif(not matmul.available(), reason="needs the native extension on an AVX2 + FMA CPU")
 needs_native = pytest.mark.skipif(not _native.available(), reason="needs the native extension")
@@ -140,10 +141,9 @@ def test_patched_linears_run_the_kernel_and_are_restored():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("local", [{}, {"window": 3}, {"softcap": 5.0}])
 def test_native_cache_attention_equals_the_python_operator(dtype, local):
-    from eagle2_kernels.models.compiled import attention_op, cache_tree_attention
-    from eagle2_kernels.ops.tree import pack_bits
+    from eagle2_kernels.models.compiled import cache_tree_attention, native_op
 
-    op = attention_op()
+    op = native_op("cache_tree_attention_cpu")
     assert op is not None
     B, Hq, Hkv, n, Dh, L, cap = 3, 4, 2, 5, 16, 2, 32
     gen = torch.Generator().manual_seed(1)
@@ -152,14 +152,7 @@ def test_native_cache_attention_equals_the_python_operator(dtype, local):
     v = torch.randn(B, Hkv, n, Dh, generator=gen).to(dtype)
     kv = torch.randn(2 * L, B, Hkv, cap, Dh, generator=gen).to(dtype)
     lengths = torch.tensor([0, 7, 20], dtype=torch.int32)
-    parents = [-1, 0, 0, 1, 2]
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            allowed[i, j] = True
-            j = parents[j]
-    mask = pack_bits(allowed).expand(B, n, -1).contiguous()
+    mask = make_tree([[-1, 0, 0, 1, 2]] * B, [[0] * n] * B).mask
     kv_py, kv_c = kv.clone(), kv.clone()
     want = cache_tree_attention(q, k, v, kv_py, 1, lengths, mask, 0.25, **local)
     got = op(q, k, v, kv_c, 1, lengths, mask, 0.25, **local)
