@@ -198,6 +198,31 @@ def test_backoff_doubles_and_resets():
     assert pol.plain_due == 1  # a paying round reset the backoff
 
 
+def test_backoff_when_drafted_rounds_lose_to_plain_steps():
+    """A tree that beats a plain step once its draft is spent still backs off when drafting
+    loses to plain steps with no draft: by the model's own costs, or once the host time the
+    rounds take beyond the model (observed) tips the balance."""
+    top = [[0.9, 0.8]]
+    pol = RoundPolicy(RAMP, max_nodes=7, max_depth=3, top_k=2)
+    assert pol.choose(top, 0.002, None, 1).n > 0 and pol.plain_due == 0  # pays, by the model
+    # Wall time: plain steps on the model, drafted rounds 60 ms slower than predicted.
+    for _ in range(20):
+        pol.observe("plain", RAMP.target(1), RAMP.target(1))
+        pol.observe("round", pol.last_choice.seconds + 0.060, pol.last_choice.seconds)
+    assert pol.unmodelled("round") == pytest.approx(0.060) and pol.unmodelled("plain") == 0.0
+    choice = pol.choose(top, 0.002, None, 1)
+    assert choice.n > 0 and pol.plain_due == 1  # still verified (its draft is spent), then back off
+    # A draft dear by the model alone: sunk, the tree beats a plain step; overall it loses.
+    pol = RoundPolicy(RAMP, max_nodes=7, max_depth=3, top_k=2)
+    choice = pol.choose(top, 0.060, None, 1)
+    assert choice.n > 0 and choice.rate < 1 / RAMP.target(1) and pol.plain_due == 1
+    # Plain steps slower than the model make the same drafted rounds pay again.
+    pol = RoundPolicy(RAMP, max_nodes=7, max_depth=3, top_k=2)
+    for _ in range(20):
+        pol.observe("plain", RAMP.target(1) + 0.040, RAMP.target(1))
+    assert pol.choose(top, 0.060, None, 1).n > 0 and pol.plain_due == 0
+
+
 def test_calibration_follows_observed_acceptance():
     pol = RoundPolicy(RAMP, max_nodes=7, max_depth=3, top_k=2)
     assert pol.calibration == pytest.approx(1.0)
